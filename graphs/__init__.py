@@ -1,0 +1,1 @@
+"""CUDA-graph runtime: capture per batch bucket, re-plan and replay."""

@@ -1,0 +1,1 @@
+"""Device kernels (numba-cuda): one source for the GPU and the simulator."""

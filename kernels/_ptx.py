@@ -1,0 +1,165 @@
+"""Inline-PTX intrinsics for the GPU side of ``primitives`` (never imported under the simulator).
+
+Each intrinsic is one PTX instruction (or a short fixed sequence) emitted through
+``llvmlite.ir.InlineAsm``; several results come back through a literal struct.
+Requires sm_80+ (cvt.rn.bf16x2.f32, mma.m16n8k16 with bf16).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.cuda import cgutils
+from numba.cuda.extending import intrinsic
+
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+
+
+def _asm(builder, ret_ir, arg_irs, text, constraints, args):
+    fn_type = ir.FunctionType(ret_ir, arg_irs)
+    return builder.call(ir.InlineAsm(fn_type, text, constraints, side_effect=False), args)
+
+
+def _unpack(context, builder, struct_val, n, return_type):
+    items = [builder.extract_value(struct_val, k) for k in range(n)]
+    return context.make_tuple(builder, return_type, items)
+
+
+@intrinsic
+def load_16b(typingctx, words, index):
+    """16 bytes (4 int32 words) from words[index:index+4] via ld.global.nc.v4.u32."""
+    if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype == types.int32):
+        return None
+    if not isinstance(index, types.Integer):
+        return None
+    ret = types.UniTuple(types.int32, 4)
+
+    def codegen(context, builder, sig, args):
+        ary_ty, idx_ty = sig.args
+        ary, idx = args
+        ary_struct = context.make_array(ary_ty)(context, builder, value=ary)
+        idx64 = context.cast(builder, idx, idx_ty, types.int64)
+        ptr = cgutils.get_item_pointer(context, builder, ary_ty, ary_struct, [idx64], wraparound=False)
+        struct_ty = ir.LiteralStructType([_I32] * 4)
+        res = _asm(
+            builder,
+            struct_ty,
+            [ptr.type],
+            "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];",
+            "=r,=r,=r,=r,l",
+            [ptr],
+        )
+        return _unpack(context, builder, res, 4, sig.return_type)
+
+    return ret(words, index), codegen
+
+
+def _word_to_pair(text):
+    @intrinsic
+    def impl(typingctx, word):
+        if not isinstance(word, types.Integer):
+            return None
+        ret = types.UniTuple(types.float32, 2)
+
+        def codegen(context, builder, sig, args):
+            w = context.cast(builder, args[0], sig.args[0], types.int32)
+            res = _asm(builder, ir.LiteralStructType([_F32, _F32]), [_I32], text, "=f,=f,r", [w])
+            return _unpack(context, builder, res, 2, sig.return_type)
+
+        return ret(word), codegen
+
+    return impl
+
+
+unpack_f16x2 = _word_to_pair("{.reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi;}")
+unpack_bf16x2 = _word_to_pair(
+    "{.reg .b32 t0, t1; shl.b32 t0, $2, 16; and.b32 t1, $2, 0xFFFF0000; mov.b32 $0, t0; mov.b32 $1, t1;}"
+)
+
+
+def _pair_to_word(text):
+    @intrinsic
+    def impl(typingctx, lo, hi):
+        if not (isinstance(lo, types.Number) and isinstance(hi, types.Number)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            flo = context.cast(builder, args[0], sig.args[0], types.float32)
+            fhi = context.cast(builder, args[1], sig.args[1], types.float32)
+            return _asm(builder, _I32, [_F32, _F32], text, "=r,f,f", [flo, fhi])
+
+        return types.int32(lo, hi), codegen
+
+    return impl
+
+
+# the first source goes to the upper half: pass (hi, lo) so that lo lands in the low 16 bits
+pack_f16x2 = _pair_to_word("cvt.rn.f16x2.f32 $0, $2, $1;")
+pack_bf16x2 = _pair_to_word("cvt.rn.bf16x2.f32 $0, $2, $1;")
+
+
+@intrinsic
+def bits_to_f32(typingctx, word):
+    if not isinstance(word, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        w = context.cast(builder, args[0], sig.args[0], types.int32)
+        return builder.bitcast(w, _F32)
+
+    return types.float32(word), codegen
+
+
+@intrinsic
+def f32_to_bits(typingctx, x):
+    if not isinstance(x, types.Number):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f = context.cast(builder, args[0], sig.args[0], types.float32)
+        return builder.bitcast(f, _I32)
+
+    return types.int32(x), codegen
+
+
+@intrinsic
+def ex2(typingctx, x):
+    """2**x via ex2.approx.ftz.f32 (max rel. error 2**-22; denormal results flush to zero)."""
+    if not isinstance(x, types.Number):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f = context.cast(builder, args[0], sig.args[0], types.float32)
+        return _asm(builder, _F32, [_F32], "ex2.approx.ftz.f32 $0, $1;", "=f,f", [f])
+
+    return types.float32(x), codegen
+
+
+def _mma(ab_type):
+    text = (
+        f"mma.sync.aligned.m16n8k16.row.col.f32.{ab_type}.{ab_type}.f32 "
+        "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
+    )
+    constraints = "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f"
+
+    @intrinsic
+    def impl(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        ret = types.UniTuple(types.float32, 4)
+        sig = ret(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+        def codegen(context, builder, sig, args):
+            ints = [context.cast(builder, v, t, types.int32) for v, t in zip(args[:6], sig.args[:6])]
+            floats = [context.cast(builder, v, t, types.float32) for v, t in zip(args[6:], sig.args[6:])]
+            res = _asm(
+                builder, ir.LiteralStructType([_F32] * 4), [_I32] * 6 + [_F32] * 4, text, constraints, ints + floats
+            )
+            return _unpack(context, builder, res, 4, sig.return_type)
+
+        return sig, codegen
+
+    return impl
+
+
+mma_f16_16816 = _mma("f16")
+mma_bf16_16816 = _mma("bf16")

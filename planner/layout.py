@@ -1,0 +1,147 @@
+"""Fixed capacities and the int32 plan-buffer layout: pure functions of (Settings, num_ctas).
+
+One plan is one flat int32 buffer (so it reaches the device in ONE copy). Its sections, in order:
+
+    header            [HEADER_WORDS]      num_tiles, num_merges, batch_size, num_slots, plan_serial, 0, 0, 0
+    cta_tile_indptr   [num_ctas + 1]      CTA c runs tiles cta_tile_indptr[c] : cta_tile_indptr[c+1]
+    tile_request      [tile_capacity]     tiles are stored grouped by CTA, in the order each CTA runs them
+    tile_kv_head      [tile_capacity]
+    tile_token_start  [tile_capacity]     token range [start, end) of the request's KV (end may equal start:
+    tile_token_end    [tile_capacity]     a request with kv_len 0 still gets one tile, which writes zeros / -inf)
+    tile_slot         [tile_capacity]     -1: the tile writes the final output; s >= 0: partial slot s
+    tile_cta          [tile_capacity]     the CTA that runs the tile (inspection; kernels use the indptr)
+    merge_slot_indptr [merge_capacity+1]  merge m combines partial slots merge_slot_indptr[m] : [m+1], in order
+    merge_request     [merge_capacity]
+    merge_kv_head     [merge_capacity]
+    kv_indptr         [max_batch_size+1]  the page table, copied in (kernels read it from here)
+    kv_indices        [max_page_refs]
+    kv_len            [max_batch_size]    tokens per request (derived from the page table)
+
+Partial slots hold one split tile's result for its GQA group: ``partial_out[slot_capacity, group, head_dim]``
+float32 and ``partial_lse[slot_capacity, group]`` float32 (natural log) -- sized by query heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tilegraph.settings import Settings
+
+HEADER_WORDS = 8
+H_NUM_TILES, H_NUM_MERGES, H_BATCH_SIZE, H_NUM_SLOTS, H_PLAN_SERIAL = 0, 1, 2, 3, 4
+
+#: chunk length (tokens) of ``deterministic=True`` plans: a request is split by its own length only
+DETERMINISTIC_CHUNK_TOKENS = 512
+
+_SECTIONS = (
+    "header",
+    "cta_tile_indptr",
+    "tile_request",
+    "tile_kv_head",
+    "tile_token_start",
+    "tile_token_end",
+    "tile_slot",
+    "tile_cta",
+    "merge_slot_indptr",
+    "merge_request",
+    "merge_kv_head",
+    "kv_indptr",
+    "kv_indices",
+    "kv_len",
+)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """Capacities and section offsets (in int32 words) of a decode plan buffer."""
+
+    num_ctas: int
+    max_batch_size: int
+    max_page_refs: int
+    page_size: int
+    num_kv_heads: int
+    group_size: int
+    head_dim: int
+    deterministic: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings, num_ctas: int) -> "DecodeLayout":
+        return cls(
+            num_ctas=num_ctas,
+            max_batch_size=settings.max_batch_size,
+            max_page_refs=settings.max_page_refs,
+            page_size=settings.page_size,
+            num_kv_heads=settings.num_kv_heads,
+            group_size=settings.group_size,
+            head_dim=settings.head_dim,
+            deterministic=settings.deterministic,
+        )
+
+    @property
+    def max_tokens(self) -> int:
+        """Most KV tokens one batch can reference."""
+        return self.max_page_refs * self.page_size
+
+    @property
+    def tile_capacity(self) -> int:
+        """Upper bound on tiles. Balanced plans: chunks >= kv_heads * total_tokens / num_ctas give at most
+        one extra tile per CTA beyond one per (request, kv_head). Deterministic plans: fixed chunks."""
+        per_request = self.num_kv_heads * self.max_batch_size
+        if self.deterministic:
+            extra = self.num_kv_heads * _ceil_div(self.max_tokens, DETERMINISTIC_CHUNK_TOKENS)
+        else:
+            extra = self.num_ctas
+        return per_request + extra
+
+    @property
+    def slot_capacity(self) -> int:
+        """Partial slots: every split tile has one; at most every tile is split."""
+        return self.tile_capacity
+
+    @property
+    def merge_capacity(self) -> int:
+        """Merge entries: one per split (request, kv_head); each covers >= 2 slots."""
+        return min(self.num_kv_heads * self.max_batch_size, self.slot_capacity // 2)
+
+    def section_sizes(self) -> dict[str, int]:
+        t, m, b = self.tile_capacity, self.merge_capacity, self.max_batch_size
+        sizes = dict.fromkeys(_SECTIONS, t)
+        sizes.update(
+            header=HEADER_WORDS,
+            cta_tile_indptr=self.num_ctas + 1,
+            merge_slot_indptr=m + 1,
+            merge_request=m,
+            merge_kv_head=m,
+            kv_indptr=b + 1,
+            kv_indices=self.max_page_refs,
+            kv_len=b,
+        )
+        return sizes
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """Section name -> (start, stop) in words; every section starts 16-byte aligned."""
+        out, pos = {}, 0
+        for name, size in self.section_sizes().items():
+            out[name] = (pos, pos + size)
+            pos = _ceil_div(pos + size, 4) * 4
+        return out
+
+    @property
+    def plan_words(self) -> int:
+        return max(stop for _, stop in self.offsets().values()) + 3 & ~3
+
+    def partial_out_shape(self) -> tuple[int, int, int]:
+        return (self.slot_capacity, self.group_size, self.head_dim)
+
+    def partial_lse_shape(self) -> tuple[int, int]:
+        return (self.slot_capacity, self.group_size)
+
+    @property
+    def workspace_nbytes(self) -> int:
+        """Device bytes: plan buffer + fp32 partial outputs + fp32 partial LSEs."""
+        slots_rows = self.slot_capacity * self.group_size
+        return 4 * self.plan_words + 4 * slots_rows * self.head_dim + 4 * slots_rows

@@ -1,0 +1,1 @@
+"""Benchmarks (``python -m tilegraph bench <suite>``): measurements, never tests."""
