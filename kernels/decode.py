@@ -1,0 +1,291 @@
+"""Split-KV paged decode: persistent CTAs walk their tile lists from the plan buffer.
+
+Thread block (BDX, BDY): BDX lanes (a power of two <= 32) split head_dim into 8-element vectors
+(one 16-byte load each for fp16/bf16, two for fp32); the BDY rows walk a tile's tokens in an
+interleaved stride, each keeping its own online-softmax state for the whole GQA group, so every
+K/V element is loaded once for all ``group`` query heads. Rows are combined through shared
+memory at the end of a tile. Scores live in the log2 domain (``ex2``); every LSE written is a
+natural log.
+
+A tile (request, kv_head, [start, end)) with slot -1 writes the final output rows (and LSE); a
+split tile writes fp32 partials (normalized output, natural LSE) into its slot, combined later by
+the partial-merge kernel. An empty tile (kv_len 0) writes zeros and -inf.
+
+Compile-time specialization: dtype code, head_dim, group size, block shape and the variant hooks.
+Everything else (plan, page table, strides, scale) is read at run time from fixed buffers/scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+from numba import float32, int64
+
+from tilegraph._device import SIMULATOR, cuda
+from tilegraph.planner.layout import H_NUM_TILES
+
+from . import primitives as prim
+from .compile_spec import CompileSpec
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NEG_INF = float32(-math.inf)
+
+
+# ---- variant hooks: identities by default; a Variant (later) supplies its own device functions ----
+
+
+@cuda.jit(device=True, inline="always")
+def _identity_vec(vals, dim0, request, head, pos, params):
+    return
+
+
+@cuda.jit(device=True, inline="always")
+def _identity_logit(score, request, qo_pos, kv_pos, qo_head, kv_head, params):
+    return score
+
+
+@cuda.jit(device=True, inline="always")
+def _no_mask(request, qo_pos, kv_pos, qo_head, kv_head, params):
+    return True
+
+
+@dataclass(frozen=True)
+class DecodeHooks:
+    """Compile-time hooks composed into the decode template (all optional).
+
+    query_transform(q8, dim0, request, qo_head, qo_pos, params)       in place on 8 fp32 values
+    key_transform(k8, dim0, request, kv_head, kv_pos, params)         in place on 8 fp32 values
+    logits_transform(score, request, qo_pos, kv_pos, qo_head, kv_head, params) -> float32
+        (score = q.k * sm_scale, natural units)
+    logits_mask(request, qo_pos, kv_pos, qo_head, kv_head, params) -> bool (False: masked out)
+    output_transform(o8, dim0, request, qo_head, qo_pos, params)      in place, after normalization
+    """
+
+    query_transform: Callable[..., Any] | None = None
+    key_transform: Callable[..., Any] | None = None
+    logits_transform: Callable[..., Any] | None = None
+    logits_mask: Callable[..., Any] | None = None
+    output_transform: Callable[..., Any] | None = None
+    name: str = "default"
+
+
+DEFAULT_HOOKS = DecodeHooks()
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One compiled specialization of the decode kernel."""
+
+    kind: int  # primitives.F16 / BF16 / F32
+    head_dim: int
+    group: int
+    bdy: int
+    hooks: DecodeHooks = DEFAULT_HOOKS
+
+    @property
+    def bdx(self) -> int:
+        lanes = self.head_dim // 8
+        return 1 << (lanes - 1).bit_length()
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.bdx, self.bdy)
+
+
+def default_bdy(head_dim: int) -> int:
+    """Token rows per CTA: 128 threads on a GPU; 2 rows on the simulator (every thread costs there)."""
+    if SIMULATOR:
+        return 2
+    return max(1, 128 // DecodeConfig(0, head_dim, 1, 1).bdx)
+
+
+def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
+    """The plain Python kernel function for ``cfg`` (cuda.jit it to launch, compile_ptx to check)."""
+    KIND, HEAD_DIM, GROUP, BDX, BDY = cfg.kind, cfg.head_dim, cfg.group, cfg.bdx, cfg.bdy
+    LANES = HEAD_DIM // 8
+    WORDS8 = prim.words_per_row8(KIND)
+    ROW_WORDS = LANES * WORDS8  # words per head_dim row of the value dtype
+    GROUP8 = GROUP * 8
+    hooks = cfg.hooks
+    HAS_LOGITS_HOOK = hooks.logits_transform is not None
+    HAS_MASK = hooks.logits_mask is not None
+    q_hook = hooks.query_transform or _identity_vec
+    k_hook = hooks.key_transform or _identity_vec
+    o_hook = hooks.output_transform or _identity_vec
+    logit_hook = hooks.logits_transform or _identity_logit
+    mask_hook = hooks.logits_mask or _no_mask
+    load_row8, store_row8, ex2, warp_sum = prim.load_row8, prim.store_row8, prim.ex2, prim.warp_sum
+
+    def decode_kernel(
+        header, cta_tile_indptr, tile_request, tile_kv_head, tile_token_start, tile_token_end, tile_slot,
+        kv_indptr, kv_indices, kv_len,
+        q_words, q_stride_b, q_stride_h,
+        k_words, v_words, page_stride, token_stride, head_stride, page_size,
+        out_words, lse, write_lse, partial_out, partial_lse,
+        sm_scale, num_qo_heads, params,
+    ):  # fmt: skip
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        active = tx < LANES
+        dim0 = tx * 8
+        # shared: the BDY token rows' states of one head, combined at the end of a tile
+        sh_acc = cuda.shared.array((BDY, HEAD_DIM), float32)
+        sh_m = cuda.shared.array(BDY, float32)
+        sh_d = cuda.shared.array(BDY, float32)
+        q_loc = cuda.local.array(GROUP8, float32)
+        acc = cuda.local.array(GROUP8, float32)
+        m = cuda.local.array(GROUP, float32)
+        d = cuda.local.array(GROUP, float32)
+        weight = cuda.local.array(GROUP, float32)
+        kv8 = cuda.local.array(8, float32)
+        # q pre-scaled into the log2 domain, unless a logits hook needs the natural score
+        q_scale = float32(sm_scale) if HAS_LOGITS_HOOK else float32(sm_scale * LOG2E)
+        num_tiles = header[H_NUM_TILES]
+        cta = cuda.blockIdx.x
+        tile_stop = min(cta_tile_indptr[cta + 1], num_tiles)
+        for tile in range(cta_tile_indptr[cta], tile_stop):
+            request = int64(tile_request[tile])
+            kv_head = int64(tile_kv_head[tile])
+            t_begin = tile_token_start[tile]
+            t_end = tile_token_end[tile]
+            qo_pos = kv_len[request] - 1
+            page_base = int64(kv_indptr[request])
+            for j in range(GROUP):
+                qo_head = kv_head * GROUP + j
+                for k in range(8):
+                    kv8[k] = float32(0.0)
+                if active:
+                    load_row8(q_words, request * q_stride_b + qo_head * q_stride_h + tx * WORDS8, KIND, kv8)
+                    q_hook(kv8, dim0, request, qo_head, qo_pos, params)
+                for k in range(8):
+                    q_loc[j * 8 + k] = kv8[k] * q_scale
+                    acc[j * 8 + k] = float32(0.0)
+                m[j] = NEG_INF
+                d[j] = float32(0.0)
+            # every row runs the same number of steps: warp collectives need all lanes present
+            for t0 in range(t_begin, t_end, BDY):
+                t = t0 + ty
+                valid = t < t_end
+                row = int64(0)
+                for k in range(8):
+                    kv8[k] = float32(0.0)
+                if valid:
+                    page = int64(kv_indices[page_base + t // page_size])
+                    row = page * page_stride + int64(t % page_size) * token_stride + kv_head * head_stride
+                    if active:
+                        load_row8(k_words, row + tx * WORDS8, KIND, kv8)
+                        k_hook(kv8, dim0, request, kv_head, t, params)
+                for j in range(GROUP):
+                    part = float32(0.0)
+                    for k in range(8):
+                        part += q_loc[j * 8 + k] * kv8[k]
+                    s = warp_sum(part, BDX)
+                    if HAS_LOGITS_HOOK:
+                        s = float32(logit_hook(s, request, qo_pos, t, kv_head * GROUP + j, kv_head, params) * LOG2E)
+                    if HAS_MASK:
+                        if not mask_hook(request, qo_pos, t, kv_head * GROUP + j, kv_head, params):
+                            s = NEG_INF
+                    weight[j] = float32(0.0)
+                    if valid and s > NEG_INF:
+                        m_new = max(m[j], s)
+                        rescale = ex2(m[j] - m_new)
+                        weight[j] = ex2(s - m_new)
+                        d[j] = d[j] * rescale + weight[j]
+                        m[j] = m_new
+                        for k in range(8):
+                            acc[j * 8 + k] *= rescale
+                if valid and active:
+                    load_row8(v_words, row + tx * WORDS8, KIND, kv8)
+                    for j in range(GROUP):
+                        for k in range(8):
+                            acc[j * 8 + k] += weight[j] * kv8[k]
+            slot = int64(tile_slot[tile])
+            for j in range(GROUP):
+                qo_head = kv_head * GROUP + j
+                if active:
+                    for k in range(8):
+                        sh_acc[ty, dim0 + k] = acc[j * 8 + k]
+                if tx == 0:
+                    sh_m[ty] = m[j]
+                    sh_d[ty] = d[j]
+                cuda.syncthreads()
+                if ty == 0 and active:
+                    m_all = NEG_INF
+                    for r in range(BDY):
+                        m_all = max(m_all, sh_m[r])
+                    d_all = float32(0.0)
+                    for k in range(8):
+                        kv8[k] = float32(0.0)
+                    if m_all > NEG_INF:
+                        for r in range(BDY):
+                            w = ex2(sh_m[r] - m_all)
+                            d_all += sh_d[r] * w
+                            for k in range(8):
+                                kv8[k] += sh_acc[r, dim0 + k] * w
+                    lse_value = NEG_INF
+                    if d_all > float32(0.0):
+                        inv = float32(1.0) / d_all
+                        for k in range(8):
+                            kv8[k] *= inv
+                        lse_value = float32((m_all + math.log2(d_all)) * LN2)
+                    o_hook(kv8, dim0, request, qo_head, qo_pos, params)
+                    if slot < 0:
+                        out_row = request * num_qo_heads + qo_head
+                        store_row8(out_words, out_row * ROW_WORDS + tx * WORDS8, KIND, kv8)
+                        if tx == 0 and write_lse != 0:
+                            lse[out_row] = lse_value
+                    else:
+                        part_row = slot * GROUP + j
+                        for k in range(8):
+                            partial_out[part_row * HEAD_DIM + dim0 + k] = kv8[k]
+                        if tx == 0:
+                            partial_lse[part_row] = lse_value
+                cuda.syncthreads()
+
+    return decode_kernel
+
+
+@lru_cache(maxsize=None)
+def decode_kernel(cfg: DecodeConfig) -> Any:
+    """The launchable kernel for ``cfg``: compiled once per process (on first launch)."""
+    return cuda.jit(make_decode_kernel(cfg), fastmath=True)
+
+
+def decode_signature(q_ndim: int = 1) -> str:
+    i32, f32 = "int32[::1]", "float32[::1]"
+    arrays = ", ".join([i32] * 10)
+    return (
+        f"void({arrays}, {i32}, int64, int64, {i32}, {i32}, int64, int64, int64, int64, "
+        f"{i32}, {f32}, int32, {f32}, {f32}, float32, int64, {f32})"
+    )
+
+
+def gpu_compile_specs() -> list[CompileSpec]:
+    """Covering set: every dtype, several head_dims and group sizes, default and hooked variants."""
+    from .decode_variants_for_check import CHECK_HOOKS
+
+    cases = [
+        (prim.F16, 128, 1, DEFAULT_HOOKS),
+        (prim.BF16, 64, 4, DEFAULT_HOOKS),
+        (prim.F32, 256, 2, DEFAULT_HOOKS),
+        (prim.F16, 96, 8, DEFAULT_HOOKS),
+        (prim.BF16, 128, 4, CHECK_HOOKS),
+    ]
+    specs = []
+    for kind, head_dim, group, hooks in cases:
+        bdy = max(1, 128 // DecodeConfig(kind, head_dim, group, 1).bdx)
+        cfg = DecodeConfig(kind, head_dim, group, bdy, hooks)
+        dtype = {prim.F16: "float16", prim.BF16: "bfloat16", prim.F32: "float32"}[kind]
+        specs.append(
+            CompileSpec(
+                name=f"decode[{dtype},hd{head_dim},g{group},{hooks.name}]",
+                pyfunc=make_decode_kernel(cfg),
+                signature=decode_signature(),
+                expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx"),
+            )
+        )
+    return specs

@@ -1,0 +1,205 @@
+"""``tilegraph.BatchDecode``: plan a batch of paged requests, then run split-KV decode attention.
+
+    dec = tilegraph.BatchDecode(settings, device="cuda")       # "cpu": the numba CUDA simulator
+    plan = dec.plan(kv_indptr, kv_indices, kv_last_page_len)   # -> tilegraph.Plan (host), uploaded
+    out = dec.run(q, kv_cache)                                 # q [B, Hq, D] -> out [B, Hq, D]
+    out, lse = dec.run(q, kv_cache, return_lse=True)           # lse float32 [B, Hq], natural log
+    dec.run(q, kv_cache, out=buffer)                           # writes into buffer, returns it
+
+Every error a caller can cause is raised before any kernel launches and nothing is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import torch
+
+from tilegraph._device import default_num_ctas, resolve_device
+from tilegraph.errors import InputError, StateError
+from tilegraph.kernels import primitives as prim
+from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeConfig, DecodeHooks, decode_kernel, default_bdy
+from tilegraph.kernels.launch import as_words, launch
+from tilegraph.kernels.merge import launch_partial_merge
+from tilegraph.planner.decode import plan_decode
+from tilegraph.planner.layout import DecodeLayout
+from tilegraph.planner.plan import Plan
+
+from .kv_cache import KVCache, paged_kv
+from .settings import Settings
+from .workspace import Workspace
+
+_plan_serials = itertools.count(1)
+
+
+def resolve_num_ctas(settings: Settings, device: torch.device) -> int:
+    return settings.num_ctas if settings.num_ctas is not None else default_num_ctas(device)
+
+
+def workspace_nbytes(settings: Settings, device: str | torch.device | None = None) -> int:
+    """Device bytes of one decode workspace (plan tables + fp32 partial outputs and LSEs): an exact
+    function of Settings and the device (its SM count decides ``num_ctas`` when Settings leave it None)."""
+    dev = resolve_device(device)
+    return DecodeLayout.from_settings(settings, resolve_num_ctas(settings, dev)).workspace_nbytes
+
+
+class BatchDecode:
+    """Paged decode attention over a fixed workspace (CUDA-graph safe: launch shapes never change)."""
+
+    MERGE_CTAS = 4  # fixed grid of the partial-merge kernel (it loops over the live merge entries)
+
+    def __init__(self, settings: Settings, device: str | torch.device | None = None, hooks: DecodeHooks = DEFAULT_HOOKS):
+        self.settings = settings
+        self.device = resolve_device(device)
+        self.num_ctas = resolve_num_ctas(settings, self.device)
+        self.layout = DecodeLayout.from_settings(settings, self.num_ctas)
+        self.workspace = Workspace(self.layout, self.device)
+        self.config = DecodeConfig(
+            kind=prim.DTYPE_CODES[settings.dtype],
+            head_dim=settings.head_dim,
+            group=settings.group_size,
+            bdy=default_bdy(settings.head_dim),
+            hooks=hooks,
+        )
+        self._plan: Plan | None = None
+
+    @property
+    def workspace_nbytes(self) -> int:
+        return self.layout.workspace_nbytes
+
+    @property
+    def current_plan(self) -> Plan | None:
+        return self._plan
+
+    def plan(self, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any) -> Plan:
+        """Validate the page table, balance it over the CTAs, and upload it (one async copy).
+
+        kv_indptr [B+1], kv_indices [nnz_pages], kv_last_page_len [B]: int32 CPU tensors or numpy arrays."""
+        plan = plan_decode(
+            self.layout,
+            kv_indptr,
+            kv_indices,
+            kv_last_page_len,
+            num_pages=self.settings.max_num_pages,
+            serial=next(_plan_serials),
+        )
+        self.workspace.upload(plan.buffer)
+        self._plan = plan
+        return plan
+
+    # ---- run -----------------------------------------------------------------------------------
+
+    def _check_q(self, q: Any, batch_size: int) -> torch.Tensor:
+        s = self.settings
+        if not isinstance(q, torch.Tensor):
+            raise InputError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        if q.dtype != s.torch_dtype:
+            raise InputError(f"q has dtype {q.dtype}, Settings.dtype is {s.dtype}")
+        if q.device != self.device:
+            raise InputError(f"q is on {q.device}, the attention object runs on {self.device}")
+        if q.dim() != 3 or tuple(q.shape[1:]) != (s.num_qo_heads, s.head_dim):
+            raise InputError(f"q must be [B, num_qo_heads={s.num_qo_heads}, head_dim={s.head_dim}], got {tuple(q.shape)}")
+        if q.shape[0] != batch_size:
+            raise InputError(f"q has batch size {q.shape[0]} but the plan was made for {batch_size} requests")
+        if q.stride(2) != 1:
+            raise InputError("q's last dimension must be contiguous (stride 1)")
+        item = q.element_size()
+        if q.data_ptr() % 16 or (q.stride(0) * item) % 16 or (q.stride(1) * item) % 16:
+            raise InputError("q must be 16-byte aligned: its data pointer and its strides of dims 0 and 1 (in bytes)")
+        return q
+
+    def _check_out(self, out: Any, batch_size: int) -> torch.Tensor:
+        s = self.settings
+        shape = (batch_size, s.num_qo_heads, s.head_dim)
+        if not isinstance(out, torch.Tensor):
+            raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != s.torch_dtype:
+            raise InputError(f"out has dtype {out.dtype}, Settings.dtype is {s.dtype}")
+        if out.device != self.device:
+            raise InputError(f"out is on {out.device}, the attention object runs on {self.device}")
+        if tuple(out.shape) != shape:
+            raise InputError(f"out must have shape {shape}, got {tuple(out.shape)}")
+        if not out.is_contiguous() or out.data_ptr() % 16:
+            raise InputError("out must be contiguous and 16-byte aligned")
+        return out
+
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache: KVCache,
+        out: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention of ``q`` [B, num_qo_heads, head_dim] over the planned pages of ``kv_cache``.
+
+        q may be a strided view (e.g. sliced from a fused QKV projection) whose last dim is contiguous
+        and whose pointer and strides are 16-byte aligned. Returns ``out`` [B, num_qo_heads, head_dim]
+        (Settings dtype) and, with ``return_lse``, the natural-log LSE float32 [B, num_qo_heads]."""
+        plan = self._plan
+        if plan is None:
+            raise StateError("run() was called before plan(): plan the batch first")
+        batch_size = plan.batch_size
+        q = self._check_q(q, batch_size)
+        kv = paged_kv(kv_cache, self.settings, self.device)
+        if plan.max_page_index >= kv.num_pages:
+            raise InputError(
+                f"kv_cache has {kv.num_pages} pages but the plan references page {plan.max_page_index}"
+            )
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
+        else:
+            out = self._check_out(out, batch_size)
+        lse = torch.empty((batch_size, self.settings.num_qo_heads), dtype=torch.float32, device=self.device) if return_lse else None
+        if batch_size:
+            self._launch(q, kv, out, lse)
+        return (out, lse) if return_lse else out
+
+    def _launch(self, q: torch.Tensor, kv: Any, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+        ws, sec, s = self.workspace, self.workspace.sections, self.settings
+        words_per_elem = q.element_size() / 4
+        q_words = _span_words(q)
+        lse_arg = lse.view(-1) if lse is not None else ws.no_lse
+        out_words = as_words(out)
+        launch(
+            "decode",
+            decode_kernel(self.config),
+            (self.num_ctas,),
+            self.config.block,
+            (
+                sec["header"], sec["cta_tile_indptr"], sec["tile_request"], sec["tile_kv_head"],
+                sec["tile_token_start"], sec["tile_token_end"], sec["tile_slot"],
+                sec["kv_indptr"], sec["kv_indices"], sec["kv_len"],
+                q_words, np.int64(q.stride(0) * words_per_elem), np.int64(q.stride(1) * words_per_elem),
+                kv.k_words, kv.v_words, np.int64(kv.page_stride), np.int64(kv.token_stride),
+                np.int64(kv.head_stride), np.int64(s.page_size),
+                out_words, lse_arg, np.int32(lse is not None), ws.partial_out, ws.partial_lse,
+                np.float32(s.sm_scale), np.int64(s.num_qo_heads), ws.no_params,
+            ),
+        )  # fmt: skip
+        launch_partial_merge(
+            kind=self.config.kind,
+            head_dim=s.head_dim,
+            group_size=s.group_size,
+            header=sec["header"],
+            merge_slot_indptr=sec["merge_slot_indptr"],
+            merge_request=sec["merge_request"],
+            merge_kv_head=sec["merge_kv_head"],
+            partial_out=ws.partial_out,
+            partial_lse=ws.partial_lse,
+            out_words=out_words,
+            lse=lse_arg,
+            write_lse=lse is not None,
+            num_qo_heads=s.num_qo_heads,
+            grid=self.MERGE_CTAS,
+        )
+
+
+def _span_words(q: torch.Tensor) -> torch.Tensor:
+    """A flat int32 view of the storage q spans (q may be strided; its strides are read separately)."""
+    span = (q.shape[0] - 1) * q.stride(0) + (q.shape[1] - 1) * q.stride(1) + q.shape[2]
+    per_word = 4 // q.element_size()
+    span = -(-span // per_word) * per_word
+    flat = torch.as_strided(q, (span,), (1,), q.storage_offset())
+    return flat.view(torch.int32)

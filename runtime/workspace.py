@@ -1,0 +1,55 @@
+"""Fixed device buffers for one attention object, and the staged plan upload.
+
+Everything here is allocated once, in ``__init__``, with sizes that are pure functions of the
+layout (Settings + device): the plan buffer the kernels read, the fp32 partial outputs/LSEs, and
+two host staging buffers (pinned on a GPU). ``upload(plan)`` writes the plan into the staging
+buffer not used by the previous plan and issues ONE async host-to-device copy on the current
+stream; an event per staging buffer keeps it from being rewritten while its copy is in flight.
+It never reads device memory back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tilegraph.planner.layout import DecodeLayout
+
+
+class Workspace:
+    """Device buffers: ``plan_words`` int32, ``partial_out`` / ``partial_lse`` float32, scratch."""
+
+    def __init__(self, layout: DecodeLayout, device: torch.device) -> None:
+        self.layout = layout
+        self.device = device
+        on_gpu = device.type == "cuda"
+        self.plan_words = torch.zeros(layout.plan_words, dtype=torch.int32, device=device)
+        self.partial_out = torch.zeros(int(np.prod(layout.partial_out_shape())), dtype=torch.float32, device=device)
+        self.partial_lse = torch.zeros(int(np.prod(layout.partial_lse_shape())), dtype=torch.float32, device=device)
+        # kernels always take an LSE output and a variant-parameter array: these stand in when unused
+        self.no_lse = torch.zeros(1, dtype=torch.float32, device=device)
+        self.no_params = torch.zeros(1, dtype=torch.float32, device=device)
+        self._staging = [torch.zeros(layout.plan_words, dtype=torch.int32, pin_memory=on_gpu) for _ in range(2)]
+        self._staging_np = [buf.numpy() for buf in self._staging]
+        self._copy_done = [torch.cuda.Event() if on_gpu else None for _ in range(2)]
+        self._next = 0
+        self.sections = {
+            name: self.plan_words[start:stop] for name, (start, stop) in layout.offsets().items()
+        }
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.plan_words, self.partial_out, self.partial_lse)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def upload(self, plan_buffer: np.ndarray) -> None:
+        """Stage ``plan_buffer`` (int32, layout.plan_words) and copy it to the device on the current stream."""
+        index = self._next
+        self._next ^= 1
+        done = self._copy_done[index]
+        if done is not None:
+            done.synchronize()  # the copy from two plans ago must have left this staging buffer
+        np.copyto(self._staging_np[index], plan_buffer)
+        self.plan_words.copy_(self._staging[index], non_blocking=True)
+        if done is not None:
+            done.record(torch.cuda.current_stream(self.device))
