@@ -11,13 +11,54 @@ from __future__ import annotations
 from . import _device  # noqa: F401  (first: decides simulator vs GPU before numba.cuda loads)
 from ._device import SIMULATOR
 from .errors import DeviceError, InputError, PlanError, StateError, TilegraphError
-from .settings import Settings
+from .settings import GraphSettings, Settings
+
+# The attention objects, planner and graph runtime load on first use (PEP 562): `import tilegraph`
+# stays light, and the simulator decision above still comes first.
+_LAZY = {
+    "BatchDecode": "tilegraph.decode",
+    "workspace_nbytes": "tilegraph.decode",
+    "Plan": "tilegraph.planner.plan",
+    "GraphAware": "tilegraph.graphs.protocol",
+    "PlanState": "tilegraph.graphs.protocol",
+    "GraphRunner": "tilegraph.graphs.runner",
+    "SimulatedGraph": "tilegraph.graphs.standin",
+    "merge_state": "tilegraph.merge",
+    "merge_state_in_place": "tilegraph.merge",
+    "merge_states": "tilegraph.merge",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tilegraph' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SIMULATOR",
     "Settings",
+    "GraphSettings",
+    "BatchDecode",
+    "Plan",
+    "workspace_nbytes",
+    "GraphRunner",
+    "GraphAware",
+    "PlanState",
+    "SimulatedGraph",
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
     "TilegraphError",
     "InputError",
     "PlanError",

@@ -12,17 +12,20 @@ Every error a caller can cause is raised before any kernel launches and nothing 
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Any
 
 import numpy as np
 import torch
 
 from tilegraph._device import default_num_ctas, resolve_device
-from tilegraph.errors import InputError, StateError
+from tilegraph.errors import InputError, PlanError, StateError
+from tilegraph.graphs.protocol import PlanState
 from tilegraph.kernels import primitives as prim
 from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeConfig, DecodeHooks, decode_kernel, default_bdy
 from tilegraph.kernels.launch import as_words, launch
 from tilegraph.kernels.merge import launch_partial_merge
+from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.decode import plan_decode
 from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import Plan
@@ -32,6 +35,8 @@ from .settings import Settings
 from .workspace import Workspace
 
 _plan_serials = itertools.count(1)
+_handles = itertools.count(1)
+_instances: "weakref.WeakValueDictionary[int, BatchDecode]" = weakref.WeakValueDictionary()
 
 
 def resolve_num_ctas(settings: Settings, device: torch.device) -> int:
@@ -64,6 +69,10 @@ class BatchDecode:
             hooks=hooks,
         )
         self._plan: Plan | None = None
+        self._rows = 0  # q/out rows the current plan expects (its batch, or the padded bucket)
+        self._capturing = False
+        self._handle = next(_handles)
+        _instances[self._handle] = self
 
     @property
     def workspace_nbytes(self) -> int:
@@ -73,10 +82,16 @@ class BatchDecode:
     def current_plan(self) -> Plan | None:
         return self._plan
 
-    def plan(self, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any) -> Plan:
-        """Validate the page table, balance it over the CTAs, and upload it (one async copy).
+    @plan_range
+    def plan(self, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any, padded_batch_size: int | None = None) -> Plan:
+        """Validate the page table, balance it over the CTAs and stage it for upload.
 
-        kv_indptr [B+1], kv_indices [nnz_pages], kv_last_page_len [B]: int32 CPU tensors or numpy arrays."""
+        kv_indptr [B+1], kv_indices [nnz_pages], kv_last_page_len [B]: int32 CPU tensors or numpy
+        arrays. ``padded_batch_size`` (>= B; the graph runtime's bucket): q/out then have that many
+        rows and the rows past B are neither read nor written. The staged plan reaches the device in
+        ONE async copy on the stream of the next ``run()`` (or graph replay)."""
+        if self._capturing:
+            raise StateError("plan() was called while a CUDA graph capture is in progress: plan before capturing or replaying")
         plan = plan_decode(
             self.layout,
             kv_indptr,
@@ -85,9 +100,41 @@ class BatchDecode:
             num_pages=self.settings.max_num_pages,
             serial=next(_plan_serials),
         )
-        self.workspace.upload(plan.buffer)
-        self._plan = plan
+        rows = plan.batch_size if padded_batch_size is None else int(padded_batch_size)
+        if rows < plan.batch_size or rows > self.settings.max_batch_size:
+            raise PlanError(
+                f"padded_batch_size={padded_batch_size} must lie in [B={plan.batch_size}, "
+                f"max_batch_size={self.settings.max_batch_size}]"
+            )
+        self.workspace.stage(plan.buffer)
+        self._plan, self._rows = plan, rows
         return plan
+
+    # ---- graph protocol (tilegraph.graphs.protocol.GraphAware) ---------------------------------
+
+    def graph_prepare_capture(self, batch_size: int) -> None:
+        """A stand-in plan for a bucket: ``batch_size`` one-token requests on page 0."""
+        indptr = np.arange(batch_size + 1, dtype=np.int32)
+        self.plan(indptr, np.zeros(batch_size, np.int32), np.ones(batch_size, np.int32))
+
+    def graph_set_capturing(self, capturing: bool) -> None:
+        self._capturing = capturing
+
+    def graph_buffers(self) -> dict[str, torch.Tensor]:
+        ws = self.workspace
+        return {"plan": ws.plan_words, "partial_out": ws.partial_out, "partial_lse": ws.partial_lse,
+                "no_lse": ws.no_lse, "no_params": ws.no_params}  # fmt: skip
+
+    def graph_plan_state(self) -> PlanState:
+        serial = self._plan.serial if self._plan is not None else 0
+        return PlanState(serial=serial, padded_batch_size=self._rows, key=self._key)
+
+    def graph_before_replay(self) -> None:
+        self.workspace.flush()
+
+    @property
+    def _key(self) -> str:
+        return f"{self.settings.model_dump_json()}|{self.config.hooks.name}"
 
     # ---- run -----------------------------------------------------------------------------------
 
@@ -136,25 +183,37 @@ class BatchDecode:
 
         q may be a strided view (e.g. sliced from a fused QKV projection) whose last dim is contiguous
         and whose pointer and strides are 16-byte aligned. Returns ``out`` [B, num_qo_heads, head_dim]
-        (Settings dtype) and, with ``return_lse``, the natural-log LSE float32 [B, num_qo_heads]."""
-        plan = self._plan
-        if plan is None:
+        (Settings dtype) and, with ``return_lse``, the natural-log LSE float32 [B, num_qo_heads].
+        Runs as the custom op ``torch.ops.tilegraph.batch_decode`` (torch.compile traces it whole)."""
+        if self._plan is None:
             raise StateError("run() was called before plan(): plan the batch first")
-        batch_size = plan.batch_size
-        q = self._check_q(q, batch_size)
-        kv = paged_kv(kv_cache, self.settings, self.device)
-        if plan.max_page_index >= kv.num_pages:
-            raise InputError(
-                f"kv_cache has {kv.num_pages} pages but the plan references page {plan.max_page_index}"
-            )
+        s = self.settings
         if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
+            out = torch.empty((self._rows, s.num_qo_heads, s.head_dim), dtype=s.torch_dtype, device=self.device)
+        lse = torch.empty((self._rows if return_lse else 0, s.num_qo_heads), dtype=torch.float32, device=self.device)
+        if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2:
+            k_cache, v_cache, paired = kv_cache[0], kv_cache[1], True
         else:
-            out = self._check_out(out, batch_size)
-        lse = torch.empty((batch_size, self.settings.num_qo_heads), dtype=torch.float32, device=self.device) if return_lse else None
-        if batch_size:
-            self._launch(q, kv, out, lse)
+            k_cache, v_cache, paired = kv_cache, kv_cache, False
+        if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache, out)):
+            bad = next(n for n, t in (("q", q), ("kv_cache", k_cache), ("kv_cache", v_cache), ("out", out)) if not isinstance(t, torch.Tensor))
+            raise InputError(f"{bad} must be a torch.Tensor (or, for kv_cache, a (k_cache, v_cache) pair of them)")
+        torch.ops.tilegraph.batch_decode(self._handle, q, k_cache, v_cache, paired, out, lse, return_lse)
         return (out, lse) if return_lse else out
+
+    def _run_checked(self, q, k_cache, v_cache, paired, out, lse, return_lse) -> None:
+        """Validate everything, then launch (the custom op's implementation)."""
+        plan = self._plan
+        assert plan is not None
+        q = self._check_q(q, self._rows)
+        kv = paged_kv((k_cache, v_cache) if paired else k_cache, self.settings, self.device)
+        if plan.max_page_index >= kv.num_pages:
+            raise InputError(f"kv_cache has {kv.num_pages} pages but the plan references page {plan.max_page_index}")
+        out = self._check_out(out, self._rows)
+        if not self._capturing:
+            self.workspace.flush()
+        if plan.batch_size:
+            self._launch(q, kv, out, lse if return_lse else None)
 
     def _launch(self, q: torch.Tensor, kv: Any, out: torch.Tensor, lse: torch.Tensor | None) -> None:
         ws, sec, s = self.workspace, self.workspace.sections, self.settings
@@ -203,3 +262,19 @@ def _span_words(q: torch.Tensor) -> torch.Tensor:
     span = -(-span // per_word) * per_word
     flat = torch.as_strided(q, (span,), (1,), q.storage_offset())
     return flat.view(torch.int32)
+
+
+@torch.library.custom_op("tilegraph::batch_decode", mutates_args=("out", "lse"))
+def _batch_decode_op(
+    handle: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, paired: bool,
+    out: torch.Tensor, lse: torch.Tensor, return_lse: bool,
+) -> None:  # fmt: skip
+    decode = _instances.get(handle)
+    if decode is None:
+        raise StateError(f"the BatchDecode behind handle {handle} no longer exists")
+    decode._run_checked(q, k_cache, v_cache, paired, out, lse, return_lse)
+
+
+@_batch_decode_op.register_fake
+def _batch_decode_fake(handle, q, k_cache, v_cache, paired, out, lse, return_lse) -> None:
+    return None

@@ -11,7 +11,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DTypeName = Literal["float16", "bfloat16", "float32"]
@@ -22,6 +22,26 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
+
+
+class GraphSettings(BaseModel):
+    """CUDA-graph buckets (env ``TILEGRAPH_GRAPHS__BATCH_SIZES='[1,2,4,8]'``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_sizes: tuple[int, ...] | None = Field(
+        default=None,
+        description="captured batch-size buckets; default [1, 2, 4, 8] + range(16, max_batch_size + 1, 16)",
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sorted_positive(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        if not value or min(value) < 1:
+            raise ValueError(f"graphs.batch_sizes must be non-empty positive integers, got {list(value)}")
+        return tuple(sorted(set(value)))
 
 
 class Settings(BaseSettings):
@@ -66,6 +86,8 @@ class Settings(BaseSettings):
         default=False, description="split requests independently of the rest of the batch (bitwise-stable outputs)"
     )
 
+    graphs: GraphSettings = Field(default_factory=GraphSettings, description="CUDA-graph buckets")
+
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_name(cls, value: Any) -> Any:
@@ -106,7 +128,18 @@ class Settings(BaseSettings):
             )
         if self.num_qo_heads // self.num_kv_heads > 64:
             raise ValueError(f"num_qo_heads / num_kv_heads (the GQA group) is at most 64, got {self.num_qo_heads // self.num_kv_heads}")
+        buckets = self.graphs.batch_sizes
+        if buckets is not None and buckets[-1] > self.max_batch_size:
+            raise ValueError(f"graphs.batch_sizes has {buckets[-1]} > max_batch_size ({self.max_batch_size})")
         return self
+
+    @property
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        """The buckets graphs are captured for (resolved default)."""
+        if self.graphs.batch_sizes is not None:
+            return self.graphs.batch_sizes
+        default = [1, 2, 4, 8, *range(16, self.max_batch_size + 1, 16)]
+        return tuple(b for b in default if b <= self.max_batch_size)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -2,10 +2,10 @@
 
 Everything here is allocated once, in ``__init__``, with sizes that are pure functions of the
 layout (Settings + device): the plan buffer the kernels read, the fp32 partial outputs/LSEs, and
-two host staging buffers (pinned on a GPU). ``upload(plan)`` writes the plan into the staging
-buffer not used by the previous plan and issues ONE async host-to-device copy on the current
-stream; an event per staging buffer keeps it from being rewritten while its copy is in flight.
-It never reads device memory back.
+two host staging buffers (pinned on a GPU). ``stage(plan)`` writes the plan into the staging
+buffer not used by the previous plan; ``flush()`` then issues ONE async host-to-device copy on the
+*current* stream (the one the next launch or graph replay runs on); an event per staging buffer
+keeps it from being rewritten while its copy is in flight. Nothing reads device memory back.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tilegraph.nvtx_ranges import UPLOAD
 from tilegraph.planner.layout import DecodeLayout
 
 
@@ -33,6 +34,7 @@ class Workspace:
         self._staging_np = [buf.numpy() for buf in self._staging]
         self._copy_done = [torch.cuda.Event() if on_gpu else None for _ in range(2)]
         self._next = 0
+        self._pending: int | None = None  # staging buffer waiting to be copied
         self.sections = {
             name: self.plan_words[start:stop] for name, (start, stop) in layout.offsets().items()
         }
@@ -42,14 +44,24 @@ class Workspace:
         tensors = (self.plan_words, self.partial_out, self.partial_lse)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def upload(self, plan_buffer: np.ndarray) -> None:
-        """Stage ``plan_buffer`` (int32, layout.plan_words) and copy it to the device on the current stream."""
+    def stage(self, plan_buffer: np.ndarray) -> None:
+        """Write ``plan_buffer`` (int32, layout.plan_words) into the next staging buffer."""
         index = self._next
         self._next ^= 1
         done = self._copy_done[index]
         if done is not None:
             done.synchronize()  # the copy from two plans ago must have left this staging buffer
         np.copyto(self._staging_np[index], plan_buffer)
-        self.plan_words.copy_(self._staging[index], non_blocking=True)
+        self._pending = index
+
+    def flush(self) -> None:
+        """Copy the staged plan (if any) into the fixed device buffer on the current stream."""
+        index = self._pending
+        if index is None:
+            return
+        with UPLOAD:
+            self.plan_words.copy_(self._staging[index], non_blocking=True)
+        done = self._copy_done[index]
         if done is not None:
             done.record(torch.cuda.current_stream(self.device))
+        self._pending = None

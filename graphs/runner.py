@@ -1,0 +1,228 @@
+"""``tilegraph.GraphRunner``: capture a forward once per batch-size bucket, then plan + replay.
+
+    runner = tilegraph.GraphRunner(forward, example_inputs, attention=dec)
+    runner.capture_all()                       # largest bucket first, one shared memory pool
+    out = runner.run(inputs, kv_indptr, kv_indices, kv_last_page_len)   # pad, plan, copy, replay
+
+``forward(inputs: dict[str, Tensor]) -> Tensor`` is any model step whose tensors' first dimension
+is the batch and whose tilegraph attention objects (``attention``) read the current plan. Per
+step the runner pads the batch to the next bucket (padded requests get no pages and no tiles:
+they write nothing and nothing of theirs reaches real rows), plans, copies the inputs into the
+bucket's static buffers, uploads the plan on the replay stream and replays. Batches above the
+largest bucket run eagerly (counted in ``stats.eager_steps``).
+
+The returned tensor is a view of the bucket's static output: **the next replay overwrites it**.
+Pass ``copy=True`` (or clone it) to keep it.
+
+On the simulator the graph is ``SimulatedGraph`` (same discipline, see graphs/standin.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from tilegraph.errors import InputError, StateError
+from tilegraph.settings import Settings
+
+from .protocol import GraphAware
+from .standin import SimulatedGraph
+
+Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class RunnerStats:
+    replays: int = 0
+    eager_steps: int = 0
+    capture_s: dict[int, float] = field(default_factory=dict)  # bucket -> seconds to warm up + capture
+
+
+@dataclass
+class _Bucket:
+    batch_size: int
+    graph: Any
+    inputs: dict[str, torch.Tensor]
+    output: torch.Tensor
+    addresses: dict[str, int]
+
+
+class GraphRunner:
+    """Owns static inputs/outputs per bucket and one captured graph per bucket."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        example_inputs: dict[str, torch.Tensor],
+        attention: GraphAware | Sequence[GraphAware],
+        settings: Settings | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.forward = forward
+        self.attention: list[GraphAware] = list(attention) if isinstance(attention, (list, tuple)) else [attention]
+        self.settings = settings or getattr(self.attention[0], "settings")
+        self.buckets = tuple(self.settings.graph_batch_sizes)
+        self.debug = debug
+        self.device = next(iter(example_inputs.values())).device
+        self.simulated = self.device.type != "cuda"
+        largest = self.buckets[-1]
+        self.static_inputs = {
+            name: torch.zeros((largest, *t.shape[1:]), dtype=t.dtype, device=self.device)
+            for name, t in example_inputs.items()
+        }
+        self.stats = RunnerStats()
+        self._graphs: dict[int, _Bucket] = {}
+        self._pool: Any = None
+        self._stream = None if self.simulated else torch.cuda.Stream(self.device)
+        self._last_replayed_serial = 0
+
+    # ---- capture -------------------------------------------------------------------------------
+
+    def _new_graph(self) -> Any:
+        return SimulatedGraph() if self.simulated else torch.cuda.CUDAGraph()
+
+    @contextmanager
+    def capture(self, batch_size: int) -> Iterator[Any]:
+        """Capture whatever runs inside into the graph yielded (on the capture stream, shared pool,
+        Python GC frozen, attention objects in capture mode)."""
+        graph = self._new_graph()
+        for att in self.attention:
+            att.graph_set_capturing(True)
+        gc.collect()
+        gc.disable()
+        try:
+            if self.simulated:
+                with graph.capture():
+                    yield graph
+            else:
+                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                    yield graph
+                self._pool = graph.pool()
+        finally:
+            gc.enable()
+            for att in self.attention:
+                att.graph_set_capturing(False)
+
+    def _warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
+        if self.simulated:
+            self.forward(inputs)
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            for _ in range(2):
+                self.forward(inputs)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
+    def capture_all(self, show_progress: bool = True) -> None:
+        """Warm up and capture every bucket, largest first (so smaller ones reuse its pool)."""
+        with Progress(disable=not show_progress, transient=False) as progress:
+            task = progress.add_task("capturing CUDA graphs", total=len(self.buckets))
+            for batch_size in reversed(self.buckets):
+                start = time.perf_counter()
+                inputs = {name: t[:batch_size] for name, t in self.static_inputs.items()}
+                for att in self.attention:
+                    att.graph_prepare_capture(batch_size)
+                self._warm_up(inputs)  # compiles every specialization outside the capture
+                for att in self.attention:
+                    att.graph_prepare_capture(batch_size)
+                    att.graph_before_replay()
+                with self.capture(batch_size) as graph:
+                    output = self.forward(inputs)
+                self._graphs[batch_size] = _Bucket(batch_size, graph, inputs, output, self._addresses(inputs, output))
+                seconds = time.perf_counter() - start
+                self.stats.capture_s[batch_size] = seconds
+                progress.update(task, advance=1, description=f"captured batch {batch_size} in {seconds:.2f} s")
+        if not self.simulated:
+            torch.cuda.synchronize(self.device)
+
+    def _addresses(self, inputs: dict[str, torch.Tensor], output: torch.Tensor) -> dict[str, int]:
+        addresses = {f"input:{n}": t.data_ptr() for n, t in inputs.items()}
+        addresses["output"] = output.data_ptr()
+        for i, att in enumerate(self.attention):
+            addresses.update({f"attention{i}:{n}": t.data_ptr() for n, t in att.graph_buffers().items()})
+        return addresses
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def bucket_for(self, batch_size: int) -> int | None:
+        """The smallest captured bucket >= batch_size (None: above the largest; runs eagerly)."""
+        index = bisect.bisect_left(self.buckets, batch_size)
+        return self.buckets[index] if index < len(self.buckets) else None
+
+    def run(
+        self,
+        inputs: dict[str, torch.Tensor],
+        kv_indptr: Any,
+        kv_indices: Any,
+        kv_last_page_len: Any,
+        copy: bool = False,
+    ) -> torch.Tensor:
+        """One step: plan every attention object, then replay the bucket's graph (or run eagerly)."""
+        batch_size = _batch_of(inputs, self.static_inputs)
+        bucket = self.bucket_for(batch_size)
+        if bucket is None:
+            for att in self.attention:
+                att.plan(kv_indptr, kv_indices, kv_last_page_len)
+            self.stats.eager_steps += 1
+            return self.forward(inputs)
+        for att in self.attention:
+            att.plan(kv_indptr, kv_indices, kv_last_page_len, padded_batch_size=bucket)
+        entry = self._graphs.get(bucket)
+        if entry is None:
+            raise StateError(f"no graph captured for bucket {bucket}: call capture_all() first")
+        for name, t in inputs.items():
+            entry.inputs[name][:batch_size].copy_(t)
+        self.replay(bucket)
+        out = entry.output[:batch_size]
+        return out.clone() if copy else out
+
+    def replay(self, batch_size: int) -> None:
+        """Replay bucket ``batch_size`` after checking every attention object has a fresh plan for it."""
+        entry = self._graphs.get(batch_size)
+        if entry is None:
+            raise StateError(f"no graph captured for bucket {batch_size}")
+        serials = []
+        for i, att in enumerate(self.attention):
+            state = att.graph_plan_state()
+            if state.serial <= self._last_replayed_serial:
+                raise StateError(
+                    f"replay of bucket {batch_size} without a new plan (attention object {i}'s plan "
+                    f"#{state.serial} was already replayed): call plan() before every replay"
+                )
+            if state.padded_batch_size != batch_size:
+                raise StateError(
+                    f"attention object {i}'s plan is for bucket {state.padded_batch_size}, not {batch_size}"
+                )
+            serials.append(state.serial)
+        if self.debug:
+            now = self._addresses(entry.inputs, entry.output)
+            moved = [name for name, ptr in entry.addresses.items() if now.get(name) != ptr]
+            if moved:
+                raise StateError(f"static buffers moved since capture (debug check): {', '.join(moved)}")
+        for att in self.attention:
+            att.graph_before_replay()
+        entry.graph.replay()
+        self._last_replayed_serial = max(serials)
+        self.stats.replays += 1
+
+
+def _batch_of(inputs: dict[str, torch.Tensor], static_inputs: dict[str, torch.Tensor]) -> int:
+    if set(inputs) != set(static_inputs):
+        raise InputError(f"inputs has keys {sorted(inputs)}, the runner was built for {sorted(static_inputs)}")
+    sizes = {t.shape[0] for t in inputs.values()}
+    if len(sizes) != 1:
+        raise InputError(f"inputs disagree on the batch size (first dimension): {sorted(sizes)}")
+    batch_size = sizes.pop()
+    for name, t in inputs.items():
+        ref = static_inputs[name]
+        if t.shape[1:] != ref.shape[1:] or t.dtype != ref.dtype:
+            raise InputError(f"inputs[{name!r}] is {tuple(t.shape)} {t.dtype}; expected [B, {', '.join(map(str, ref.shape[1:]))}] {ref.dtype}")
+    return int(np.int64(batch_size))
