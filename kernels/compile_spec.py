@@ -16,3 +16,4 @@ class CompileSpec:
     pyfunc: Callable[..., Any]       # the plain Python kernel function (before cuda.jit)
     signature: str                   # numba signature, e.g. "void(int32[::1], float32[::1], int32)"
     expect: tuple[str, ...] = field(default=())  # PTX substrings that must appear (e.g. "ld.global.nc.v4")
+    fastmath: bool = False           # the kernel's own cuda.jit fastmath option

@@ -2,8 +2,10 @@
 
 Thread block (BDX, BDY): BDX lanes (a power of two <= 32) split head_dim into 8-element vectors
 (one 16-byte load each for fp16/bf16, two for fp32); the BDY rows walk a tile's tokens in an
-interleaved stride, each keeping its own online-softmax state for the whole GQA group, so every
-K/V element is loaded once for all ``group`` query heads. Rows are combined through shared
+interleaved stride, each keeping its own online-softmax state for up to MAX_HEADS_PER_PASS query
+heads of the GQA group, so every K/V element is loaded once per pass for all of them (groups of
+up to 4 heads: once in all; larger groups take ceil(group / 4) passes, keeping per-thread state in
+registers). Rows are combined through shared
 memory at the end of a tile. Scores live in the log2 domain (``ex2``); every LSE written is a
 natural log.
 
@@ -33,6 +35,8 @@ from .compile_spec import CompileSpec
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG_INF = float32(-math.inf)
+#: query heads of a GQA group handled per pass over a tile's K/V (per-thread state: 8 fp32 each)
+MAX_HEADS_PER_PASS = 4
 
 
 # ---- variant hooks: identities by default; a Variant (later) supplies its own device functions ----
@@ -109,7 +113,8 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
     LANES = HEAD_DIM // 8
     WORDS8 = prim.words_per_row8(KIND)
     ROW_WORDS = LANES * WORDS8  # words per head_dim row of the value dtype
-    GROUP8 = GROUP * 8
+    PASS = min(GROUP, MAX_HEADS_PER_PASS)
+    PASS8 = PASS * 8
     hooks = cfg.hooks
     HAS_LOGITS_HOOK = hooks.logits_transform is not None
     HAS_MASK = hooks.logits_mask is not None
@@ -136,11 +141,11 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
         sh_acc = cuda.shared.array((BDY, HEAD_DIM), float32)
         sh_m = cuda.shared.array(BDY, float32)
         sh_d = cuda.shared.array(BDY, float32)
-        q_loc = cuda.local.array(GROUP8, float32)
-        acc = cuda.local.array(GROUP8, float32)
-        m = cuda.local.array(GROUP, float32)
-        d = cuda.local.array(GROUP, float32)
-        weight = cuda.local.array(GROUP, float32)
+        q_loc = cuda.local.array(PASS8, float32)
+        acc = cuda.local.array(PASS8, float32)
+        m = cuda.local.array(PASS, float32)
+        d = cuda.local.array(PASS, float32)
+        weight = cuda.local.array(PASS, float32)
         kv8 = cuda.local.array(8, float32)
         # q pre-scaled into the log2 domain, unless a logits hook needs the natural score
         q_scale = float32(sm_scale) if HAS_LOGITS_HOOK else float32(sm_scale * LOG2E)
@@ -152,99 +157,102 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
             kv_head = int64(tile_kv_head[tile])
             t_begin = tile_token_start[tile]
             t_end = tile_token_end[tile]
+            slot = int64(tile_slot[tile])
             qo_pos = kv_len[request] - 1
             page_base = int64(kv_indptr[request])
-            for j in range(GROUP):
-                qo_head = kv_head * GROUP + j
-                for k in range(8):
-                    kv8[k] = float32(0.0)
-                if active:
-                    load_row8(q_words, request * q_stride_b + qo_head * q_stride_h + tx * WORDS8, KIND, kv8)
-                    q_hook(kv8, dim0, request, qo_head, qo_pos, params)
-                for k in range(8):
-                    q_loc[j * 8 + k] = kv8[k] * q_scale
-                    acc[j * 8 + k] = float32(0.0)
-                m[j] = NEG_INF
-                d[j] = float32(0.0)
-            # every row runs the same number of steps: warp collectives need all lanes present
-            for t0 in range(t_begin, t_end, BDY):
-                t = t0 + ty
-                valid = t < t_end
-                row = int64(0)
-                for k in range(8):
-                    kv8[k] = float32(0.0)
-                if valid:
-                    page = int64(kv_indices[page_base + t // page_size])
-                    row = page * page_stride + int64(t % page_size) * token_stride + kv_head * head_stride
-                    if active:
-                        load_row8(k_words, row + tx * WORDS8, KIND, kv8)
-                        k_hook(kv8, dim0, request, kv_head, t, params)
-                for j in range(GROUP):
-                    part = float32(0.0)
-                    for k in range(8):
-                        part += q_loc[j * 8 + k] * kv8[k]
-                    s = warp_sum(part, BDX)
-                    if HAS_LOGITS_HOOK:
-                        s = float32(logit_hook(s, request, qo_pos, t, kv_head * GROUP + j, kv_head, params) * LOG2E)
-                    if HAS_MASK:
-                        if not mask_hook(request, qo_pos, t, kv_head * GROUP + j, kv_head, params):
-                            s = NEG_INF
-                    weight[j] = float32(0.0)
-                    if valid and s > NEG_INF:
-                        m_new = max(m[j], s)
-                        rescale = ex2(m[j] - m_new)
-                        weight[j] = ex2(s - m_new)
-                        d[j] = d[j] * rescale + weight[j]
-                        m[j] = m_new
-                        for k in range(8):
-                            acc[j * 8 + k] *= rescale
-                if valid and active:
-                    load_row8(v_words, row + tx * WORDS8, KIND, kv8)
-                    for j in range(GROUP):
-                        for k in range(8):
-                            acc[j * 8 + k] += weight[j] * kv8[k]
-            slot = int64(tile_slot[tile])
-            for j in range(GROUP):
-                qo_head = kv_head * GROUP + j
-                if active:
-                    for k in range(8):
-                        sh_acc[ty, dim0 + k] = acc[j * 8 + k]
-                if tx == 0:
-                    sh_m[ty] = m[j]
-                    sh_d[ty] = d[j]
-                cuda.syncthreads()
-                if ty == 0 and active:
-                    m_all = NEG_INF
-                    for r in range(BDY):
-                        m_all = max(m_all, sh_m[r])
-                    d_all = float32(0.0)
+            # the GQA group in passes of PASS heads (one pass for groups <= 4): per-thread state stays small
+            for head0 in range(0, GROUP, PASS):
+                for j in range(PASS):
+                    qo_head = kv_head * GROUP + head0 + j
                     for k in range(8):
                         kv8[k] = float32(0.0)
-                    if m_all > NEG_INF:
-                        for r in range(BDY):
-                            w = ex2(sh_m[r] - m_all)
-                            d_all += sh_d[r] * w
+                    if active and head0 + j < GROUP:
+                        load_row8(q_words, request * q_stride_b + qo_head * q_stride_h + tx * WORDS8, KIND, kv8)
+                        q_hook(kv8, dim0, request, qo_head, qo_pos, params)
+                    for k in range(8):
+                        q_loc[j * 8 + k] = kv8[k] * q_scale
+                        acc[j * 8 + k] = float32(0.0)
+                    m[j] = NEG_INF
+                    d[j] = float32(0.0)
+                # every row runs the same number of steps: warp collectives need all lanes present
+                for t0 in range(t_begin, t_end, BDY):
+                    t = t0 + ty
+                    valid = t < t_end
+                    row = int64(0)
+                    for k in range(8):
+                        kv8[k] = float32(0.0)
+                    if valid:
+                        page = int64(kv_indices[page_base + t // page_size])
+                        row = page * page_stride + int64(t % page_size) * token_stride + kv_head * head_stride
+                        if active:
+                            load_row8(k_words, row + tx * WORDS8, KIND, kv8)
+                            k_hook(kv8, dim0, request, kv_head, t, params)
+                    for j in range(PASS):
+                        qo_head = kv_head * GROUP + head0 + j
+                        part = float32(0.0)
+                        for k in range(8):
+                            part += q_loc[j * 8 + k] * kv8[k]
+                        s = warp_sum(part, BDX)
+                        if HAS_LOGITS_HOOK:
+                            s = float32(logit_hook(s, request, qo_pos, t, qo_head, kv_head, params) * LOG2E)
+                        if HAS_MASK:
+                            if not mask_hook(request, qo_pos, t, qo_head, kv_head, params):
+                                s = NEG_INF
+                        weight[j] = float32(0.0)
+                        if valid and s > NEG_INF:
+                            m_new = max(m[j], s)
+                            rescale = ex2(m[j] - m_new)
+                            weight[j] = ex2(s - m_new)
+                            d[j] = d[j] * rescale + weight[j]
+                            m[j] = m_new
                             for k in range(8):
-                                kv8[k] += sh_acc[r, dim0 + k] * w
-                    lse_value = NEG_INF
-                    if d_all > float32(0.0):
-                        inv = float32(1.0) / d_all
+                                acc[j * 8 + k] *= rescale
+                    if valid and active:
+                        load_row8(v_words, row + tx * WORDS8, KIND, kv8)
+                        for j in range(PASS):
+                            for k in range(8):
+                                acc[j * 8 + k] += weight[j] * kv8[k]
+                for j in range(PASS):
+                    qo_head = kv_head * GROUP + head0 + j
+                    if active:
                         for k in range(8):
-                            kv8[k] *= inv
-                        lse_value = float32((m_all + math.log2(d_all)) * LN2)
-                    o_hook(kv8, dim0, request, qo_head, qo_pos, params)
-                    if slot < 0:
-                        out_row = request * num_qo_heads + qo_head
-                        store_row8(out_words, out_row * ROW_WORDS + tx * WORDS8, KIND, kv8)
-                        if tx == 0 and write_lse != 0:
-                            lse[out_row] = lse_value
-                    else:
-                        part_row = slot * GROUP + j
+                            sh_acc[ty, dim0 + k] = acc[j * 8 + k]
+                    if tx == 0:
+                        sh_m[ty] = m[j]
+                        sh_d[ty] = d[j]
+                    cuda.syncthreads()
+                    if ty == 0 and active and head0 + j < GROUP:
+                        m_all = NEG_INF
+                        for r in range(BDY):
+                            m_all = max(m_all, sh_m[r])
+                        d_all = float32(0.0)
                         for k in range(8):
-                            partial_out[part_row * HEAD_DIM + dim0 + k] = kv8[k]
-                        if tx == 0:
-                            partial_lse[part_row] = lse_value
-                cuda.syncthreads()
+                            kv8[k] = float32(0.0)
+                        if m_all > NEG_INF:
+                            for r in range(BDY):
+                                w = ex2(sh_m[r] - m_all)
+                                d_all += sh_d[r] * w
+                                for k in range(8):
+                                    kv8[k] += sh_acc[r, dim0 + k] * w
+                        lse_value = NEG_INF
+                        if d_all > float32(0.0):
+                            inv = float32(1.0) / d_all
+                            for k in range(8):
+                                kv8[k] *= inv
+                            lse_value = float32((m_all + math.log2(d_all)) * LN2)
+                        o_hook(kv8, dim0, request, qo_head, qo_pos, params)
+                        if slot < 0:
+                            out_row = request * num_qo_heads + qo_head
+                            store_row8(out_words, out_row * ROW_WORDS + tx * WORDS8, KIND, kv8)
+                            if tx == 0 and write_lse != 0:
+                                lse[out_row] = lse_value
+                        else:
+                            part_row = slot * GROUP + head0 + j
+                            for k in range(8):
+                                partial_out[part_row * HEAD_DIM + dim0 + k] = kv8[k]
+                            if tx == 0:
+                                partial_lse[part_row] = lse_value
+                    cuda.syncthreads()
 
     return decode_kernel
 
@@ -272,7 +280,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
         (prim.F16, 128, 1, DEFAULT_HOOKS),
         (prim.BF16, 64, 4, DEFAULT_HOOKS),
         (prim.F32, 256, 2, DEFAULT_HOOKS),
-        (prim.F16, 96, 8, DEFAULT_HOOKS),
+        (prim.F16, 96, 6, DEFAULT_HOOKS),
         (prim.BF16, 128, 4, CHECK_HOOKS),
     ]
     specs = []
@@ -286,6 +294,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 pyfunc=make_decode_kernel(cfg),
                 signature=decode_signature(),
                 expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx"),
+                fastmath=True,
             )
         )
     return specs

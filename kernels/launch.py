@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tilegraph._device import SIMULATOR, cuda, simulating
+from tilegraph.nvtx_ranges import launch_range
 
 Interceptor = Callable[["KernelLaunch"], None]
 _interceptor: Interceptor | None = None
@@ -65,9 +66,11 @@ def _device_arg(arg: Any) -> Any:
 
 
 def launch(name: str, kernel: Any, grid: tuple, block: tuple, args: Sequence[Any], shared_bytes: int = 0) -> None:
-    """Launch ``kernel[grid, block]`` on the current stream (or hand it to the capture interceptor)."""
-    record = KernelLaunch(name, kernel, grid, block, shared_bytes, tuple(_device_arg(a) for a in args))
-    if _interceptor is not None:
-        _interceptor(record)
-    else:
-        record.run()
+    """Launch ``kernel[grid, block]`` on the current stream (or hand it to the capture interceptor),
+    inside the NVTX/profiling range named ``name``."""
+    with launch_range(name):
+        record = KernelLaunch(name, kernel, grid, block, shared_bytes, tuple(_device_arg(a) for a in args))
+        if _interceptor is not None:
+            _interceptor(record)
+        else:
+            record.run()

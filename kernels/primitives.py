@@ -57,7 +57,8 @@ if SIMULATOR:
         return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
 
     def pack_f16x2(lo, hi):
-        halves = np.array([lo, hi], dtype=np.float32).astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow to inf is the intended rounding
+            halves = np.array([lo, hi], dtype=np.float32).astype(np.float16)
         return np.int32(halves.view(np.int32)[0])
 
     def pack_bf16x2(lo, hi):

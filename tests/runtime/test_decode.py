@@ -49,6 +49,8 @@ CASES = [
                                   kv_layout="HND", num_ctas=6), [23, 2, 9], False, False, True, True),
     ("f32-NHD-g4-pair-strided-p5", dict(num_qo_heads=4, num_kv_heads=1, head_dim=32, page_size=5, dtype="float32",
                                         num_ctas=3), [4, 5, 6, 21], True, True, False, False),
+    ("bf16-NHD-g6-two-passes-split", dict(num_qo_heads=6, num_kv_heads=1, head_dim=16, page_size=3, dtype="bfloat16",
+                                          num_ctas=3), [14, 1, 0], False, False, False, True),
     ("f16-HND-g1-pair-split", dict(num_qo_heads=2, num_kv_heads=2, head_dim=48, page_size=16, dtype="float16",
                                    kv_layout="HND", num_ctas=5), [31, 1], True, False, True, True),
 ]  # fmt: skip

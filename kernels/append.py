@@ -1,0 +1,164 @@
+"""KV append: copy each new token's K and V rows into its slot of the paged cache.
+
+A pure copy needs no conversion, so the kernel moves raw int32 words, 16 bytes at a time
+(``ld.global.nc.v4.u32`` / ``st.global.v4.u32``). One source covers every dtype, head_dim and
+layout: those only change the word strides, which arrive as run-time scalars.
+
+Thread block (BX, BY, BZ): x walks the 16-byte chunks of a head row, y the KV heads, z the tokens
+of the CTA (grid = ceil(nnz / BZ)). A row is skipped -- nothing written -- when its batch index is
+negative (padding), its request is outside the page table, its position is negative or beyond
+the request's pages, or its page index is outside the cache. So the kernel never writes outside
+the pages the page table gives the row's request, whatever the index contents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+from numba import int64
+
+from tilegraph._device import SIMULATOR, cuda
+
+from . import primitives as prim
+from .compile_spec import CompileSpec
+
+WORDS_PER_CHUNK = 4  # int32 words in one 16-byte load/store
+
+if SIMULATOR:
+
+    def store_16b(words, i, value):
+        """words[i:i+4] = value (4 int32 words); i must be 16-byte aligned."""
+        if i % 4:
+            raise IndexError(f"store_16b: word index {i} is not 16-byte aligned")
+        words[i], words[i + 1], words[i + 2], words[i + 3] = value
+
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def store_16b(typingctx, words, index, value):
+        """words[index:index+4] = value (a 4-tuple of int32) via st.global.v4.u32."""
+        if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype == types.int32):
+            return None
+        if not isinstance(index, types.Integer) or value != types.UniTuple(types.int32, 4):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ary_ty, idx_ty, _ = sig.args
+            ary, idx, val = args
+            ary_struct = context.make_array(ary_ty)(context, builder, value=ary)
+            idx64 = context.cast(builder, idx, idx_ty, types.int64)
+            ptr = cgutils.get_item_pointer(context, builder, ary_ty, ary_struct, [idx64], wraparound=False)
+            i32 = ir.IntType(32)
+            parts = [builder.extract_value(val, k) for k in range(4)]
+            fn_type = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32, i32])
+            text = "st.global.v4.u32 [$0], {$1, $2, $3, $4};"
+            builder.call(ir.InlineAsm(fn_type, text, "l,r,r,r,r,~{memory}", side_effect=True), [ptr, *parts])
+            return context.get_dummy_value()
+
+        return types.void(words, index, value), codegen
+
+
+@dataclass(frozen=True)
+class AppendLaunch:
+    """Launch shape for ``nnz`` tokens: fixed for a fixed nnz (a CUDA-graph bucket)."""
+
+    grid: tuple[int]
+    block: tuple[int, int, int]
+
+
+def append_launch(nnz: int, num_kv_heads: int, row_words: int, threads: int) -> AppendLaunch:
+    """About ``threads`` threads per CTA: whole rows of 16-byte chunks (at most a warp of them),
+    then heads, then tokens. ``row_words`` = int32 words in one head row (a multiple of 4)."""
+    chunks = row_words // WORDS_PER_CHUNK
+    bx = min(chunks, prim.WARP_SIZE)
+    by = max(1, min(num_kv_heads, threads // bx))
+    bz = max(1, min(nnz, threads // (bx * by)))
+    return AppendLaunch(grid=(-(-nnz // bz),), block=(bx, by, bz))
+
+
+def default_threads() -> int:
+    """Target threads per CTA: 128 on a GPU; 16 on the simulator (every simulated thread costs)."""
+    return 16 if SIMULATOR else 128
+
+
+def make_append_kernel() -> Callable[..., Any]:
+    """The plain Python kernel function (cuda.jit it to launch, compile_ptx to check).
+
+    Arguments (word = int32; strides and offsets in words, int64):
+        k_words, k_token_stride, k_head_stride      new K rows: token t, head h at t*ts + h*hs
+        v_words, v_token_stride, v_head_stride      new V rows, same
+        batch_indices [nnz], positions [nnz]         int32; batch index < 0 marks a padded row
+        kv_indptr [B+1], kv_indices [pages]          int32 page table
+        k_cache_words, v_cache_words                 slot (page, s, head) at page*ps + s*ts + head*hs
+        page_stride, token_stride, head_stride       of the cache
+        page_size, num_pages, num_kv_heads, row_words
+    """
+    load_16b = prim.load_16b
+    CHUNK = WORDS_PER_CHUNK
+
+    def append_kv_kernel(
+        k_words, k_token_stride, k_head_stride,
+        v_words, v_token_stride, v_head_stride,
+        batch_indices, positions, kv_indptr, kv_indices,
+        k_cache_words, v_cache_words, page_stride, token_stride, head_stride,
+        page_size, num_pages, num_kv_heads, row_words,
+    ):  # fmt: skip
+        token = int64(cuda.blockIdx.x) * int64(cuda.blockDim.z) + int64(cuda.threadIdx.z)
+        if token >= batch_indices.shape[0]:
+            return
+        request = int64(batch_indices[token])
+        if request < 0 or request + 1 >= kv_indptr.shape[0]:
+            return
+        pos = int64(positions[token])
+        first = int64(kv_indptr[request])
+        entry = first + pos // page_size
+        if pos < 0 or first < 0 or entry >= int64(kv_indptr[request + 1]) or entry >= kv_indices.shape[0]:
+            return
+        page = int64(kv_indices[entry])
+        if page < 0 or page >= num_pages:
+            return
+        slot = page * page_stride + (pos % page_size) * token_stride
+        w_start = int64(cuda.threadIdx.x) * CHUNK
+        w_step = int64(cuda.blockDim.x) * CHUNK
+        for head in range(int64(cuda.threadIdx.y), num_kv_heads, int64(cuda.blockDim.y)):
+            dst = slot + head * head_stride
+            k_src = token * k_token_stride + head * k_head_stride
+            v_src = token * v_token_stride + head * v_head_stride
+            for w in range(w_start, row_words, w_step):
+                store_16b(k_cache_words, dst + w, load_16b(k_words, k_src + w))
+                store_16b(v_cache_words, dst + w, load_16b(v_words, v_src + w))
+
+    return append_kv_kernel
+
+
+@lru_cache(maxsize=None)
+def append_kv_kernel() -> Any:
+    """The launchable kernel: compiled once per process (on first launch)."""
+    return cuda.jit(make_append_kernel())
+
+
+def append_signature() -> str:
+    i32 = "int32[::1]"
+    return (
+        f"void({i32}, int64, int64, {i32}, int64, int64, {i32}, {i32}, {i32}, {i32}, "
+        f"{i32}, {i32}, int64, int64, int64, int64, int64, int64, int64)"
+    )
+
+
+def gpu_compile_specs() -> list[CompileSpec]:
+    """One spec covers every dtype, head_dim and layout (NHD, HND, (k, v) pairs): the kernel copies
+    raw words and receives every stride at run time, so there is exactly one specialization."""
+    return [
+        CompileSpec(
+            name="append_kv[any dtype, any head_dim, NHD|HND|pair]",
+            pyfunc=make_append_kernel(),
+            signature=append_signature(),
+            expect=("ld.global.nc.v4.u32", "st.global.v4.u32"),
+        )
+    ]
