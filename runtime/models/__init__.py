@@ -1,0 +1,1 @@
+"""Small reference models that run their attention through tilegraph."""
