@@ -53,6 +53,7 @@ class _Bucket:
     inputs: dict[str, torch.Tensor]
     output: torch.Tensor
     addresses: dict[str, int]
+    keys: list[str]  # each attention object's Settings/variant key at capture
 
 
 class GraphRunner:
@@ -136,7 +137,8 @@ class GraphRunner:
                     att.graph_before_replay()
                 with self.capture(batch_size) as graph:
                     output = self.forward(inputs)
-                self._graphs[batch_size] = _Bucket(batch_size, graph, inputs, output, self._addresses(inputs, output))
+                keys = [att.graph_plan_state().key for att in self.attention]
+                self._graphs[batch_size] = _Bucket(batch_size, graph, inputs, output, self._addresses(inputs, output), keys)
                 seconds = time.perf_counter() - start
                 self.stats.capture_s[batch_size] = seconds
                 progress.update(task, advance=1, description=f"captured batch {batch_size} in {seconds:.2f} s")
@@ -196,6 +198,11 @@ class GraphRunner:
                 raise StateError(
                     f"replay of bucket {batch_size} without a new plan (attention object {i}'s plan "
                     f"#{state.serial} was already replayed): call plan() before every replay"
+                )
+            if state.key != entry.keys[i]:
+                raise StateError(
+                    f"attention object {i}'s plan was made under other Settings or another variant than "
+                    f"the graph for bucket {batch_size} was captured with"
                 )
             if state.padded_batch_size != batch_size:
                 raise StateError(

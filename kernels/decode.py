@@ -13,15 +13,21 @@ A tile (request, kv_head, [start, end)) with slot -1 writes the final output row
 split tile writes fp32 partials (normalized output, natural LSE) into its slot, combined later by
 the partial-merge kernel. An empty tile (kv_len 0) writes zeros and -inf.
 
-Compile-time specialization: dtype code, head_dim, group size, block shape and the variant hooks.
-Everything else (plan, page table, strides, scale) is read at run time from fixed buffers/scalars.
+Compile-time specialization: dtype code, head_dim, group size, block shape and the variant hooks
+(DecodeHooks: transforms, logits transform/mask, rotate-half pair transforms whose partner half is
+re-loaded from global memory, a sink joined once -- here for unsplit tiles, in the partial merge
+for split ones -- and softmax on/off). Everything else (plan, page table, strides, scale, the
+variant's float32 ``params``) is read at run time from fixed buffers/scalars.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable
 
 from numba import float32, int64
@@ -39,7 +45,7 @@ NEG_INF = float32(-math.inf)
 MAX_HEADS_PER_PASS = 4
 
 
-# ---- variant hooks: identities by default; a Variant (later) supplies its own device functions ----
+# ---- variant hooks: identities by default; tilegraph.Variant supplies its own (kernels/variant_hooks.py) ----
 
 
 @cuda.jit(device=True, inline="always")
@@ -57,6 +63,16 @@ def _no_mask(request, qo_pos, kv_pos, qo_head, kv_head, params):
     return True
 
 
+@cuda.jit(device=True, inline="always")
+def _identity_pair(vals, partner, dim0, head_dim, request, head, pos, params):
+    return
+
+
+@cuda.jit(device=True, inline="always")
+def _no_sink(qo_head, params):
+    return NEG_INF
+
+
 @dataclass(frozen=True)
 class DecodeHooks:
     """Compile-time hooks composed into the decode template (all optional).
@@ -66,7 +82,14 @@ class DecodeHooks:
     logits_transform(score, request, qo_pos, kv_pos, qo_head, kv_head, params) -> float32
         (score = q.k * sm_scale, natural units)
     logits_mask(request, qo_pos, kv_pos, qo_head, kv_head, params) -> bool (False: masked out)
-    output_transform(o8, dim0, request, qo_head, qo_pos, params)      in place, after normalization
+    output_transform(o8, dim0, request, qo_head, qo_pos, params)      in place, on the final output
+        (after normalization; for a split request, after the partial merge)
+    query_pair_transform(q8, partner8, dim0, head_dim, request, qo_head, qo_pos, params)
+    key_pair_transform(k8, partner8, dim0, head_dim, request, kv_head, kv_pos, params)
+        in place, before the plain transform; partner8 = the 8 raw elements at dims
+        (dim0 + head_dim / 2) % head_dim (the rotate-half partner; e.g. RoPE)
+    sink(qo_head, params) -> float32 natural logit that joins each softmax denominator once
+    softmax: False = no softmax (o = sum_j score_j * v_j, partials summed, LSE meaningless)
     """
 
     query_transform: Callable[..., Any] | None = None
@@ -75,6 +98,10 @@ class DecodeHooks:
     logits_mask: Callable[..., Any] | None = None
     output_transform: Callable[..., Any] | None = None
     name: str = "default"
+    query_pair_transform: Callable[..., Any] | None = None
+    key_pair_transform: Callable[..., Any] | None = None
+    sink: Callable[..., Any] | None = None
+    softmax: bool = True
 
 
 DEFAULT_HOOKS = DecodeHooks()
@@ -118,11 +145,22 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
     hooks = cfg.hooks
     HAS_LOGITS_HOOK = hooks.logits_transform is not None
     HAS_MASK = hooks.logits_mask is not None
+    HAS_Q_PAIR = hooks.query_pair_transform is not None
+    HAS_K_PAIR = hooks.key_pair_transform is not None
+    HAS_SINK = hooks.sink is not None
+    SOFTMAX = hooks.softmax
+    NATURAL = HAS_LOGITS_HOOK or not SOFTMAX  # scores in natural units (else log2 units)
+    HALF_LANES = LANES // 2
+    # in the closure, so numba's disk cache key follows the variant and tilegraph's kernel sources
+    CACHE_KEY = int(hashlib.sha256(f"{hooks.name}|{_kernel_sources_digest()}".encode()).hexdigest()[:15], 16)
     q_hook = hooks.query_transform or _identity_vec
     k_hook = hooks.key_transform or _identity_vec
     o_hook = hooks.output_transform or _identity_vec
     logit_hook = hooks.logits_transform or _identity_logit
     mask_hook = hooks.logits_mask or _no_mask
+    q_pair_hook = hooks.query_pair_transform or _identity_pair
+    k_pair_hook = hooks.key_pair_transform or _identity_pair
+    sink_hook = hooks.sink or _no_sink
     load_row8, store_row8, ex2, warp_sum = prim.load_row8, prim.store_row8, prim.ex2, prim.warp_sum
 
     def decode_kernel(
@@ -133,6 +171,8 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
         out_words, lse, write_lse, partial_out, partial_lse,
         sm_scale, num_qo_heads, params,
     ):  # fmt: skip
+        if CACHE_KEY < 0:  # never true; keeps CACHE_KEY in the closure
+            return
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         active = tx < LANES
@@ -147,8 +187,10 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
         d = cuda.local.array(PASS, float32)
         weight = cuda.local.array(PASS, float32)
         kv8 = cuda.local.array(8, float32)
-        # q pre-scaled into the log2 domain, unless a logits hook needs the natural score
-        q_scale = float32(sm_scale) if HAS_LOGITS_HOOK else float32(sm_scale * LOG2E)
+        pair8 = cuda.local.array(8, float32)
+        partner = tx + HALF_LANES if tx < HALF_LANES else tx - HALF_LANES  # lane of the rotate-half partner
+        # q pre-scaled into the log2 domain, unless a logits hook (or no softmax) needs the natural score
+        q_scale = float32(sm_scale) if NATURAL else float32(sm_scale * LOG2E)
         num_tiles = header[H_NUM_TILES]
         cta = cuda.blockIdx.x
         tile_stop = min(cta_tile_indptr[cta + 1], num_tiles)
@@ -167,7 +209,11 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                     for k in range(8):
                         kv8[k] = float32(0.0)
                     if active and head0 + j < GROUP:
-                        load_row8(q_words, request * q_stride_b + qo_head * q_stride_h + tx * WORDS8, KIND, kv8)
+                        q_row = request * q_stride_b + qo_head * q_stride_h
+                        load_row8(q_words, q_row + tx * WORDS8, KIND, kv8)
+                        if HAS_Q_PAIR:
+                            load_row8(q_words, q_row + partner * WORDS8, KIND, pair8)
+                            q_pair_hook(kv8, pair8, dim0, HEAD_DIM, request, qo_head, qo_pos, params)
                         q_hook(kv8, dim0, request, qo_head, qo_pos, params)
                     for k in range(8):
                         q_loc[j * 8 + k] = kv8[k] * q_scale
@@ -186,6 +232,9 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                         row = page * page_stride + int64(t % page_size) * token_stride + kv_head * head_stride
                         if active:
                             load_row8(k_words, row + tx * WORDS8, KIND, kv8)
+                            if HAS_K_PAIR:
+                                load_row8(k_words, row + partner * WORDS8, KIND, pair8)
+                                k_pair_hook(kv8, pair8, dim0, HEAD_DIM, request, kv_head, t, params)
                             k_hook(kv8, dim0, request, kv_head, t, params)
                     for j in range(PASS):
                         qo_head = kv_head * GROUP + head0 + j
@@ -194,12 +243,17 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                             part += q_loc[j * 8 + k] * kv8[k]
                         s = warp_sum(part, BDX)
                         if HAS_LOGITS_HOOK:
-                            s = float32(logit_hook(s, request, qo_pos, t, qo_head, kv_head, params) * LOG2E)
+                            s = float32(logit_hook(s, request, qo_pos, t, qo_head, kv_head, params))
+                            if SOFTMAX:
+                                s = float32(s * LOG2E)
                         if HAS_MASK:
                             if not mask_hook(request, qo_pos, t, qo_head, kv_head, params):
                                 s = NEG_INF
                         weight[j] = float32(0.0)
-                        if valid and s > NEG_INF:
+                        if not SOFTMAX:
+                            if valid and s > NEG_INF:
+                                weight[j] = s  # softmax-free: the (transformed) score is the weight
+                        elif valid and s > NEG_INF:
                             m_new = max(m[j], s)
                             rescale = ex2(m[j] - m_new)
                             weight[j] = ex2(s - m_new)
@@ -222,26 +276,42 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                         sh_d[ty] = d[j]
                     cuda.syncthreads()
                     if ty == 0 and active and head0 + j < GROUP:
-                        m_all = NEG_INF
-                        for r in range(BDY):
-                            m_all = max(m_all, sh_m[r])
-                        d_all = float32(0.0)
                         for k in range(8):
                             kv8[k] = float32(0.0)
-                        if m_all > NEG_INF:
-                            for r in range(BDY):
-                                w = ex2(sh_m[r] - m_all)
-                                d_all += sh_d[r] * w
-                                for k in range(8):
-                                    kv8[k] += sh_acc[r, dim0 + k] * w
                         lse_value = NEG_INF
-                        if d_all > float32(0.0):
-                            inv = float32(1.0) / d_all
-                            for k in range(8):
-                                kv8[k] *= inv
-                            lse_value = float32((m_all + math.log2(d_all)) * LN2)
-                        o_hook(kv8, dim0, request, qo_head, qo_pos, params)
+                        if SOFTMAX:
+                            m_all = NEG_INF
+                            for r in range(BDY):
+                                m_all = max(m_all, sh_m[r])
+                            d_all = float32(0.0)
+                            if m_all > NEG_INF:
+                                for r in range(BDY):
+                                    w = ex2(sh_m[r] - m_all)
+                                    d_all += sh_d[r] * w
+                                    for k in range(8):
+                                        kv8[k] += sh_acc[r, dim0 + k] * w
+                            if HAS_SINK and slot < 0:
+                                # the sink: a state (zeros, LSE = sink) joined once; split requests: in the merge
+                                sink = float32(sink_hook(qo_head, params) * LOG2E)
+                                if sink > NEG_INF:
+                                    m_new = max(m_all, sink)
+                                    rescale = ex2(m_all - m_new)
+                                    d_all = d_all * rescale + ex2(sink - m_new)
+                                    for k in range(8):
+                                        kv8[k] *= rescale
+                                    m_all = m_new
+                            if d_all > float32(0.0):
+                                inv = float32(1.0) / d_all
+                                for k in range(8):
+                                    kv8[k] *= inv
+                                lse_value = float32((m_all + math.log2(d_all)) * LN2)
+                        else:
+                            for r in range(BDY):
+                                for k in range(8):
+                                    kv8[k] += sh_acc[r, dim0 + k]
+                            lse_value = float32(0.0)
                         if slot < 0:
+                            o_hook(kv8, dim0, request, qo_head, qo_pos, params)
                             out_row = request * num_qo_heads + qo_head
                             store_row8(out_words, out_row * ROW_WORDS + tx * WORDS8, KIND, kv8)
                             if tx == 0 and write_lse != 0:
@@ -257,10 +327,23 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
     return decode_kernel
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=128)
 def decode_kernel(cfg: DecodeConfig) -> Any:
-    """The launchable kernel for ``cfg``: compiled once per process (on first launch)."""
-    return cuda.jit(make_decode_kernel(cfg), fastmath=True)
+    """The launchable kernel for ``cfg``: compiled once per process (on first launch). On a GPU,
+    ``TILEGRAPH_KERNEL_CACHE=1`` also asks numba to cache it on disk (``cache=True``; numba keys it
+    on the kernel's bytecode and closure, which holds a hash of the variant key and of tilegraph's
+    kernel sources -- see CACHE_KEY in make_decode_kernel)."""
+    disk = not SIMULATOR and os.environ.get("TILEGRAPH_KERNEL_CACHE") == "1"
+    return cuda.jit(make_decode_kernel(cfg), fastmath=True, cache=disk)
+
+
+@lru_cache(maxsize=1)
+def _kernel_sources_digest() -> str:
+    """sha256 of tilegraph's kernel sources (numba's disk cache does not track helper modules)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def decode_signature(q_ndim: int = 1) -> str:
@@ -273,8 +356,10 @@ def decode_signature(q_ndim: int = 1) -> str:
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
-    """Covering set: every dtype, several head_dims and group sizes, default and hooked variants."""
-    from .decode_variants_for_check import CHECK_HOOKS
+    """Covering set: every dtype, several head_dims and group sizes, default and hooked variants,
+    every built-in variant (tilegraph.variants) at least once, with its partial-merge kernel."""
+    from .decode_variants_for_check import CHECK_HOOKS, builtin_variant_cases
+    from .merge import DTYPE_NAMES, PARTIAL_MERGE_SIGNATURE, make_partial_merge_kernel
 
     cases = [
         (prim.F16, 128, 1, DEFAULT_HOOKS),
@@ -282,15 +367,26 @@ def gpu_compile_specs() -> list[CompileSpec]:
         (prim.F32, 256, 2, DEFAULT_HOOKS),
         (prim.F16, 96, 6, DEFAULT_HOOKS),
         (prim.BF16, 128, 4, CHECK_HOOKS),
+        *builtin_variant_cases(),
     ]
     specs = []
     for kind, head_dim, group, hooks in cases:
+        if hooks.sink is not None or hooks.output_transform is not None or not hooks.softmax:
+            specs.append(
+                CompileSpec(
+                    name=f"decode_merge[{DTYPE_NAMES[kind]},{hooks.name.split('#')[0]}]",
+                    pyfunc=make_partial_merge_kernel(kind, hooks),
+                    signature=PARTIAL_MERGE_SIGNATURE,
+                    expect=("ld.global.nc.v4.u32",),
+                    fastmath=True,
+                )
+            )
         bdy = max(1, 128 // DecodeConfig(kind, head_dim, group, 1).bdx)
         cfg = DecodeConfig(kind, head_dim, group, bdy, hooks)
         dtype = {prim.F16: "float16", prim.BF16: "bfloat16", prim.F32: "float32"}[kind]
         specs.append(
             CompileSpec(
-                name=f"decode[{dtype},hd{head_dim},g{group},{hooks.name}]",
+                name=f"decode[{dtype},hd{head_dim},g{group},{hooks.name.split('#')[0]}]",
                 pyfunc=make_decode_kernel(cfg),
                 signature=decode_signature(),
                 expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx"),

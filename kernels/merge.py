@@ -183,7 +183,17 @@ def make_states_kernel(kind: int) -> Callable[..., Any]:
     return merge_states_kernel
 
 
-def make_partial_merge_kernel(kind: int) -> Callable[..., Any]:
+@cuda.jit(device=True, inline="always")
+def _identity_vec(vals, dim0, request, head, pos, params):
+    return
+
+
+@cuda.jit(device=True, inline="always")
+def _no_sink(qo_head, params):
+    return NEG_INF
+
+
+def make_partial_merge_kernel(kind: int, hooks: Any = None) -> Callable[..., Any]:
     """Kernel combining split-KV decode partials into the final output (fixed grid, persistent).
 
     Work item i = (merge entry m = i // group_size, group member j = i % group_size) for
@@ -192,15 +202,25 @@ def make_partial_merge_kernel(kind: int) -> Callable[..., Any]:
     [slots, group_size, head_dim]) and partial_lse (float32 [slots, group_size], natural log) -- and
     writes row request * num_qo_heads + kv_head * group_size + j of out_words (dtype ``kind``,
     [B, num_qo_heads, head_dim]) and, when write_lse != 0, of lse (float32 [B * num_qo_heads]).
-    Rows no merge entry names are not touched. Slots and rows past the buffers are ignored."""
+    Rows no merge entry names are not touched. Slots and rows past the buffers are ignored.
+
+    ``hooks`` (a kernels.decode.DecodeHooks, None: plain softmax) adds what a variant needs here:
+    softmax=False sums the partials (LSE written as 0); ``sink`` joins each merged row once as a
+    state (zeros, LSE = sink); ``output_transform`` runs on the merged row. Those read kv_len
+    (int32 [B], for qo_pos = kv_len - 1) and params (float32, the variant's run-time parameters)."""
     KIND = kind
+    SOFTMAX = hooks is None or hooks.softmax
+    HAS_SINK = hooks is not None and hooks.sink is not None
+    HAS_OUT = hooks is not None and hooks.output_transform is not None
+    sink_hook = hooks.sink if HAS_SINK else _no_sink
+    o_hook = hooks.output_transform if HAS_OUT else _identity_vec
     WORDS8 = prim.words_per_row8(kind)
     F32_WORDS8 = prim.words_per_row8(prim.F32)
     load_row8, store_row8 = prim.load_row8, prim.store_row8
 
     def partial_merge_kernel(
         header, merge_slot_indptr, merge_request, merge_kv_head, partial_words, partial_lse,
-        out_words, lse, write_lse, group_size, head_dim, num_qo_heads,
+        out_words, lse, write_lse, group_size, head_dim, num_qo_heads, kv_len, params,
     ):  # fmt: skip
         tx = cuda.threadIdx.x
         bdx = cuda.blockDim.x
@@ -218,7 +238,9 @@ def make_partial_merge_kernel(kind: int) -> Callable[..., Any]:
         for item in range(int64(cuda.blockIdx.x * bdy + cuda.threadIdx.y), num_items, int64(cuda.gridDim.x * bdy)):
             merge = item // group
             j = item - merge * group
-            out_row = int64(merge_request[merge]) * num_qo_heads + int64(merge_kv_head[merge]) * group + j
+            request = int64(merge_request[merge])
+            qo_head = int64(merge_kv_head[merge]) * group + j
+            out_row = request * num_qo_heads + qo_head
             if out_row < 0 or out_row >= out_rows:
                 continue
             slot_start = int64(merge_slot_indptr[merge])
@@ -231,8 +253,21 @@ def make_partial_merge_kernel(kind: int) -> Callable[..., Any]:
                 for slot in range(slot_start, slot_stop):
                     part_row = slot * group + j
                     load_row8(partial_words, part_row * part_row_words + vec * F32_WORDS8, prim.F32, v8)
-                    m, d = merge_fold(m, d, acc, partial_lse[part_row], v8)
-                lse_out = merge_finish(m, d, acc)
+                    if SOFTMAX:
+                        m, d = merge_fold(m, d, acc, partial_lse[part_row], v8)
+                    else:
+                        for k in range(8):
+                            acc[k] += v8[k]
+                if SOFTMAX:
+                    if HAS_SINK:
+                        for k in range(8):
+                            v8[k] = float32(0.0)
+                        m, d = merge_fold(m, d, acc, float32(sink_hook(qo_head, params)), v8)
+                    lse_out = merge_finish(m, d, acc)
+                else:
+                    lse_out = float32(0.0)
+                if HAS_OUT:
+                    o_hook(acc, vec * 8, request, qo_head, int64(kv_len[request]) - 1, params)
                 store_row8(out_words, out_row * row_words + vec * WORDS8, KIND, acc)
                 if vec == 0 and write_lse != 0:
                     lse[out_row] = lse_out
@@ -253,10 +288,10 @@ def states_kernel(kind: int) -> Any:
     return cuda.jit(make_states_kernel(kind), fastmath=True)
 
 
-@lru_cache(maxsize=None)
-def partial_merge_kernel(kind: int) -> Any:
+@lru_cache(maxsize=64)
+def partial_merge_kernel(kind: int, hooks: Any = None) -> Any:
     """The launchable partial-merge kernel for output dtype code ``kind`` (see make_partial_merge_kernel)."""
-    return cuda.jit(make_partial_merge_kernel(kind), fastmath=True)
+    return cuda.jit(make_partial_merge_kernel(kind, hooks), fastmath=True)
 
 
 # ---- launchers (torch tensors in; no checks here: runtime/merge.py validates) ------------------
@@ -328,6 +363,9 @@ def launch_partial_merge(
     write_lse: bool,
     num_qo_heads: int,
     grid: int,
+    hooks: Any = None,
+    kv_len: torch.Tensor | None = None,
+    params: torch.Tensor | None = None,
 ) -> None:
     """Combine the split-KV partials named by the plan into ``out`` (and ``lse``); CUDA-graph safe.
 
@@ -336,16 +374,18 @@ def launch_partial_merge(
     out_words: int32 word view of the contiguous [B, num_qo_heads, head_dim] output (dtype ``kind``);
     lse: float32 flat [B * num_qo_heads] (any float32 tensor when ``write_lse`` is False).
     The launch shape depends only on ``grid`` and head_dim: the number of merges is read from
-    header[H_NUM_MERGES] on the device, so one launch serves every plan."""
+    header[H_NUM_MERGES] on the device, so one launch serves every plan. ``hooks`` / ``kv_len`` /
+    ``params``: a variant's merge-side hooks and their inputs (see make_partial_merge_kernel)."""
     launch(
         "partial_merge",
-        partial_merge_kernel(kind),
+        partial_merge_kernel(kind, hooks),
         (int(grid),),
         merge_block(head_dim),
         (
             header, merge_slot_indptr, merge_request, merge_kv_head,
             as_words(partial_out), partial_lse.view(-1), out_words, lse.view(-1), np.int32(bool(write_lse)),
             np.int64(group_size), np.int64(head_dim), np.int64(num_qo_heads),
+            merge_request if kv_len is None else kv_len, partial_lse.view(-1) if params is None else params,
         ),
     )  # fmt: skip
 
@@ -355,7 +395,9 @@ def launch_partial_merge(
 _I32, _F32, _U8 = "int32[::1]", "float32[::1]", "uint8[::1]"
 PAIR_SIGNATURE = f"void({_I32}, {_F32}, {_I32}, {_F32}, {_I32}, {_F32}, {_U8}, int32, int64, int64, int64)"
 STATES_SIGNATURE = f"void({_I32}, {_F32}, {_I32}, {_F32}, int64, int64, int64, int64)"
-PARTIAL_MERGE_SIGNATURE = f"void({_I32}, {_I32}, {_I32}, {_I32}, {_I32}, {_F32}, {_I32}, {_F32}, int32, int64, int64, int64)"
+PARTIAL_MERGE_SIGNATURE = (
+    f"void({_I32}, {_I32}, {_I32}, {_I32}, {_I32}, {_F32}, {_I32}, {_F32}, int32, int64, int64, int64, {_I32}, {_F32})"
+)
 
 
 def gpu_compile_specs() -> list[CompileSpec]:

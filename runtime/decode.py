@@ -6,6 +6,9 @@
     out, lse = dec.run(q, kv_cache, return_lse=True)           # lse float32 [B, Hq], natural log
     dec.run(q, kv_cache, out=buffer)                           # writes into buffer, returns it
 
+    dec = tilegraph.BatchDecode(settings, variant=variants.soft_cap(30.0))  # from tilegraph import variants
+    dec.run(q, kv_cache, params={"logits_soft_cap": 50.0})     # its run-time parameters (they persist)
+
 Every error a caller can cause is raised before any kernel launches and nothing is written.
 """
 
@@ -22,9 +25,9 @@ from tilegraph._device import default_num_ctas, resolve_device
 from tilegraph.errors import InputError, PlanError, StateError
 from tilegraph.graphs.protocol import PlanState
 from tilegraph.kernels import primitives as prim
-from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeConfig, DecodeHooks, decode_kernel, default_bdy
+from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeConfig, DecodeHooks, decode_kernel, decode_signature, default_bdy
 from tilegraph.kernels.launch import as_words, launch
-from tilegraph.kernels.merge import launch_partial_merge
+from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, launch_partial_merge, partial_merge_kernel
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.decode import plan_decode
 from tilegraph.planner.layout import DecodeLayout
@@ -32,6 +35,7 @@ from tilegraph.planner.plan import Plan
 
 from .kv_cache import KVCache, paged_kv
 from .settings import Settings
+from .variants import DEFAULT, ParamContext, Variant, compile_with_progress
 from .workspace import Workspace
 
 _plan_serials = itertools.count(1)
@@ -55,7 +59,22 @@ class BatchDecode:
 
     MERGE_CTAS = 4  # fixed grid of the partial-merge kernel (it loops over the live merge entries)
 
-    def __init__(self, settings: Settings, device: str | torch.device | None = None, hooks: DecodeHooks = DEFAULT_HOOKS):
+    def __init__(
+        self,
+        settings: Settings,
+        device: str | torch.device | None = None,
+        hooks: DecodeHooks = DEFAULT_HOOKS,
+        variant: Variant | None = None,
+    ) -> None:
+        """``variant``: a tilegraph.Variant (default: plain softmax attention). ``hooks``: raw
+        compile-time DecodeHooks without run-time parameters (lower level; not with ``variant``)."""
+        if variant is not None and hooks is not DEFAULT_HOOKS:
+            raise InputError("pass either variant= or hooks=, not both")
+        if variant is not None and not isinstance(variant, Variant):
+            raise InputError(f"variant must be a tilegraph.Variant, got {type(variant).__name__}")
+        self.variant = variant if variant is not None else DEFAULT
+        if variant is not None:
+            hooks = variant.decode_hooks(settings)
         self.settings = settings
         self.device = resolve_device(device)
         self.num_ctas = resolve_num_ctas(settings, self.device)
@@ -68,6 +87,11 @@ class BatchDecode:
             bdy=default_bdy(settings.head_dim),
             hooks=hooks,
         )
+        self.param_layout = self.variant.param_layout(settings)
+        # the variant's run-time parameters: one fixed float32 buffer (graph replays read it in place)
+        self.params = torch.zeros(self.param_layout.total, dtype=torch.float32, device=self.device)
+        defaults, self._missing_params = self.variant.defaults(settings)
+        self._write_params(defaults)
         self._plan: Plan | None = None
         self._rows = 0  # q/out rows the current plan expects (its batch, or the padded bucket)
         self._capturing = False
@@ -123,7 +147,7 @@ class BatchDecode:
     def graph_buffers(self) -> dict[str, torch.Tensor]:
         ws = self.workspace
         return {"plan": ws.plan_words, "partial_out": ws.partial_out, "partial_lse": ws.partial_lse,
-                "no_lse": ws.no_lse, "no_params": ws.no_params}  # fmt: skip
+                "no_lse": ws.no_lse, "no_params": ws.no_params, "params": self.params}  # fmt: skip
 
     def graph_plan_state(self) -> PlanState:
         serial = self._plan.serial if self._plan is not None else 0
@@ -135,6 +159,30 @@ class BatchDecode:
     @property
     def _key(self) -> str:
         return f"{self.settings.model_dump_json()}|{self.config.hooks.name}"
+
+    # ---- variant parameters --------------------------------------------------------------------
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Write variant parameters into the fixed params buffer (on the current stream); they
+        persist until set again. Checked first: nothing is written when any value is wrong."""
+        if self._capturing:
+            raise StateError("set_params() (or run(params=...)) during a CUDA graph capture: set them before capturing or replaying")
+        if not isinstance(params, dict):
+            raise InputError(f"params must be a dict of name -> value, got {type(params).__name__}")
+        self._write_params(self.variant.encode(params, self._param_context))
+
+    def _param_context(self) -> ParamContext:
+        if self._plan is None:
+            raise StateError("this parameter depends on the plan (its kv lengths): call plan() first")
+        plan = self._plan
+        return ParamContext(self.settings, plan.section("kv_len")[: plan.batch_size].copy())
+
+    def _write_params(self, values: dict[str, Any]) -> None:
+        checked = {n: self.variant.check_value(n, v, self.settings, self.param_layout) for n, v in values.items()}
+        for name, t in checked.items():
+            offset = self.param_layout.offset(name)
+            self.params[offset : offset + t.numel()].copy_(t.to(self.device))
+        self._missing_params = [n for n in self._missing_params if n not in checked]
 
     # ---- run -----------------------------------------------------------------------------------
 
@@ -178,15 +226,23 @@ class BatchDecode:
         kv_cache: KVCache,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
+        params: dict[str, Any] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of ``q`` [B, num_qo_heads, head_dim] over the planned pages of ``kv_cache``.
 
         q may be a strided view (e.g. sliced from a fused QKV projection) whose last dim is contiguous
         and whose pointer and strides are 16-byte aligned. Returns ``out`` [B, num_qo_heads, head_dim]
         (Settings dtype) and, with ``return_lse``, the natural-log LSE float32 [B, num_qo_heads].
-        Runs as the custom op ``torch.ops.tilegraph.batch_decode`` (torch.compile traces it whole)."""
+        Runs as the custom op ``torch.ops.tilegraph.batch_decode`` (torch.compile traces it whole).
+        ``params``: the variant's run-time parameters (``set_params``; they persist)."""
         if self._plan is None:
             raise StateError("run() was called before plan(): plan the batch first")
+        if params is not None:
+            self.set_params(params)
+        if self._missing_params:
+            raise InputError(f"variant {self.variant.name!r} needs params {self._missing_params}: pass run(..., params={{...}})")
+        if return_lse and not self.config.hooks.softmax:
+            raise InputError(f"return_lse=True: variant {self.variant.name!r} is softmax-free and has no LSE")
         s = self.settings
         if out is None:
             out = torch.empty((self._rows, s.num_qo_heads, s.head_dim), dtype=s.torch_dtype, device=self.device)
@@ -221,6 +277,10 @@ class BatchDecode:
         q_words = _span_words(q)
         lse_arg = lse.view(-1) if lse is not None else ws.no_lse
         out_words = as_words(out)
+        hooks = self.config.hooks
+        merge_kernel = partial_merge_kernel(self.config.kind, hooks)
+        label = f"decode[{s.dtype},hd{s.head_dim},g{s.group_size},{hooks.name}]"
+        compile_with_progress(label, [(decode_kernel(self.config), decode_signature()), (merge_kernel, PARTIAL_MERGE_SIGNATURE)])
         launch(
             "decode",
             decode_kernel(self.config),
@@ -234,7 +294,7 @@ class BatchDecode:
                 kv.k_words, kv.v_words, np.int64(kv.page_stride), np.int64(kv.token_stride),
                 np.int64(kv.head_stride), np.int64(s.page_size),
                 out_words, lse_arg, np.int32(lse is not None), ws.partial_out, ws.partial_lse,
-                np.float32(s.sm_scale), np.int64(s.num_qo_heads), ws.no_params,
+                np.float32(s.sm_scale), np.int64(s.num_qo_heads), self.params,
             ),
         )  # fmt: skip
         launch_partial_merge(
@@ -252,6 +312,9 @@ class BatchDecode:
             write_lse=lse is not None,
             num_qo_heads=s.num_qo_heads,
             grid=self.MERGE_CTAS,
+            hooks=hooks,
+            kv_len=sec["kv_len"],
+            params=self.params,
         )
 
 

@@ -1,12 +1,24 @@
-"""``python -m tilegraph demo``: plan and run a skewed decode batch, check it, report balance and time.
+"""``python -m tilegraph demo``: a Llama-style decoder serving requests by continuous batching,
+eagerly and under CUDA graphs, with the checks that say both compute the same thing.
 
-On a GPU: a realistic shape (32 query / 8 KV heads, head_dim 128, bf16, one 32k-token request among
-63 short ones). On a CPU-only machine: the same path at a tiny size on the numba CUDA simulator.
+On a GPU: a Llama-3.2-1B-shaped model (16 layers, hidden 2048, 32/8 heads, bf16, random weights),
+48 requests whose prompts run from 1 to ~800 tokens; inter-token latency eager vs graphs. On a
+CPU-only machine: a 2-layer model at a tiny size on the numba CUDA simulator, the graphs through the
+graph stand-in (the simulator is for correctness, not speed). Either way it checks that
+
+  * the greedy tokens of the graph loop equal those of its bit-exact eager twin (``eager_padded``,
+    eager on the bucket's rows) -- exit 1 if not;
+  * layer 0's paged attention of one step matches a float64 reference on the gathered cache;
+  * it reports how many tokens of plain eager (B rows, other matmul shapes) agree.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
+import sys
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,76 +26,150 @@ from rich.console import Console
 from rich.table import Table
 
 from ._device import SIMULATOR
-from .decode import BatchDecode
-from .reference import decode_reference, relative_error
+from .models.llama import LlamaConfig, LlamaDecoder
+from .page_pool import PagePool
+from .serving import MODES, DecodeRunner, LoopResult, Request, attention_error, serve
 from .settings import Settings
 
-
-def skewed_page_table(lengths: list[int], page_size: int, rng: np.random.Generator):
-    """A page table for ``lengths`` with pages drawn at random from a pool (no page shared)."""
-    pages_per_request = [-(-n // page_size) for n in lengths]
-    pool = rng.permutation(sum(pages_per_request)).astype(np.int32)
-    kv_indptr = np.concatenate([[0], np.cumsum(pages_per_request)]).astype(np.int32)
-    kv_last_page_len = np.array([(n - 1) % page_size + 1 if n else 0 for n in lengths], dtype=np.int32)
-    return kv_indptr, pool, kv_last_page_len
+LOOP_ORDER = ("eager_padded", "graphs", "eager")  # the first loop also pays kernel compilation
+GPU_PADDED_STEPS = 150  # on a GPU the bit-exact twin runs this many steps (its tokens are a prefix)
 
 
-def main(argv: list[str] | None = None) -> int:
+def tiny_setup(seed: int) -> tuple[LlamaConfig, Settings, list[Request]]:
+    config = LlamaConfig.tiny(seed=seed)
+    settings = config.attention_settings(page_size=4, max_batch_size=6, max_num_pages=12, num_ctas=4,
+                                         graphs={"batch_sizes": [1, 2, 4]})  # fmt: skip
+    rng = np.random.default_rng(seed)
+    # (prompt length, new tokens, arrival step): tiny to "long" (4 pages), joining at steps 0-3
+    shapes = [(12, 3, 0), (1, 3, 0), (5, 2, 1), (2, 4, 2), (1, 2, 2), (2, 1, 3), (3, 3, 3)]
+    requests = [Request(i, tuple(rng.integers(0, config.vocab_size, p).tolist()), n, a) for i, (p, n, a) in enumerate(shapes)]
+    return config, settings, requests
+
+
+def gpu_setup(seed: int, num_requests: int) -> tuple[LlamaConfig, Settings, list[Request]]:
+    config = LlamaConfig(seed=seed)
+    settings = config.attention_settings(page_size=16, max_batch_size=64, max_num_pages=4096)
+    rng = np.random.default_rng(seed)
+    prompt_lens = np.exp(rng.uniform(0, np.log(512), num_requests)).astype(int)  # log-uniform 1..511
+    new_tokens = rng.integers(8, 97, num_requests)
+    arrivals = np.sort(rng.integers(0, 128, num_requests))
+    requests = [Request(i, tuple(rng.integers(0, config.vocab_size, p).tolist()), int(n), int(a))
+                for i, (p, n, a) in enumerate(zip(prompt_lens, new_tokens, arrivals))]  # fmt: skip
+    return config, settings, requests
+
+
+def run_loop(model: LlamaDecoder, settings: Settings, requests: list[Request], mode: str,
+             max_steps: int | None = None) -> tuple[LoopResult, dict]:  # fmt: skip
+    start = time.perf_counter()
+    runner = DecodeRunner(model, settings, mode=mode, show_progress=not SIMULATOR)  # type: ignore[arg-type]
+    setup_s = time.perf_counter() - start
+    pool = PagePool(settings)
+    result = serve(runner, requests, pool, max_steps=max_steps)
+    if max_steps is None and pool.num_free_pages != settings.max_num_pages:
+        raise RuntimeError(f"{mode}: {settings.max_num_pages - pool.num_free_pages} pages were not freed")
+    stats = {"setup_s": setup_s}
+    if runner.graphs is not None:
+        stats.update(replays=runner.graphs.stats.replays, eager_steps=runner.graphs.stats.eager_steps)
+    return result, stats
+
+
+def check_attention(model: LlamaDecoder, settings: Settings, requests: list[Request], steps: int) -> float | None:
+    """Serve ``steps`` steps eagerly, then compare one more step's layer-0 attention with float64
+    (None: no request was live then)."""
+    runner = DecodeRunner(model, settings, mode="eager")
+    pool = PagePool(settings)
+    serve(runner, requests, pool, max_steps=steps)
+    if not pool.request_ids:
+        return None
+    return attention_error(runner, pool, [0] * len(pool.request_ids))
+
+
+def token_agreement(a: dict[int, list[int]], b: dict[int, list[int]]) -> tuple[int, int]:
+    """(tokens equal, tokens compared), per request up to the first difference (after it the two
+    loops feed different tokens and are no longer comparable)."""
+    same = total = 0
+    for rid, tokens in a.items():
+        other = b[rid]
+        total += len(tokens)
+        for x, y in zip(tokens, other):
+            if x != y:
+                break
+            same += 1
+    return same, total
+
+
+def is_prefix(partial: dict[int, list[int]], full: dict[int, list[int]]) -> bool:
+    """Every request's tokens in ``partial`` (a loop cut short) begin ``full``'s."""
+    return all(full[rid][: len(tokens)] == tokens for rid, tokens in partial.items())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tilegraph demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--requests", type=int, default=48, help="number of requests (GPU size only)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model even on a GPU")
+    args = parser.parse_args(list(argv) if argv is not None else [])
     console = Console()
-    rng = np.random.default_rng()
+    tiny = SIMULATOR or args.tiny
+    config, settings, requests = tiny_setup(args.seed) if tiny else gpu_setup(args.seed, args.requests)
+    device = torch.device("cpu" if SIMULATOR else "cuda")
     if SIMULATOR:
-        settings = Settings(num_qo_heads=4, num_kv_heads=2, head_dim=32, page_size=4, dtype="float16",
-                            max_batch_size=8, max_num_pages=64, num_ctas=4)  # fmt: skip
-        lengths = [41, 3, 6, 1, 0, 9]
-        device = "cpu"
+        where = "the numba CUDA simulator (CPU; for correctness, not speed), graphs through the graph stand-in"
     else:
-        settings = Settings(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype="bfloat16",
-                            max_batch_size=64, max_num_pages=8192)  # fmt: skip
-        lengths = [32768] + rng.integers(64, 1024, 63).tolist()
-        device = "cuda"
-    where = "the numba CUDA simulator (CPU; for testing, not speed)" if SIMULATOR else torch.cuda.get_device_name()
-    console.print(f"[bold]tilegraph demo[/] on {where}: skewed decode batch of {len(lengths)} requests")
-    kv_indptr, kv_indices, kv_last = skewed_page_table(lengths, settings.page_size, rng)
-    num_pages = max(int(kv_indices.max()) + 1 if len(kv_indices) else 1, 1)
-    cache_shape = (num_pages, 2, settings.page_size, settings.num_kv_heads, settings.head_dim)
-    kv_cache = torch.randn(cache_shape, dtype=torch.float32, device=device).to(settings.torch_dtype)
-    q = torch.randn(len(lengths), settings.num_qo_heads, settings.head_dim, device=device).to(settings.torch_dtype)
+        where = f"{torch.cuda.get_device_name(device)}, real CUDA graphs"
+    size = (f"{config.num_layers} layers, hidden {config.hidden_size}, {config.num_qo_heads}/{config.num_kv_heads} heads "
+            f"x {config.head_dim}, vocab {config.vocab_size}, {config.dtype}")  # fmt: skip
+    prompt_lens = [len(r.prompt) for r in requests]
+    console.print(f"[bold]tilegraph demo[/] on {where}")
+    console.print(f"model: {size}, random weights (seed {config.seed}); {len(requests)} requests, prompts "
+                  f"{min(prompt_lens)}-{max(prompt_lens)} tokens fed one per step (no prefill kernel yet); "
+                  f"graph buckets {list(settings.graph_batch_sizes)}")  # fmt: skip
+    model = LlamaDecoder(config, device)
 
-    dec = BatchDecode(settings, device=device)
-    t0 = time.perf_counter()
-    plan = dec.plan(torch.from_numpy(kv_indptr), torch.from_numpy(kv_indices), torch.from_numpy(kv_last))
-    plan_us = (time.perf_counter() - t0) * 1e6
-    t0 = time.perf_counter()
-    out, lse = dec.run(q, kv_cache, return_lse=True)
-    if not SIMULATOR:
-        torch.cuda.synchronize()
-    first_run_s = time.perf_counter() - t0
-
-    ref_out, ref_lse = decode_reference(q, kv_cache, settings, kv_indptr, kv_indices, kv_last)
-    err_out = relative_error(out, ref_out)
-    finite = torch.isfinite(ref_lse)
-    err_lse = relative_error(lse.cpu()[finite], ref_lse[finite])
-    tol = 2e-2 if settings.dtype == "bfloat16" else 5e-3
-
-    table = Table(title="plan")
-    for col in ("requests", "tiles", "split pairs", "CTAs", "balance", "plan µs"):
+    results: dict[str, LoopResult] = {}
+    table = Table(title="continuous batching (step ms: median inter-token latency)")
+    for col in ("mode", "steps", "tokens", "B", "step ms", "loop s", "setup s", "replay+eager"):
         table.add_column(col, justify="right")
-    table.add_row(str(plan.batch_size), str(plan.num_tiles), str(plan.num_merges), str(plan.num_ctas),
-                  f"{plan.balance:.3f}", f"{plan_us:.0f}")  # fmt: skip
+    for mode in LOOP_ORDER:
+        assert mode in MODES
+        cut = GPU_PADDED_STEPS if mode == "eager_padded" and not SIMULATOR else None
+        result, stats = run_loop(model, settings, requests, mode, max_steps=cut)
+        results[mode] = result
+        step_ms = np.array(result.step_s) * 1e3
+        replays = f"{stats['replays']}+{stats['eager_steps']}" if "replays" in stats else "-"
+        table.add_row(mode, str(result.num_steps), str(sum(map(len, result.tokens.values()))),
+                      f"{min(result.batch_sizes)}-{max(result.batch_sizes)}", f"{np.median(step_ms):.2f}",
+                      f"{step_ms.sum() / 1e3:.2f}", f"{stats['setup_s']:.2f}", replays)  # fmt: skip
+        if not SIMULATOR:
+            gc.collect()  # the runner (its KV cache and graph pool) goes before the next one
+            torch.cuda.empty_cache()
     console.print(table)
-    console.print(f"tiles per CTA: {plan.tiles_per_cta().tolist()}")
-    console.print(f"first run (includes compilation): {first_run_s:.2f} s")
+
+    ok = True
+    padded = results["eager_padded"]
+    exact = is_prefix(padded.tokens, results["graphs"].tokens)
+    ok &= exact
+    over = "" if padded.num_steps == results["graphs"].num_steps else f" (its first {padded.num_steps} steps)"
+    console.print(f"graph tokens == eager_padded tokens{over}, the bit-exact eager twin: "
+                  + ("[green]identical[/]" if exact else "[red]DIFFERENT[/]"))  # fmt: skip
+    same, total = token_agreement(results["eager"].tokens, results["graphs"].tokens)
+    note = "" if same == total else " (eager runs its matmuls on B rows, a replay on the bucket's: last-bit differences can flip a near-tie)"
+    console.print(f"plain eager vs graphs: {same}/{total} greedy tokens agree{note}")
     if not SIMULATOR:
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(20):
-            start.record()
-            dec.run(q, kv_cache, out=out)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) * 1e3)
-        console.print(f"decode run: median {np.median(times):.1f} µs over 20 runs")
-    ok = err_out < tol and err_lse < 1e-3
-    console.print(f"relative error vs float64 reference: out {err_out:.2e}, lse {err_lse:.2e} -> "
-                  + ("[green]OK[/]" if ok else "[red]FAILED[/]"))  # fmt: skip
+        eager_ms = np.median(results["eager"].step_s) * 1e3
+        graph_ms = np.median(results["graphs"].step_s) * 1e3
+        console.print(f"inter-token latency (median step): eager {eager_ms:.2f} ms, graphs {graph_ms:.2f} ms "
+                      f"-> graphs take {graph_ms / eager_ms:.2f}x")  # fmt: skip
+    steps = min(results["graphs"].num_steps // 2, GPU_PADDED_STEPS)
+    err = check_attention(model, settings, requests, steps)
+    tol = 2e-2 if config.dtype == "bfloat16" else 5e-3
+    passed = err is not None and err < tol
+    shown = "no live request to check" if err is None else f"relative error {err:.2e}"
+    console.print(f"layer 0 paged attention at step {steps} vs float64 reference: {shown} -> "
+                  + ("[green]OK[/]" if passed else "[red]FAILED[/]"))  # fmt: skip
+    ok &= passed
     return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -79,8 +79,14 @@ class Settings(BaseSettings):
         ge=1,
         description="page references (len(kv_indices)) per batch; default max_num_pages",
     )
+    max_num_tokens: int = Field(
+        default=8192, ge=1, le=2**24, description="query tokens per prefill/append batch (sum of qo lengths)"
+    )
     num_ctas: int | None = Field(
         default=None, ge=1, le=65536, description="persistent CTA budget; None: SMs x resident CTAs (GPU), 4 (simulator)"
+    )
+    max_custom_mask_bits: int = Field(
+        default=1 << 16, ge=24, le=1 << 24, description="custom-mask bits per batch (variants.custom_mask: sum of kv lengths)"
     )
     deterministic: bool = Field(
         default=False, description="split requests independently of the rest of the batch (bitwise-stable outputs)"

@@ -155,3 +155,17 @@ def test_gpu_graph_is_a_real_cuda_graph():
     dec, cache, runner = build(torch.device("cuda"))
     assert isinstance(runner._graphs[2].graph, torch.cuda.CUDAGraph)
     check_step(dec, cache, runner, [300, 2], np.random.default_rng(), torch.device("cuda"))
+
+
+@pytest.mark.parametrize("swap", ["settings", "variant"])
+def test_plan_from_other_settings_or_variant_is_refused(swap):
+    device = torch.device("cpu" if tilegraph.SIMULATOR else "cuda")
+    dec, cache, runner = build(device)
+    if swap == "settings":
+        other = tilegraph.BatchDecode(tilegraph.Settings(**{**SETTINGS.model_dump(), "sm_scale": 0.5}), device=device)
+    else:
+        other = tilegraph.BatchDecode(SETTINGS, device=device, variant=tilegraph.variants.soft_cap(30.0))
+    runner.attention[0] = other
+    other.plan(*page_table([3, 2], np.random.default_rng()), padded_batch_size=2)
+    with pytest.raises(StateError, match="other Settings or another variant"):
+        runner.replay(2)

@@ -1,0 +1,470 @@
+"""``tilegraph.Variant``: attention variants as small Python hooks composed into the kernels.
+
+    def decay(score, request, qo_pos, kv_pos, qo_head, kv_head, params, rate):
+        return score - params[rate + qo_head] * (qo_pos - kv_pos)
+
+    variant = tilegraph.Variant("distance_decay", logits_transform=decay, params={"rate": "qo_head"})
+    dec = tilegraph.BatchDecode(settings, variant=variant, device="cpu")
+    dec.plan(...); out = dec.run(q, kv_cache, params={"rate": torch.full((num_qo_heads,), 0.1)})
+
+Hooks (all optional; signatures in ``tilegraph.kernels.decode.DecodeHooks``; scores are
+``q.k * sm_scale`` in natural units): ``query_transform``, ``key_transform``, ``logits_transform``,
+``logits_mask`` (False: masked out), ``output_transform`` (on the final output), the rotate-half
+``query_pair_transform`` / ``key_pair_transform`` (e.g. RoPE) and ``sink`` (a per-head logit that
+joins each softmax denominator exactly once). ``softmax=False``: o = sum_j score_j * v_j (the
+scores after the logits hook, e.g. a sigmoid); no LSE.
+
+Run-time parameters: declared as ``params={name: shape}`` (or ``Param``s with defaults), shape
+"scalar", "qo_head" ([num_qo_heads]), "request" ([<= max_batch_size]), an int, or a function of
+Settings. They are packed in declaration order into ONE float32 buffer per attention object, sized
+once from Settings (its address never changes: CUDA graphs replay with whatever it holds). A hook
+reads parameter ``x`` by taking a trailing argument named ``x``: it receives x's offset in
+``params``. Values are given as ``run(..., params={...})`` or ``set_params({...})`` (during a
+graph capture: ``set_params`` before capturing/replaying) and persist until changed.
+
+A hook is re-jitted as an ``inline="always"`` device function and checked when the Variant is
+made (on a GPU build: compiled for sm_80; on the simulator: run once in a one-thread kernel), so a
+wrong signature or a hook numba cannot compile raises ``VariantError`` naming the hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from tilegraph._device import SIMULATOR
+from tilegraph.errors import InputError
+from tilegraph.kernels import variant_hooks as vh
+from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeHooks
+
+from .settings import Settings
+
+log = logging.getLogger("tilegraph")
+
+ParamShape = Any  # "scalar" | "qo_head" | "request" | int | Callable[[Settings], int]
+
+
+class VariantError(InputError):
+    """A Variant is malformed: a hook's signature, a hook numba cannot compile, a parameter clash."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A run-time parameter: ``shape`` as in the module doc; ``default`` a number, a sequence or a
+    function of Settings returning one (None: required -- run() refuses until it is given)."""
+
+    name: str
+    shape: ParamShape = "scalar"
+    default: Any = None
+
+    def size(self, settings: Settings) -> int:
+        shape = self.shape
+        if shape == "scalar":
+            return 1
+        if shape == "qo_head":
+            return settings.num_qo_heads
+        if shape == "request":
+            return settings.max_batch_size
+        if callable(shape):
+            return int(shape(settings))
+        return int(shape)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each parameter lives in the float32 params buffer: name -> (offset, size)."""
+
+    slots: tuple[tuple[str, int, int], ...]
+    total: int  # buffer length (>= 1)
+
+    def offset(self, name: str) -> int:
+        return next(off for n, off, _ in self.slots if n == name)
+
+    def size(self, name: str) -> int:
+        return next(size for n, _, size in self.slots if n == name)
+
+
+@dataclass(frozen=True)
+class ParamContext:
+    """What an ``encode`` function sees: the Settings and the current plan's kv lengths [B]."""
+
+    settings: Settings
+    kv_len: np.ndarray
+
+
+Encoder = Callable[[dict[str, Any], ParamContext], dict[str, Any]]
+
+# a small Settings the hooks are checked against at Variant construction
+_SAMPLE_SETTINGS = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, max_batch_size=2, max_num_pages=4, max_custom_mask_bits=48)
+
+
+def _params_tuple(params: Mapping[str, Any] | Iterable[Param]) -> tuple[Param, ...]:
+    if isinstance(params, Mapping):
+        return tuple(p if isinstance(p, Param) else Param(name, p) for name, p in params.items())
+    return tuple(params)
+
+
+class Variant:
+    """An attention variant: hooks, run-time parameters, softmax on/off (see the module doc).
+
+    ``encode`` / ``encode_inputs``: run-time inputs that are not stored as given but turned into
+    parameters by ``encode(values, ParamContext) -> {param: value}`` (the custom mask)."""
+
+    def __init__(
+        self,
+        name: str = "custom",
+        *,
+        query_transform: Any = None,
+        key_transform: Any = None,
+        logits_transform: Any = None,
+        logits_mask: Any = None,
+        output_transform: Any = None,
+        query_pair_transform: Any = None,
+        key_pair_transform: Any = None,
+        sink: Any = None,
+        params: Mapping[str, Any] | Iterable[Param] = (),
+        softmax: bool = True,
+        encode: Encoder | None = None,
+        encode_inputs: Sequence[str] = (),
+    ) -> None:
+        given = dict(query_transform=query_transform, key_transform=key_transform,
+                     logits_transform=logits_transform, logits_mask=logits_mask,
+                     output_transform=output_transform, query_pair_transform=query_pair_transform,
+                     key_pair_transform=key_pair_transform, sink=sink)  # fmt: skip
+        hooks = {kind: ((fn,) if fn is not None else ()) for kind, fn in given.items()}
+        self._init(name, hooks, _params_tuple(params), bool(softmax), [(encode, tuple(encode_inputs))] if encode else [])
+
+    def _init(self, name, hooks, params, softmax, encoders) -> None:
+        self.name = str(name)
+        self.softmax = softmax
+        self.params: tuple[Param, ...] = params
+        self._encoders: list[tuple[Encoder, tuple[str, ...]]] = encoders
+        names = [p.name for p in params]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise VariantError(f"variant {self.name!r}: parameter(s) {dupes} declared twice")
+        for p in params:
+            if not p.name.isidentifier():
+                raise VariantError(f"variant {self.name!r}: parameter name {p.name!r} is not an identifier")
+        if not softmax and hooks.get("sink"):
+            raise VariantError(f"variant {self.name!r}: a sink needs softmax (softmax=False has no denominator)")
+        if len(hooks.get("sink", ())) > 1:
+            raise VariantError(f"variant {self.name!r}: at most one sink hook")
+        # kind -> ((hook, names of the params it reads), ...)
+        self._hooks: dict[str, tuple[tuple[Any, tuple[str, ...]], ...]] = {}
+        for kind, fns in hooks.items():
+            entries = []
+            for fn in fns:
+                entries.append((fn, self._param_args(kind, fn)))
+            self._hooks[kind] = tuple(entries)
+        digest = vh.fingerprint(
+            self.name, softmax, [(k, self._hooks[k]) for k in sorted(self._hooks)],
+            [(p.name, p.shape, p.default) for p in params], [e for e, _ in encoders],
+        )  # fmt: skip
+        self.key = f"{self.name}#{digest[:16]}"
+        self._check_hooks()
+
+    def _param_args(self, kind: str, fn: Any) -> tuple[str, ...]:
+        label = f"variant {self.name!r}: {kind} hook {getattr(fn, '__name__', fn)!r}"
+        try:
+            extras = vh.param_arguments(kind, fn)
+        except vh.HookError as exc:
+            raise VariantError(f"{label} {exc}") from None
+        declared = {p.name for p in self.params}
+        for extra in extras:
+            if extra not in declared:
+                raise VariantError(
+                    f"{label}: argument {extra!r} is not a declared parameter (declared: {sorted(declared)}); "
+                    f"a {kind} hook takes ({', '.join(vh.HOOK_ARGS[kind])}) then parameter names"
+                )
+        return extras
+
+    def _check_hooks(self) -> None:
+        settings = Settings(**_SAMPLE_SETTINGS)
+        layout = self.param_layout(settings)
+        sample = np.ones(layout.total, np.float32)
+        for name, off, size in layout.slots:
+            default = next(p for p in self.params if p.name == name).default
+            try:
+                value = np.asarray(default(settings) if callable(default) else default, np.float32).reshape(-1)
+                if default is not None and value.size in (1, size):
+                    sample[off : off + size] = value
+            except Exception:  # a default that needs other Settings: the ones will do
+                pass
+        for kind, entries in self._hooks.items():
+            for fn, extras in entries:
+                try:
+                    vh.check_hook(kind, fn, tuple(layout.offset(e) for e in extras), sample)
+                except vh.HookError as exc:
+                    raise VariantError(f"variant {self.name!r}: {kind} hook {getattr(fn, '__name__', fn)!r} {exc}") from None
+
+    # ---- parameters ---------------------------------------------------------------------------
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Names ``run(params=...)`` accepts: the declared parameters and the encoded inputs."""
+        return tuple(p.name for p in self.params) + tuple(n for _, names in self._encoders for n in names)
+
+    def param_layout(self, settings: Settings) -> ParamLayout:
+        slots, offset = [], 0
+        for p in self.params:
+            size = p.size(settings)
+            if size < 1:
+                raise VariantError(f"variant {self.name!r}: parameter {p.name!r} has size {size} under these Settings")
+            slots.append((p.name, offset, size))
+            offset += size
+        return ParamLayout(tuple(slots), max(1, offset))
+
+    def defaults(self, settings: Settings) -> tuple[dict[str, np.ndarray], list[str]]:
+        """(default values by name, names of the required parameters with no default)."""
+        values, required = {}, []
+        for p in self.params:
+            if p.default is None:
+                required.append(p.name)
+            else:
+                value = np.asarray(p.default(settings) if callable(p.default) else p.default, np.float32).reshape(-1)
+                size = p.size(settings)
+                values[p.name] = np.full(size, value[0], np.float32) if value.size == 1 and size > 1 else value
+        return values, required
+
+    def encode(self, values: Mapping[str, Any], context: Callable[[], ParamContext]) -> dict[str, Any]:
+        """Check names and turn encoded inputs into parameters (``context`` is called only if needed)."""
+        unknown = sorted(set(values) - set(self.input_names))
+        if unknown:
+            raise InputError(f"params: {unknown} unknown to variant {self.name!r} (it takes {sorted(self.input_names)})")
+        out = dict(values)
+        for encoder, names in self._encoders:
+            taken = {n: out.pop(n) for n in names if n in out}
+            if taken:
+                out.update(encoder(taken, context()))
+        return out
+
+    def check_value(self, name: str, value: Any, settings: Settings, layout: ParamLayout) -> torch.Tensor:
+        """``value`` as a flat float32 tensor that fits parameter ``name`` (InputError otherwise)."""
+        param = next(p for p in self.params if p.name == name)
+        try:
+            t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value, np.float64))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"params[{name!r}] is not numeric: {exc}") from None
+        t = t.reshape(-1).to(torch.float32)
+        size = layout.size(name)
+        exact = param.shape in ("scalar", "qo_head")
+        if (exact and t.numel() != size) or t.numel() > size:
+            what = {"scalar": "a scalar", "qo_head": f"{size} values (num_qo_heads)"}.get(param.shape, f"at most {size} values")
+            raise InputError(f"params[{name!r}] must hold {what}, got {t.numel()}")
+        if bool(torch.isnan(t).any()):
+            raise InputError(f"params[{name!r}] has NaN values")
+        return t
+
+    # ---- kernel side --------------------------------------------------------------------------
+
+    def decode_hooks(self, settings: Settings) -> DecodeHooks:
+        """The compile-time hooks of this variant under ``settings``: one object per (variant key,
+        param layout) in the process, so equal variants share compiled kernels (kernels are cached
+        per DecodeConfig = hooks + dtype + head_dim + group + block)."""
+        layout = self.param_layout(settings)
+        hooks = _HOOKS_CACHE.get((self.key, layout))
+        if hooks is None:
+            if self.key.startswith("default#") and not any(self._hooks.values()) and self.softmax:
+                hooks = DEFAULT_HOOKS
+            else:
+                built = {}
+                for kind, entries in self._hooks.items():
+                    if entries:
+                        parts = [(fn, tuple(layout.offset(e) for e in extras)) for fn, extras in entries]
+                        built[kind] = vh.compose(kind, parts, tag=self.name.replace("-", "_"))
+                hooks = DecodeHooks(name=self.key, softmax=self.softmax, **built)
+            _HOOKS_CACHE[(self.key, layout)] = hooks
+        return hooks
+
+    @property
+    def has_sink(self) -> bool:
+        return bool(self._hooks.get("sink"))
+
+    def __repr__(self) -> str:
+        kinds = [k for k, v in self._hooks.items() if v]
+        return f"Variant({self.key!r}, hooks={kinds}, params={[p.name for p in self.params]}, softmax={self.softmax})"
+
+
+_HOOKS_CACHE: dict[tuple[str, ParamLayout], DecodeHooks] = {}
+
+
+def combine(*variants: Variant, name: str | None = None) -> Variant:
+    """One variant doing all of ``variants``: transforms in order, logits transforms chained, masks
+    AND-ed, parameters concatenated (names must not clash), at most one sink, the same softmax."""
+    if not variants:
+        raise VariantError("combine() needs at least one variant")
+    softmax = {v.softmax for v in variants}
+    if len(softmax) != 1:
+        raise VariantError("combine(): softmax and softmax-free variants cannot be mixed")
+    hooks: dict[str, tuple[Any, ...]] = {kind: () for kind in vh.HOOK_ARGS}
+    for v in variants:
+        for kind, entries in v._hooks.items():
+            hooks[kind] += tuple(fn for fn, _ in entries)
+    combined = Variant.__new__(Variant)
+    encoders = [e for v in variants for e in v._encoders]
+    combined._init(name or "+".join(v.name for v in variants), hooks, tuple(p for v in variants for p in v.params), softmax.pop(), encoders)
+    return combined
+
+
+DEFAULT = Variant("default")
+
+# ---- built-ins ------------------------------------------------------------------------------------
+
+
+def soft_cap(cap: float = 30.0) -> Variant:
+    """Logits soft-capping: score -> cap * tanh(score / cap) (parameter ``logits_soft_cap``)."""
+    return Variant("soft_cap", logits_transform=vh.soft_cap_logits, params=[Param("logits_soft_cap", "scalar", float(cap))])
+
+
+def sliding_window(window_left: int) -> Variant:
+    """Attend to kv positions >= qo_pos - window_left (parameter ``window_left``; < 0: no window;
+    exact up to 2**24)."""
+    return Variant("sliding_window", logits_mask=vh.sliding_window_mask, params=[Param("window_left", "scalar", float(window_left))])
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """The standard ALiBi slopes (geometric in 2**(-8/n), interleaved beyond a power of two)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-8.0 / closest)
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest < num_heads:
+        extra = 2.0 ** (-4.0 / closest)
+        slopes += [extra ** (2 * i + 1) for i in range(num_heads - closest)]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi(slopes: Sequence[float] | None = None) -> Variant:
+    """ALiBi: score + slope[qo_head] * (kv_pos - qo_pos) (parameter ``alibi_slopes``, per head;
+    default: the standard slopes for num_qo_heads)."""
+    default = (lambda s: alibi_slopes(s.num_qo_heads)) if slopes is None else np.asarray(slopes, np.float32)
+    return Variant("alibi", logits_transform=vh.alibi_logits, params=[Param("alibi_slopes", "qo_head", default)])
+
+
+def attention_sinks(sinks: Sequence[float] | None = None) -> Variant:
+    """A sink logit per query head that joins each softmax denominator once (parameter ``sinks``)."""
+    default = None if sinks is None else np.asarray(sinks, np.float32)
+    return Variant("sinks", sink=vh.sink_logit, params=[Param("sinks", "qo_head", default)])
+
+
+def rope(theta: float = 1e4, scale: float = 1.0) -> Variant:
+    """Llama-style rotate-half RoPE applied to q (at kv_len - 1) and to each k (at its kv position),
+    so an unrotated cache can be attended (parameters ``rope_theta``, ``rope_scale``: positions are
+    divided by rope_scale)."""
+    return Variant(
+        "rope",
+        query_pair_transform=vh.rope_llama,
+        key_pair_transform=vh.rope_llama,
+        params=[Param("rope_theta", "scalar", float(theta)), Param("rope_scale", "scalar", float(scale))],
+    )
+
+
+def sigmoid_attention(bias: float = 0.0) -> Variant:
+    """Softmax-free sigmoid attention: o = sum_j sigmoid(score_j + bias) v_j (parameter ``sigmoid_bias``)."""
+    return Variant("sigmoid", logits_transform=vh.sigmoid_logits, softmax=False, params=[Param("sigmoid_bias", "scalar", float(bias))])
+
+
+def _mask_words(settings: Settings) -> int:
+    return -(-settings.max_custom_mask_bits // vh.MASK_BITS_PER_WORD)
+
+
+def _encode_custom_mask(values: dict[str, Any], ctx: ParamContext) -> dict[str, Any]:
+    """FlashInfer's flattened layout (one row of kv_len bits per request, concatenated; True =
+    attend) as bool, or bit-packed uint8 (each request's row packed separately, little bit order)."""
+    mask = values["custom_mask"]
+    mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    lengths = ctx.kv_len.astype(np.int64)
+    total = int(lengths.sum())
+    if mask.dtype == np.uint8:
+        rows, start = [], 0
+        for n in lengths:
+            nbytes = -(-int(n) // 8)
+            rows.append(np.unpackbits(mask[start : start + nbytes], bitorder="little")[: int(n)])
+            start += nbytes
+        if start != mask.size:
+            raise InputError(f"custom_mask (packed uint8) has {mask.size} bytes, the plan needs {start}")
+        bits = np.concatenate(rows) if rows else np.zeros(0, np.uint8)
+    elif mask.dtype == np.bool_:
+        bits = mask.reshape(-1).astype(np.uint8)
+        if bits.size != total:
+            raise InputError(f"custom_mask has {bits.size} bits, the plan's kv lengths sum to {total}")
+    else:
+        raise InputError(f"custom_mask must be bool (flattened) or uint8 (bit-packed), got {mask.dtype}")
+    capacity = ctx.settings.max_custom_mask_bits
+    if total > capacity:
+        raise InputError(f"custom_mask needs {total} bits, Settings.max_custom_mask_bits is {capacity}")
+    per = vh.MASK_BITS_PER_WORD
+    padded = np.zeros(-(-max(total, 1) // per) * per, np.int64)
+    padded[:total] = bits
+    words = (padded.reshape(-1, per) << np.arange(per)).sum(axis=1).astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.float32) if len(lengths) else np.zeros(0, np.float32)
+    return {"mask_offset": offsets, "mask_words": words}
+
+
+def custom_mask() -> Variant:
+    """A boolean mask per request (True: attend), given per plan as ``params={"custom_mask": m}``
+    (see _encode_custom_mask for the layouts). Stored in the params buffer: capacity
+    Settings.max_custom_mask_bits. Default until given: attend everywhere."""
+    full = float(2**vh.MASK_BITS_PER_WORD - 1)
+    return Variant(
+        "custom_mask",
+        logits_mask=vh.custom_mask_bits,
+        params=[Param("mask_offset", "request", 0.0), Param("mask_words", _mask_words, full)],
+        encode=_encode_custom_mask,
+        encode_inputs=("custom_mask",),
+    )
+
+
+# ---- compile reporting ----------------------------------------------------------------------------
+
+COMPILE_SECONDS: dict[str, float] = {}
+
+
+def compile_with_progress(label: str, kernels: Sequence[tuple[Any, str]]) -> float:
+    """Compile ``(dispatcher, signature)`` pairs now, under a spinner; record and log the time.
+    On the simulator there is nothing to compile (hooks were checked at Variant construction)."""
+    if label in COMPILE_SECONDS:
+        return COMPILE_SECONDS[label]
+    start = time.perf_counter()
+    if not SIMULATOR:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        with console.status(f"[bold]tilegraph[/]: compiling {label} (first use; ~1 s per kernel)", spinner="dots"):
+            for kernel, signature in kernels:
+                kernel.compile(signature)
+        seconds = time.perf_counter() - start
+        if console.is_terminal:
+            console.print(f"tilegraph: compiled {label} in {seconds:.2f} s")
+    else:
+        seconds = 0.0
+    COMPILE_SECONDS[label] = seconds
+    log.info("compiled %s in %.2f s", label, seconds)
+    return seconds
+
+
+__all__ = [
+    "Variant",
+    "VariantError",
+    "Param",
+    "ParamLayout",
+    "ParamContext",
+    "combine",
+    "DEFAULT",
+    "soft_cap",
+    "sliding_window",
+    "alibi",
+    "alibi_slopes",
+    "attention_sinks",
+    "rope",
+    "sigmoid_attention",
+    "custom_mask",
+    "COMPILE_SECONDS",
+    "compile_with_progress",
+]
