@@ -40,6 +40,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "tilegraph.kernels.merge",
     "tilegraph.kernels.decode",
     "tilegraph.kernels.append",
+    "tilegraph.kernels.prefill",
 )
 DEFAULT_CCS: tuple[tuple[int, int], ...] = ((8, 0), (9, 0))
 

@@ -18,6 +18,8 @@ from .settings import GraphSettings, Settings
 _LAZY = {
     "BatchDecode": "tilegraph.decode",
     "workspace_nbytes": "tilegraph.decode",
+    "BatchPrefill": "tilegraph.prefill",
+    "BatchPrefillRagged": "tilegraph.prefill",
     "Plan": "tilegraph.planner.plan",
     "GraphAware": "tilegraph.graphs.protocol",
     "PlanState": "tilegraph.graphs.protocol",
@@ -26,6 +28,9 @@ _LAZY = {
     "merge_state": "tilegraph.merge",
     "merge_state_in_place": "tilegraph.merge",
     "merge_states": "tilegraph.merge",
+    "Variant": "tilegraph.variants",
+    "VariantError": "tilegraph.variants",
+    "Param": "tilegraph.variants",
 }
 
 
@@ -50,6 +55,8 @@ __all__ = [
     "Settings",
     "GraphSettings",
     "BatchDecode",
+    "BatchPrefill",
+    "BatchPrefillRagged",
     "Plan",
     "workspace_nbytes",
     "GraphRunner",
@@ -59,6 +66,9 @@ __all__ = [
     "merge_state",
     "merge_state_in_place",
     "merge_states",
+    "Variant",
+    "VariantError",
+    "Param",
     "TilegraphError",
     "InputError",
     "PlanError",

@@ -1,0 +1,376 @@
+"""Batch prefill / append attention over paged or ragged KV: persistent CTAs walk their tiles.
+
+A tile (planner/prefill_layout.py) is up to ``q_tile`` query tokens of one request against a KV
+token range, for the GQA group of one kv_head. Its query *rows* pack tokens x heads
+(row = token_index * HP + head_in_pass); groups larger than ROWS_PER_TILE take several passes of
+HP heads over the same KV range. Per pass, in KV blocks of KB tokens, the CTA runs the classic
+tiled-attention steps, each separated by a barrier:
+
+    1. load K/V block -> shared sk/sv [KB, D] fp32   (key hook applied)
+    2. S = Q K^T      -> shared ss [ROWS, KB]         (log2 domain; logits hook, causal and hook masks)
+    3. online softmax per row: m, d, rescale; ss <- P = 2^(S - m)
+    4. O = O * rescale + P V   (O in registers: each thread owns (row, 8-dim vector) items)
+
+Steps 2 and 4 are the *core*: two small matrix products on CUDA cores (one thread per score /
+per output 8-vector), the device functions ``scores`` and ``accumulate_pv`` below. A tensor-core
+version replaces exactly those two with mma.sync m16n8k16 fragments (ROWS <= 16 rows = one A
+fragment; KB = 16 = one k-step of P V), keeping the loads, the softmax step, the epilogue and the
+plan format. (Its O accumulator would live in mma C fragments instead of ``acc`` items.)
+
+Positions: query token t (request-local) of a request with qo_len q and kv_len k sits at KV position
+``qo_pos = k - q + t``; causal masking keeps kv_pos <= qo_pos. Scores live in the log2 domain
+(``ex2``); every LSE written is a natural log. A tile with slot -1 writes final rows (and LSE); a
+split tile writes fp32 partials (normalized output, natural LSE) into slot ``slot + i * stride`` for
+its query token i, combined afterwards by the decode partial-merge kernel (whose "request" is the
+global query token). An empty KV range writes zeros and -inf.
+
+Compile-time specialization: dtype code, head_dim, group size, q_tile, paged/ragged, causal, block
+size and the variant hooks (decode's ``DecodeHooks``). Everything else is read at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+from numba import float32, int64
+
+from tilegraph._device import SIMULATOR, cuda
+from tilegraph.errors import InputError
+from tilegraph.planner.layout import H_NUM_TILES
+from tilegraph.planner.prefill_layout import ROWS_PER_TILE, query_tile_tokens
+
+from . import primitives as prim
+from .compile_spec import CompileSpec
+from .decode import DEFAULT_HOOKS, DecodeHooks, _identity_logit, _identity_vec, _no_mask
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NEG_INF = float32(-math.inf)
+#: DecodeHooks fields this kernel does not implement (a config naming one is refused)
+UNSUPPORTED_HOOKS = ("query_pair_transform", "key_pair_transform", "sink")
+DTYPE_NAMES = {prim.F16: "float16", prim.BF16: "bfloat16", prim.F32: "float32"}
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """One compiled specialization of the prefill kernel."""
+
+    kind: int  # primitives.F16 / BF16 / F32
+    head_dim: int
+    group: int
+    paged: bool
+    causal: bool
+    threads: int
+    hooks: DecodeHooks = DEFAULT_HOOKS
+
+    def __post_init__(self) -> None:
+        unsupported = [name for name in UNSUPPORTED_HOOKS if getattr(self.hooks, name, None) is not None]
+        if not getattr(self.hooks, "softmax", True):
+            unsupported.append("softmax=False")
+        if unsupported:
+            raise InputError(f"the prefill kernel does not support the hooks {unsupported} of variant {self.hooks.name!r} yet")
+
+    @property
+    def splittable(self) -> bool:
+        """Split-KV plans are allowed: the output hook (nonlinear in general) must see the final row,
+        and split rows are finished by the merge kernel, so a variant with one is never split."""
+        return self.hooks.output_transform is None
+
+    @property
+    def q_tile(self) -> int:
+        """Query tokens per tile (the planner's ``layout.q_tile``)."""
+        return query_tile_tokens(self.group)
+
+    @property
+    def heads_per_pass(self) -> int:
+        return min(self.group, ROWS_PER_TILE)
+
+    @property
+    def rows(self) -> int:
+        return self.q_tile * self.heads_per_pass
+
+    @property
+    def kv_block(self) -> int:
+        """KV tokens per shared-memory block (sq + sk + sv + ss stay under 48 KB of static shared memory)."""
+        if SIMULATOR:
+            return 8
+        return 16 if self.head_dim <= 128 else 8
+
+    @property
+    def block(self) -> tuple[int]:
+        return (self.threads,)
+
+
+def default_threads() -> int:
+    """Threads per CTA: 128 on a GPU; 32 on the simulator (every simulated thread costs)."""
+    return 32 if SIMULATOR else 128
+
+
+def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
+    """The plain Python kernel function for ``cfg`` (cuda.jit it to launch, compile_ptx to check)."""
+    KIND, HEAD_DIM, GROUP, NT = cfg.kind, cfg.head_dim, cfg.group, cfg.threads
+    PAGED, CAUSAL = cfg.paged, cfg.causal
+    HP, ROWS, KB = cfg.heads_per_pass, cfg.rows, cfg.kv_block
+    LANES = HEAD_DIM // 8
+    WORDS8 = prim.words_per_row8(KIND)
+    ROW_WORDS = LANES * WORDS8
+    ITEMS = -(-ROWS * LANES // NT)  # (row, 8-vector) output items per thread, held in registers
+    ACC = ITEMS * 8
+    hooks = cfg.hooks
+    HAS_LOGITS_HOOK = hooks.logits_transform is not None
+    HAS_MASK = hooks.logits_mask is not None
+    q_hook = hooks.query_transform or _identity_vec
+    k_hook = hooks.key_transform or _identity_vec
+    o_hook = hooks.output_transform or _identity_vec
+    logit_hook = hooks.logits_transform or _identity_logit
+    mask_hook = hooks.logits_mask or _no_mask
+    load_row8, store_row8, ex2 = prim.load_row8, prim.store_row8, prim.ex2
+
+    @cuda.jit(device=True, inline="always")
+    def kv_row(request, t, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size):
+        """First word of KV token t (request-local) of kv_head: paged through the page table, or ragged."""
+        if PAGED:
+            page = int64(kv_indices[int64(kv_indptr[request]) + t // page_size])
+            return page * page_stride + (t % page_size) * token_stride + kv_head * head_stride
+        return (int64(kv_indptr[request]) + t) * token_stride + kv_head * head_stride
+
+    @cuda.jit(device=True, inline="always")
+    def scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params):
+        """Core 1 (mma-replaceable): ss[r, c] = q_r . k_c in the log2 domain, -inf where masked."""
+        for item in range(tid, n_rows * n_kv, NT):
+            r = item // n_kv
+            c = item - r * n_kv
+            s = float32(0.0)
+            for dim in range(HEAD_DIM):
+                s += sq[r, dim] * sk[c, dim]
+            tok = r // HP
+            head = head0 + r - tok * HP
+            qo_pos = qo_pos0 + tok
+            kv_pos = kb0 + c
+            qo_head = kv_head * GROUP + head
+            if HAS_LOGITS_HOOK:
+                s = float32(logit_hook(s, request, qo_pos, kv_pos, qo_head, kv_head, params) * LOG2E)
+            keep = head < GROUP
+            if CAUSAL:
+                keep = keep and kv_pos <= qo_pos
+            if HAS_MASK:
+                keep = keep and mask_hook(request, qo_pos, kv_pos, qo_head, kv_head, params)
+            ss[r, c] = s if keep else NEG_INF
+
+    @cuda.jit(device=True, inline="always")
+    def softmax_step(ss, sm, sd, sscale, tid, n_rows, n_kv):
+        """Online softmax per row: new max, rescale of the old state, ss <- probabilities (log2 domain)."""
+        for r in range(tid, n_rows, NT):
+            m_old = sm[r]
+            m_new = m_old
+            for c in range(n_kv):
+                m_new = max(m_new, ss[r, c])
+            total = float32(0.0)
+            if m_new == NEG_INF:
+                scale = float32(1.0)
+                for c in range(n_kv):
+                    ss[r, c] = float32(0.0)
+            else:
+                scale = ex2(m_old - m_new)
+                for c in range(n_kv):
+                    p = ex2(ss[r, c] - m_new)
+                    ss[r, c] = p
+                    total += p
+            sd[r] = sd[r] * scale + total
+            sm[r] = m_new
+            sscale[r] = scale
+
+    @cuda.jit(device=True, inline="always")
+    def accumulate_pv(acc, ss, sv, sscale, tid, n_rows, n_kv):
+        """Core 2 (mma-replaceable): O = O * rescale + P V for this thread's (row, 8-vector) items."""
+        for i in range(ITEMS):
+            item = tid + i * NT
+            r = item // LANES
+            if r < n_rows:
+                dim0 = (item - r * LANES) * 8
+                scale = sscale[r]
+                for k in range(8):
+                    acc[i * 8 + k] *= scale
+                for c in range(n_kv):
+                    p = ss[r, c]
+                    for k in range(8):
+                        acc[i * 8 + k] += p * sv[c, dim0 + k]
+
+    def prefill_kernel(
+        header, cta_tile_indptr, tile_request, tile_q_start, tile_q_end, tile_kv_head, tile_kv_start, tile_kv_end,
+        tile_slot, tile_slot_stride,
+        qo_indptr, kv_indptr, kv_indices, kv_len,
+        q_words, q_stride_n, q_stride_h,
+        k_words, v_words, page_stride, token_stride, head_stride, page_size,
+        out_words, lse, write_lse, partial_out, partial_lse,
+        sm_scale, num_qo_heads, params,
+    ):  # fmt: skip
+        tid = cuda.threadIdx.x
+        sq = cuda.shared.array((ROWS, HEAD_DIM), float32)
+        sk = cuda.shared.array((KB, HEAD_DIM), float32)
+        sv = cuda.shared.array((KB, HEAD_DIM), float32)
+        ss = cuda.shared.array((ROWS, KB), float32)
+        sm = cuda.shared.array(ROWS, float32)
+        sd = cuda.shared.array(ROWS, float32)
+        sscale = cuda.shared.array(ROWS, float32)
+        acc = cuda.local.array(ACC, float32)
+        v8 = cuda.local.array(8, float32)
+        # q pre-scaled into the log2 domain, unless a logits hook needs the natural score
+        q_scale = float32(sm_scale) if HAS_LOGITS_HOOK else float32(sm_scale * LOG2E)
+        num_tiles = header[H_NUM_TILES]
+        cta = cuda.blockIdx.x
+        tile_stop = min(cta_tile_indptr[cta + 1], num_tiles)
+        for tile in range(cta_tile_indptr[cta], tile_stop):
+            request = int64(tile_request[tile])
+            kv_head = int64(tile_kv_head[tile])
+            q_start = int64(tile_q_start[tile])
+            n_tok = int64(tile_q_end[tile]) - q_start
+            kv_start = int64(tile_kv_start[tile])
+            kv_end = int64(tile_kv_end[tile])
+            slot = int64(tile_slot[tile])
+            slot_stride = int64(tile_slot_stride[tile])
+            qo_begin = int64(qo_indptr[request])
+            qo_pos0 = int64(kv_len[request]) - (int64(qo_indptr[request + 1]) - qo_begin) + q_start
+            n_rows = n_tok * HP
+            for head0 in range(0, GROUP, HP):
+                # query rows -> sq (zeros past the tile), fresh softmax state
+                for item in range(tid, ROWS * LANES, NT):
+                    r = item // LANES
+                    dim0 = (item - r * LANES) * 8
+                    tok = r // HP
+                    head = head0 + r - tok * HP
+                    for k in range(8):
+                        v8[k] = float32(0.0)
+                    if tok < n_tok and head < GROUP:
+                        qo_head = kv_head * GROUP + head
+                        w0 = (qo_begin + q_start + tok) * q_stride_n + qo_head * q_stride_h + (dim0 // 8) * WORDS8
+                        load_row8(q_words, w0, KIND, v8)
+                        q_hook(v8, dim0, request, qo_head, qo_pos0 + tok, params)
+                    for k in range(8):
+                        sq[r, dim0 + k] = v8[k] * q_scale
+                for r in range(tid, ROWS, NT):
+                    sm[r] = NEG_INF
+                    sd[r] = float32(0.0)
+                for k in range(ACC):
+                    acc[k] = float32(0.0)
+                cuda.syncthreads()
+                for kb0 in range(kv_start, kv_end, KB):
+                    n_kv = min(int64(KB), kv_end - kb0)
+                    for item in range(tid, n_kv * LANES, NT):
+                        c = item // LANES
+                        dim0 = (item - c * LANES) * 8
+                        row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size)
+                        load_row8(k_words, row + (dim0 // 8) * WORDS8, KIND, v8)
+                        k_hook(v8, dim0, request, kv_head, kb0 + c, params)
+                        for k in range(8):
+                            sk[c, dim0 + k] = v8[k]
+                        load_row8(v_words, row + (dim0 // 8) * WORDS8, KIND, v8)
+                        for k in range(8):
+                            sv[c, dim0 + k] = v8[k]
+                    cuda.syncthreads()
+                    scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params)
+                    cuda.syncthreads()
+                    softmax_step(ss, sm, sd, sscale, tid, n_rows, n_kv)
+                    cuda.syncthreads()
+                    accumulate_pv(acc, ss, sv, sscale, tid, n_rows, n_kv)
+                    cuda.syncthreads()
+                # epilogue: normalize, natural LSE, final rows or partial slots
+                for i in range(ITEMS):
+                    item = tid + i * NT
+                    r = item // LANES
+                    tok = r // HP
+                    head = head0 + r - tok * HP
+                    if r < n_rows and head < GROUP:
+                        dim0 = (item - r * LANES) * 8
+                        d = sd[r]
+                        lse_value = NEG_INF
+                        for k in range(8):
+                            v8[k] = float32(0.0)
+                        if d > float32(0.0):
+                            inv = float32(1.0) / d
+                            for k in range(8):
+                                v8[k] = acc[i * 8 + k] * inv
+                            lse_value = float32((sm[r] + math.log2(d)) * LN2)
+                        qo_head = kv_head * GROUP + head
+                        if slot < 0:
+                            o_hook(v8, dim0, request, qo_head, qo_pos0 + tok, params)
+                            out_row = (qo_begin + q_start + tok) * num_qo_heads + qo_head
+                            store_row8(out_words, out_row * ROW_WORDS + (dim0 // 8) * WORDS8, KIND, v8)
+                            if dim0 == 0 and write_lse != 0:
+                                lse[out_row] = lse_value
+                        else:
+                            part_row = (slot + tok * slot_stride) * GROUP + head
+                            for k in range(8):
+                                partial_out[part_row * HEAD_DIM + dim0 + k] = v8[k]
+                            if dim0 == 0:
+                                partial_lse[part_row] = lse_value
+                cuda.syncthreads()
+
+    return prefill_kernel
+
+
+@lru_cache(maxsize=None)
+def prefill_kernel(cfg: PrefillConfig) -> Any:
+    """The launchable kernel for ``cfg``: compiled once per process (on first launch)."""
+    return cuda.jit(make_prefill_kernel(cfg), fastmath=True)
+
+
+def prefill_signature() -> str:
+    i32, f32 = "int32[::1]", "float32[::1]"
+    tables = ", ".join([i32] * 14)
+    return (
+        f"void({tables}, {i32}, int64, int64, {i32}, {i32}, int64, int64, int64, int64, "
+        f"{i32}, {f32}, int32, {f32}, {f32}, float32, int64, {f32})"
+    )
+
+
+@cuda.jit(device=True, inline="always")
+def _check_soft_cap(score, request, qo_pos, kv_pos, qo_head, kv_head, params):
+    cap = params[0]
+    return float32(cap * math.tanh(score / cap))
+
+
+@cuda.jit(device=True, inline="always")
+def _check_window(request, qo_pos, kv_pos, qo_head, kv_head, params):
+    return qo_pos - kv_pos <= int(params[1])
+
+
+@cuda.jit(device=True, inline="always")
+def _check_scale_out(o8, dim0, request, qo_head, qo_pos, params):
+    for k in range(8):
+        o8[k] *= params[2]
+
+
+#: a hooked specialization for the compile check (every hook position the kernel has but the key/query ones)
+CHECK_HOOKS = DecodeHooks(logits_transform=_check_soft_cap, logits_mask=_check_window,
+                          output_transform=_check_scale_out, name="softcap+window+scale")  # fmt: skip
+
+
+def gpu_compile_specs() -> list[CompileSpec]:
+    """Covering set: every dtype, head_dims 64..256, groups 1..8 (and a two-pass 32), paged and ragged,
+    causal and not, default and hooked variants."""
+    cases = [
+        (prim.F16, 128, 1, True, True, DEFAULT_HOOKS),
+        (prim.BF16, 64, 4, True, False, DEFAULT_HOOKS),
+        (prim.F32, 256, 2, False, True, DEFAULT_HOOKS),
+        (prim.F16, 96, 3, False, False, DEFAULT_HOOKS),
+        (prim.BF16, 128, 8, True, True, CHECK_HOOKS),
+        (prim.F16, 64, 32, True, True, DEFAULT_HOOKS),
+    ]
+    specs = []
+    for kind, head_dim, group, paged, causal, hooks in cases:
+        cfg = PrefillConfig(kind, head_dim, group, paged, causal, threads=128, hooks=hooks)
+        name = f"prefill[{DTYPE_NAMES[kind]},hd{head_dim},g{group},{'paged' if paged else 'ragged'},{'causal' if causal else 'full'},{hooks.name}]"
+        specs.append(
+            CompileSpec(
+                name=name,
+                pyfunc=make_prefill_kernel(cfg),
+                signature=prefill_signature(),
+                expect=("ld.global.nc.v4.u32", "ex2.approx", "bar.sync"),
+                fastmath=True,
+            )
+        )
+    return specs

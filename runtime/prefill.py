@@ -1,0 +1,411 @@
+"""``tilegraph.BatchPrefill`` / ``BatchPrefillRagged``: batch prefill / append attention, mixed batches.
+
+    pre = tilegraph.BatchPrefill(settings, causal=True, device="cuda")   # "cpu": the numba CUDA simulator
+    plan = pre.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len)  # -> PrefillPlan (host), staged
+    out = pre.run(q, kv_cache)                           # q [nnz_q, Hq, D] -> out [nnz_q, Hq, D]
+    out, lse = pre.run(q, kv_cache, return_lse=True)     # lse float32 [nnz_q, Hq], natural log
+
+    rag = tilegraph.BatchPrefillRagged(settings, causal=True)
+    rag.plan(qo_indptr, kv_indptr)                       # kv_indptr: KV token offsets into k / v
+    out = rag.run(q, k, v)                               # k, v [nnz_kv, Hkv, D]
+
+Request r owns query rows qo_indptr[r] : qo_indptr[r+1] of q (its qo_len tokens are the *last*
+qo_len positions of its KV: causal masking lets query i see KV positions <= kv_len - qo_len + i).
+Decode requests (qo_len 1) and prefill requests mix freely in one plan and one launch (plus one
+merge launch for split tiles). ``padded_num_tokens`` (the graph runtime's token bucket) gives q/out
+that many rows; rows past qo_indptr[-1] are neither read nor written.
+
+Every error a caller can cause is raised before any kernel launches and nothing is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from tilegraph._device import resolve_device
+from tilegraph.errors import InputError, PlanError, StateError
+from tilegraph.graphs.protocol import PlanState
+from tilegraph.kernels import primitives as prim
+from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeHooks
+from tilegraph.kernels.launch import as_words, launch
+from tilegraph.kernels.merge import launch_partial_merge
+from tilegraph.kernels.prefill import PrefillConfig, default_threads, prefill_kernel
+from tilegraph.nvtx_ranges import plan_range
+from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_ragged
+from tilegraph.planner.prefill_layout import PrefillLayout
+
+from .decode import resolve_num_ctas
+from .kv_cache import KVCache, PagedKV, paged_kv
+from .settings import Settings
+from .workspace import Workspace
+
+_plan_serials = itertools.count(1)
+_handles = itertools.count(1)
+_instances: "weakref.WeakValueDictionary[int, _PrefillBase]" = weakref.WeakValueDictionary()
+
+
+def prefill_workspace_nbytes(settings: Settings, device: str | torch.device | None = None, paged: bool = True) -> int:
+    """Device bytes of one prefill workspace: an exact function of Settings and the device."""
+    dev = resolve_device(device)
+    return PrefillLayout.from_settings(settings, resolve_num_ctas(settings, dev), paged).workspace_nbytes
+
+
+class _PrefillBase:
+    """Shared by the paged and ragged forms: workspace, config, plan staging, graph protocol, launch."""
+
+    MERGE_CTAS = 4  # fixed grid of the partial-merge kernel (it loops over the live merge entries)
+    PAGED = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        causal: bool = False,
+        device: str | torch.device | None = None,
+        hooks: DecodeHooks = DEFAULT_HOOKS,
+    ):
+        self.settings = settings
+        self.causal = bool(causal)
+        self.device = resolve_device(device)
+        self.num_ctas = resolve_num_ctas(settings, self.device)
+        self.layout = PrefillLayout.from_settings(settings, self.num_ctas, paged=self.PAGED)
+        self.workspace = Workspace(self.layout, self.device)  # type: ignore[arg-type]  (same duck type)
+        self.config = PrefillConfig(
+            kind=prim.DTYPE_CODES[settings.dtype],
+            head_dim=settings.head_dim,
+            group=settings.group_size,
+            paged=self.PAGED,
+            causal=self.causal,
+            threads=default_threads(),
+            hooks=hooks,
+        )
+        assert self.config.q_tile == self.layout.q_tile, "kernel and planner disagree on the query tile"
+        self._plan: PrefillPlan | None = None
+        self._rows = 0  # q/out rows the current plan expects (its tokens, or the padded bucket)
+        self._capturing = False
+        self._handle = next(_handles)
+        _instances[self._handle] = self
+
+    @property
+    def workspace_nbytes(self) -> int:
+        return self.layout.workspace_nbytes
+
+    @property
+    def current_plan(self) -> PrefillPlan | None:
+        return self._plan
+
+    def _accept(self, plan: PrefillPlan, padded_num_tokens: int | None) -> PrefillPlan:
+        rows = plan.num_tokens if padded_num_tokens is None else int(padded_num_tokens)
+        if rows < plan.num_tokens or rows > self.settings.max_num_tokens:
+            raise PlanError(
+                f"padded_num_tokens={padded_num_tokens} must lie in [qo_indptr[-1]={plan.num_tokens}, "
+                f"max_num_tokens={self.settings.max_num_tokens}]"
+            )
+        self.workspace.stage(plan.buffer)
+        self._plan, self._rows = plan, rows
+        return plan
+
+    def _refuse_while_capturing(self) -> None:
+        if self._capturing:
+            raise StateError("plan() was called while a CUDA graph capture is in progress: plan before capturing or replaying")
+
+    # ---- graph protocol (tilegraph.graphs.protocol.GraphAware); the bucket is the padded token count --
+
+    def graph_set_capturing(self, capturing: bool) -> None:
+        self._capturing = capturing
+
+    def graph_buffers(self) -> dict[str, torch.Tensor]:
+        ws = self.workspace
+        return {"plan": ws.plan_words, "partial_out": ws.partial_out, "partial_lse": ws.partial_lse,
+                "no_lse": ws.no_lse, "no_params": ws.no_params}  # fmt: skip
+
+    def graph_plan_state(self) -> PlanState:
+        serial = self._plan.serial if self._plan is not None else 0
+        return PlanState(serial=serial, padded_batch_size=self._rows, key=self._key)
+
+    def graph_before_replay(self) -> None:
+        self.workspace.flush()
+
+    @property
+    def _key(self) -> str:
+        form = "paged" if self.PAGED else "ragged"
+        return f"prefill:{form}:{'causal' if self.causal else 'full'}|{self.settings.model_dump_json()}|{self.config.hooks.name}"
+
+    # ---- checks ---------------------------------------------------------------------------------
+
+    def _check_q(self, q: Any) -> torch.Tensor:
+        s = self.settings
+        if not isinstance(q, torch.Tensor):
+            raise InputError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        if q.dtype != s.torch_dtype:
+            raise InputError(f"q has dtype {q.dtype}, Settings.dtype is {s.dtype}")
+        if q.device != self.device:
+            raise InputError(f"q is on {q.device}, the attention object runs on {self.device}")
+        if q.dim() != 3 or tuple(q.shape[1:]) != (s.num_qo_heads, s.head_dim):
+            raise InputError(f"q must be [nnz_q, num_qo_heads={s.num_qo_heads}, head_dim={s.head_dim}], got {tuple(q.shape)}")
+        if q.shape[0] != self._rows:
+            raise InputError(f"q has {q.shape[0]} query tokens but the plan was made for {self._rows} (qo_indptr[-1] or padded_num_tokens)")
+        if q.stride(2) != 1:
+            raise InputError("q's last dimension must be contiguous (stride 1)")
+        item = q.element_size()
+        if q.data_ptr() % 16 or (q.stride(0) * item) % 16 or (q.stride(1) * item) % 16:
+            raise InputError("q must be 16-byte aligned: its data pointer and its strides of dims 0 and 1 (in bytes)")
+        return q
+
+    def _check_out(self, out: Any) -> torch.Tensor:
+        s = self.settings
+        shape = (self._rows, s.num_qo_heads, s.head_dim)
+        if not isinstance(out, torch.Tensor):
+            raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != s.torch_dtype:
+            raise InputError(f"out has dtype {out.dtype}, Settings.dtype is {s.dtype}")
+        if out.device != self.device:
+            raise InputError(f"out is on {out.device}, the attention object runs on {self.device}")
+        if tuple(out.shape) != shape:
+            raise InputError(f"out must have shape {shape}, got {tuple(out.shape)}")
+        if not out.is_contiguous() or out.data_ptr() % 16:
+            raise InputError("out must be contiguous and 16-byte aligned")
+        return out
+
+    def _outputs(self, out: torch.Tensor | None, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._plan is None:
+            raise StateError("run() was called before plan(): plan the batch first")
+        s = self.settings
+        if out is None:
+            out = torch.empty((self._rows, s.num_qo_heads, s.head_dim), dtype=s.torch_dtype, device=self.device)
+        lse = torch.empty((self._rows if return_lse else 0, s.num_qo_heads), dtype=torch.float32, device=self.device)
+        return out, lse
+
+    # ---- launch ---------------------------------------------------------------------------------
+
+    def _launch(self, q: torch.Tensor, kv: PagedKV, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+        """One attention launch over the fixed grid, then one partial-merge launch (no host sync)."""
+        ws, sec, s = self.workspace, self.workspace.sections, self.settings
+        words_per_elem = q.element_size() / 4
+        lse_arg = lse.view(-1) if lse is not None else ws.no_lse
+        out_words = as_words(out)
+        launch(
+            "prefill",
+            prefill_kernel(self.config),
+            (self.num_ctas,),
+            self.config.block,
+            (
+                sec["header"], sec["cta_tile_indptr"], sec["tile_request"], sec["tile_q_start"], sec["tile_q_end"],
+                sec["tile_kv_head"], sec["tile_kv_start"], sec["tile_kv_end"], sec["tile_slot"], sec["tile_slot_stride"],
+                sec["qo_indptr"], sec["kv_indptr"], sec["kv_indices"], sec["kv_len"],
+                _span_words(q), np.int64(q.stride(0) * words_per_elem), np.int64(q.stride(1) * words_per_elem),
+                kv.k_words, kv.v_words, np.int64(kv.page_stride), np.int64(kv.token_stride),
+                np.int64(kv.head_stride), np.int64(s.page_size),
+                out_words, lse_arg, np.int32(lse is not None), ws.partial_out, ws.partial_lse,
+                np.float32(s.sm_scale), np.int64(s.num_qo_heads), ws.no_params,
+            ),
+        )  # fmt: skip
+        launch_partial_merge(
+            kind=self.config.kind,
+            head_dim=s.head_dim,
+            group_size=s.group_size,
+            header=sec["header"],
+            merge_slot_indptr=sec["merge_slot_indptr"],
+            merge_request=sec["merge_request"],
+            merge_kv_head=sec["merge_kv_head"],
+            partial_out=ws.partial_out,
+            partial_lse=ws.partial_lse,
+            out_words=out_words,
+            lse=lse_arg,
+            write_lse=lse is not None,
+            num_qo_heads=s.num_qo_heads,
+            grid=self.MERGE_CTAS,
+        )
+
+    def _finish_checked(self, q: torch.Tensor, kv: PagedKV, out: Any, lse: torch.Tensor, return_lse: bool) -> None:
+        out = self._check_out(out)
+        if not self._capturing:
+            self.workspace.flush()
+        assert self._plan is not None
+        if self._plan.num_tokens:
+            self._launch(q, kv, out, lse if return_lse else None)
+
+
+class BatchPrefill(_PrefillBase):
+    """Prefill / append attention over the paged KV cache (CUDA-graph safe: launch shapes never change).
+
+    causal: mask aligned to the end of the KV (query i of a request with qo_len q and kv_len k sees
+    KV positions <= k - q + i); qo_len > kv_len is then an InputError at plan()."""
+
+    PAGED = True
+
+    @plan_range
+    def plan(
+        self,
+        qo_indptr: Any,
+        kv_indptr: Any,
+        kv_indices: Any,
+        kv_last_page_len: Any,
+        padded_num_tokens: int | None = None,
+    ) -> PrefillPlan:
+        """Validate the batch, balance its tiles over the CTAs and stage the plan for upload.
+
+        qo_indptr [B+1] (query token offsets into q), kv_indptr [B+1], kv_indices [nnz_pages],
+        kv_last_page_len [B]: int32 CPU tensors or numpy arrays. ``padded_num_tokens`` (>=
+        qo_indptr[-1], <= max_num_tokens): q/out then have that many rows. The staged plan reaches
+        the device in ONE async copy on the stream of the next ``run()`` (or graph replay)."""
+        self._refuse_while_capturing()
+        plan = plan_prefill(
+            self.layout, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+            num_pages=self.settings.max_num_pages, causal=self.causal, serial=next(_plan_serials),
+            allow_split=self.config.splittable,
+        )  # fmt: skip
+        return self._accept(plan, padded_num_tokens)
+
+    def graph_prepare_capture(self, num_tokens: int) -> None:
+        """A stand-in plan for a token bucket: one request of ``num_tokens`` queries over as many KV
+        tokens, every page reference page 0."""
+        pages = -(-num_tokens // self.settings.page_size)
+        last = num_tokens - (pages - 1) * self.settings.page_size
+        self.plan(
+            np.array([0, num_tokens], np.int32), np.array([0, pages], np.int32), np.zeros(pages, np.int32),
+            np.array([last], np.int32), padded_num_tokens=num_tokens,
+        )  # fmt: skip
+
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache: KVCache,
+        out: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``q`` [nnz_q, num_qo_heads, head_dim] over the planned pages of ``kv_cache``.
+
+        q may be a strided view whose last dim is contiguous and whose pointer and strides are 16-byte
+        aligned. Returns ``out`` [nnz_q, num_qo_heads, head_dim] (Settings dtype) and, with
+        ``return_lse``, the natural-log LSE float32 [nnz_q, num_qo_heads]. Runs as the custom op
+        ``torch.ops.tilegraph.batch_prefill``."""
+        out, lse = self._outputs(out, return_lse)
+        if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2:
+            k_cache, v_cache, paired = kv_cache[0], kv_cache[1], True
+        else:
+            k_cache, v_cache, paired = kv_cache, kv_cache, False
+        named = (("q", q), ("kv_cache", k_cache), ("kv_cache", v_cache), ("out", out))
+        bad = next((n for n, t in named if not isinstance(t, torch.Tensor)), None)
+        if bad is not None:
+            raise InputError(f"{bad} must be a torch.Tensor (or, for kv_cache, a (k_cache, v_cache) pair of them)")
+        torch.ops.tilegraph.batch_prefill(self._handle, q, k_cache, v_cache, paired, out, lse, return_lse)
+        return (out, lse) if return_lse else out
+
+    def _run_checked(self, q, k_cache, v_cache, paired, out, lse, return_lse) -> None:
+        plan = self._plan
+        assert plan is not None
+        q = self._check_q(q)
+        kv = paged_kv((k_cache, v_cache) if paired else k_cache, self.settings, self.device)
+        if plan.max_page_index >= kv.num_pages:
+            raise InputError(f"kv_cache has {kv.num_pages} pages but the plan references page {plan.max_page_index}")
+        self._finish_checked(q, kv, out, lse, return_lse)
+
+
+class BatchPrefillRagged(_PrefillBase):
+    """Prefill attention over contiguous ragged K/V [nnz_kv, num_kv_heads, head_dim] (request r's KV is
+    rows kv_indptr[r] : kv_indptr[r+1]). Same masking, outputs and graph protocol as BatchPrefill."""
+
+    PAGED = False
+
+    @plan_range
+    def plan(self, qo_indptr: Any, kv_indptr: Any, padded_num_tokens: int | None = None) -> PrefillPlan:
+        """qo_indptr [B+1], kv_indptr [B+1] (KV token offsets): int32 CPU tensors or numpy arrays."""
+        self._refuse_while_capturing()
+        plan = plan_prefill_ragged(
+            self.layout, qo_indptr, kv_indptr, causal=self.causal, serial=next(_plan_serials), allow_split=self.config.splittable
+        )
+        return self._accept(plan, padded_num_tokens)
+
+    def graph_prepare_capture(self, num_tokens: int) -> None:
+        """A stand-in plan for a token bucket: one request of ``num_tokens`` queries over as many KV rows
+        (k / v of the captured forward need at least ``num_tokens`` rows)."""
+        indptr = np.array([0, num_tokens], np.int32)
+        self.plan(indptr, indptr, padded_num_tokens=num_tokens)
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``q`` [nnz_q, Hq, D] over ragged ``k`` / ``v`` [nnz_kv, Hkv, D] (contiguous,
+        Settings dtype, nnz_kv >= kv_indptr[-1]). Returns ``out`` [nnz_q, Hq, D] and, with
+        ``return_lse``, the natural-log LSE float32 [nnz_q, Hq]. Runs as the custom op
+        ``torch.ops.tilegraph.batch_prefill_ragged``."""
+        out, lse = self._outputs(out, return_lse)
+        named = (("q", q), ("k", k), ("v", v), ("out", out))
+        bad = next((n for n, t in named if not isinstance(t, torch.Tensor)), None)
+        if bad is not None:
+            raise InputError(f"{bad} must be a torch.Tensor")
+        torch.ops.tilegraph.batch_prefill_ragged(self._handle, q, k, v, out, lse, return_lse)
+        return (out, lse) if return_lse else out
+
+    def _check_kv(self, name: str, t: torch.Tensor) -> None:
+        s = self.settings
+        if t.dtype != s.torch_dtype:
+            raise InputError(f"{name} has dtype {t.dtype}, Settings.dtype is {s.dtype}")
+        if t.device != self.device:
+            raise InputError(f"{name} is on {t.device}, the attention object runs on {self.device}")
+        if t.dim() != 3 or tuple(t.shape[1:]) != (s.num_kv_heads, s.head_dim):
+            raise InputError(f"{name} must be [nnz_kv, num_kv_heads={s.num_kv_heads}, head_dim={s.head_dim}], got {tuple(t.shape)}")
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            raise InputError(f"{name} must be contiguous and 16-byte aligned")
+        assert self._plan is not None
+        if t.shape[0] < self._plan.kv_tokens:
+            raise InputError(f"{name} has {t.shape[0]} rows but kv_indptr[-1] = {self._plan.kv_tokens}")
+
+    def _run_checked(self, q, k, v, out, lse, return_lse) -> None:
+        q = self._check_q(q)
+        self._check_kv("k", k)
+        self._check_kv("v", v)
+        row_words = self.settings.head_dim * k.element_size() // 4
+        token_stride = self.settings.num_kv_heads * row_words
+        kv = PagedKV(as_words(k), as_words(v), 0, token_stride, row_words, k.shape[0])
+        self._finish_checked(q, kv, out, lse, return_lse)
+
+
+def _span_words(q: torch.Tensor) -> torch.Tensor:
+    """A flat int32 view of the storage q spans (q may be strided; its strides are passed separately)."""
+    span = (q.shape[0] - 1) * q.stride(0) + (q.shape[1] - 1) * q.stride(1) + q.shape[2]
+    per_word = 4 // q.element_size()
+    span = -(-span // per_word) * per_word
+    return torch.as_strided(q, (span,), (1,), q.storage_offset()).view(torch.int32)
+
+
+def _instance(handle: int) -> _PrefillBase:
+    obj = _instances.get(handle)
+    if obj is None:
+        raise StateError(f"the prefill object behind handle {handle} no longer exists")
+    return obj
+
+
+@torch.library.custom_op("tilegraph::batch_prefill", mutates_args=("out", "lse"))
+def _batch_prefill_op(
+    handle: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, paired: bool,
+    out: torch.Tensor, lse: torch.Tensor, return_lse: bool,
+) -> None:  # fmt: skip
+    _instance(handle)._run_checked(q, k_cache, v_cache, paired, out, lse, return_lse)  # type: ignore[attr-defined]
+
+
+@_batch_prefill_op.register_fake
+def _batch_prefill_fake(handle, q, k_cache, v_cache, paired, out, lse, return_lse) -> None:
+    return None
+
+
+@torch.library.custom_op("tilegraph::batch_prefill_ragged", mutates_args=("out", "lse"))
+def _batch_prefill_ragged_op(
+    handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, return_lse: bool,
+) -> None:  # fmt: skip
+    _instance(handle)._run_checked(q, k, v, out, lse, return_lse)  # type: ignore[call-arg]
+
+
+@_batch_prefill_ragged_op.register_fake
+def _batch_prefill_ragged_fake(handle, q, k, v, out, lse, return_lse) -> None:
+    return None
