@@ -5,7 +5,7 @@
     out = runner.run(inputs, kv_indptr, kv_indices, kv_last_page_len)   # pad, plan, copy, replay
 
 ``forward(inputs: dict[str, Tensor]) -> Tensor`` is any model step whose tensors' first dimension
-is the batch and whose tilegraph attention objects (``attention``) read the current plan. Per
+is the batch (query tokens for prefill: pass token-count ``buckets`` and use ``step()``) and whose tilegraph attention objects (``attention``) read the current plan. Per
 step the runner pads the batch to the next bucket (padded requests get no pages and no tiles:
 they write nothing and nothing of theirs reaches real rows), plans, copies the inputs into the
 bucket's static buffers, uploads the plan on the replay stream and replays. Batches above the
@@ -66,11 +66,12 @@ class GraphRunner:
         attention: GraphAware | Sequence[GraphAware],
         settings: Settings | None = None,
         debug: bool = False,
+        buckets: Sequence[int] | None = None,
     ) -> None:
         self.forward = forward
         self.attention: list[GraphAware] = list(attention) if isinstance(attention, (list, tuple)) else [attention]
         self.settings = settings or getattr(self.attention[0], "settings")
-        self.buckets = tuple(self.settings.graph_batch_sizes)
+        self.buckets = tuple(sorted(set(buckets))) if buckets is not None else tuple(self.settings.graph_batch_sizes)
         self.debug = debug
         self.device = next(iter(example_inputs.values())).device
         self.simulated = self.device.type != "cuda"
@@ -167,19 +168,29 @@ class GraphRunner:
         kv_last_page_len: Any,
         copy: bool = False,
     ) -> torch.Tensor:
-        """One step: plan every attention object, then replay the bucket's graph (or run eagerly)."""
+        """One decode step: plan every attention object for the bucket, then replay (or run eagerly)."""
+
+        def plan(padded: int | None) -> None:
+            for att in self.attention:
+                att.plan(kv_indptr, kv_indices, kv_last_page_len, padded_batch_size=padded)
+
+        return self.step(inputs, plan, copy=copy)
+
+    def step(self, inputs: dict[str, torch.Tensor], plan: Callable[[int | None], Any], copy: bool = False) -> torch.Tensor:
+        """One step of any graph-aware attention: ``plan(bucket)`` plans every attention object for
+        ``bucket`` rows (``None``: no padding, the step runs eagerly). For prefill the rows are query
+        tokens and the buckets token counts: e.g. ``plan = lambda n: prefill.plan(qo_indptr, kv_indptr,
+        kv_indices, kv_last_page_len, padded_num_tokens=n)``."""
         batch_size = _batch_of(inputs, self.static_inputs)
         bucket = self.bucket_for(batch_size)
         if bucket is None:
-            for att in self.attention:
-                att.plan(kv_indptr, kv_indices, kv_last_page_len)
+            plan(None)
             self.stats.eager_steps += 1
             return self.forward(inputs)
-        for att in self.attention:
-            att.plan(kv_indptr, kv_indices, kv_last_page_len, padded_batch_size=bucket)
         entry = self._graphs.get(bucket)
         if entry is None:
             raise StateError(f"no graph captured for bucket {bucket}: call capture_all() first")
+        plan(bucket)
         for name, t in inputs.items():
             entry.inputs[name][:batch_size].copy_(t)
         self.replay(bucket)
