@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from tilegraph import nvtx_ranges
 from tilegraph.errors import InputError, StateError
 from tilegraph.settings import Settings
 
@@ -136,7 +137,7 @@ class GraphRunner:
                 for att in self.attention:
                     att.graph_prepare_capture(batch_size)
                     att.graph_before_replay()
-                with self.capture(batch_size) as graph:
+                with nvtx_ranges.CAPTURE, self.capture(batch_size) as graph:
                     output = self.forward(inputs)
                 keys = [att.graph_plan_state().key for att in self.attention]
                 self._graphs[batch_size] = _Bucket(batch_size, graph, inputs, output, self._addresses(inputs, output), keys)
@@ -227,7 +228,8 @@ class GraphRunner:
                 raise StateError(f"static buffers moved since capture (debug check): {', '.join(moved)}")
         for att in self.attention:
             att.graph_before_replay()
-        entry.graph.replay()
+        with nvtx_ranges.REPLAY:
+            entry.graph.replay()
         self._last_replayed_serial = max(serials)
         self.stats.replays += 1
 

@@ -1,22 +1,39 @@
-"""Command line: ``python -m tilegraph {demo,selfcheck,bench,compile-check}`` (also the ``tilegraph`` script)."""
+"""Command line: ``python -m tilegraph {demo,selfcheck,bench,gpu-run,inspect-plan,compile-check}``
+(also the ``tilegraph`` script). ``tilegraph COMMAND --help`` describes each."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+# commands that parse their own arguments: name -> (module, help)
+DELEGATED = {
+    "bench": ("tilegraph.bench.cli", "benchmarks (measurements, not tests): plan, decode, merge, ..."),
+    "gpu-run": ("tilegraph.gpu_run", "everything a lent GPU should run, time-boxed, into one folder"),
+    "inspect-plan": ("tilegraph.inspect_plan", "plan a length mix on the host: tiles per CTA, balance, workspace bytes"),
+}
 
-def main(argv: list[str] | None = None) -> int:
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilegraph", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="plan and run a skewed decode batch, checked against a float64 reference")
     sub.add_parser("selfcheck", help="run each primitive and merge kernel once against numpy")
-    bench = sub.add_parser("bench", help="benchmarks (measurements, not tests)")
-    bench.add_argument("suite", choices=["plan"])
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, (_, help_text) in DELEGATED.items():
+        delegated = sub.add_parser(name, help=help_text, add_help=False)
+        delegated.add_argument("rest", nargs=argparse.REMAINDER)
     check = sub.add_parser("compile-check", help="compile every kernel for sm_80/sm_90 without a GPU")
     check.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+    args = _parser().parse_args(argv)
 
     if args.command == "demo":
         from .demo import main as demo
@@ -26,11 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         from .selfcheck import main as selfcheck
 
         return selfcheck()
-    if args.command == "bench":
-        from .bench.plan import main as bench_plan
-
-        bench_plan(args.rest)
-        return 0
     if args.command == "compile-check":
         import os
         import subprocess

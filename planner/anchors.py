@@ -1,0 +1,236 @@
+"""The schedulers we measure ourselves against, under OUR cost model (plan.py), and the LPT assignment
+they share with the planner (which keeps the better of its own packing and theirs).
+
+Both are reimplemented from public descriptions of FlashInfer's planners (no code taken); the choices
+the descriptions leave open are written down here. Both cut a request of ``kv_len`` tokens into
+chunks of ``chunk`` tokens (the last one shorter; ``chunk == 0`` or a shorter request: one whole
+tile; a request without tokens: one empty tile), then place the tiles -- requests longest first
+(ties: lower index first), a request's chunks in token order, kv_heads innermost -- each on the
+least-loaded CTA (``lpt_assign``; ties: the CTA that reached that load last).
+
+``flashinfer_decode`` (the split-KV decode scheduler): max_grid = num_ctas. If B * kv_heads >=
+max_grid it does not split. Otherwise it binary-searches the smallest chunk of c pages
+(c >= ceil(128 tokens / page_size)) with sum_i max(1, ceil(pages_i / c)) * kv_heads <= max_grid, so
+every tile gets its own CTA and the makespan is the costliest tile. (Its real grid launches the
+unsplit case in request order; we grant it longest-first, which can only help it.)
+
+``flashinfer_persistent`` (the persistent scheduler): chunk = the ideal per-CTA share of KV tokens,
+ceil(kv_heads * total_tokens / num_ctas), rounded up to whole pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .plan import TILE_OVERHEAD_TOKENS, balance_of, ideal_makespan
+
+MIN_CHUNK_TOKENS = 128  # the decode scheduler's smallest split chunk (rounded up to pages)
+
+_DEBRUIJN = np.uint64(0x03F79D71B4CA8B09)
+_TRAILING_ZEROS = np.zeros(64, np.int64)
+for _bit in range(64):
+    _TRAILING_ZEROS[(((1 << _bit) * 0x03F79D71B4CA8B09) % 2**64) >> 58] = _bit
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lowest_bit(word):
+    """Index of the lowest set bit of a non-zero uint64."""
+    return _TRAILING_ZEROS[((word & (~word + np.uint64(1))) * _DEBRUIJN) >> np.uint64(58)]
+
+
+@njit(cache=True, nogil=True)
+def chunk_groups(kv_len, request_order, num_kv_heads, chunk):
+    """Tiles of ``chunk``-token chunks as groups of equal tiles, in placement order.
+
+    Per group: request, first chunk, chunks in the group, tokens per tile, tiles (chunks x kv_heads);
+    tile j of a group is chunk ``first + j // kv_heads`` of kv_head ``j % kv_heads``. Also the chunk
+    count of every request (1: not split)."""
+    batch = request_order.shape[0]
+    g_request = np.empty(2 * batch, np.int64)
+    g_chunk0 = np.empty(2 * batch, np.int64)
+    g_chunks = np.empty(2 * batch, np.int64)
+    g_tokens = np.empty(2 * batch, np.int64)
+    request_chunks = np.empty(batch, np.int64)
+    n = 0
+    for i in request_order:
+        length = np.int64(kv_len[i])
+        full, rest = np.int64(1), np.int64(0)
+        size = length
+        if chunk > 0 and length > chunk:
+            full, rest, size = length // chunk, length % chunk, chunk
+        g_request[n], g_chunk0[n], g_chunks[n], g_tokens[n] = i, 0, full, size
+        n += 1
+        if rest > 0:
+            g_request[n], g_chunk0[n], g_chunks[n], g_tokens[n] = i, full, 1, rest
+            n += 1
+        request_chunks[i] = full + (rest > 0)
+    g_count = g_chunks[:n] * num_kv_heads
+    return g_request[:n], g_chunk0[:n], g_chunks[:n], g_tokens[:n], g_count, request_chunks
+
+
+@njit(cache=True, nogil=True)
+def lpt_assign(g_tokens, g_count, num_ctas, assignment):
+    """Place tiles, group by group in order, each on the least-loaded CTA; return the makespan.
+
+    Writes each tile's CTA into ``assignment`` (tiles in placement order) unless it is empty. Loads
+    live in a bucket queue: every load lies within one tile cost of the smallest, so a circular
+    array of buckets (one per load value) with a bitmap of non-empty ones finds the least-loaded
+    CTA in O(1). Equal tiles are placed in batches: all CTAs loaded at most ``least + cost`` are
+    exactly the ones tile after tile would pick (a placed tile lands at or above that), so they are
+    taken first and given their tiles after (ties between equal loads do not change any load)."""
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    largest = overhead
+    for g in range(g_tokens.shape[0]):
+        largest = max(largest, g_tokens[g] + overhead)
+    width = np.int64(64)
+    while width <= largest:
+        width *= 2
+    mask, words = width - 1, width // 64
+    nonempty = np.zeros(words, np.uint64)
+    bucket_head = np.empty(width, np.int64)  # read only where ``nonempty`` says so
+    next_cta = np.empty(num_ctas, np.int64)
+    for cta in range(num_ctas):  # all at load 0
+        next_cta[cta] = cta + 1 if cta + 1 < num_ctas else -1
+    bucket_head[0] = 0
+    nonempty[0] = np.uint64(1)
+    taken_cta = np.empty(num_ctas, np.int64)
+    taken_load = np.empty(num_ctas, np.int64)
+    least = np.int64(0)  # no load is smaller
+    makespan = np.int64(0)
+    record = assignment.shape[0] > 0
+    tile = 0
+    for g in range(g_tokens.shape[0]):
+        cost = g_tokens[g] + overhead
+        todo = g_count[g]
+        while todo > 0:
+            ceiling = least + cost
+            want = min(todo, num_ctas)
+            batch = 0
+            while batch < want:  # take the least-loaded CTAs up to ``ceiling``
+                bucket = least & mask
+                word_index = bucket >> 6
+                word = nonempty[word_index] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(bucket & 63))
+                while word == 0:
+                    word_index = (word_index + 1) & (words - 1)
+                    word = nonempty[word_index]
+                found = (word_index << 6) + _lowest_bit(word)
+                load = least + ((found - bucket) & mask)
+                if load > ceiling:
+                    break
+                least = load
+                cta = bucket_head[found]
+                while batch < want and cta >= 0:
+                    taken_cta[batch], taken_load[batch] = cta, load
+                    batch += 1
+                    cta = next_cta[cta]
+                bucket_head[found] = cta
+                if cta < 0:
+                    nonempty[word_index] &= ~(np.uint64(1) << np.uint64(found & 63))
+            for b in range(batch):  # give each its tile
+                cta = taken_cta[b]
+                load = taken_load[b] + cost
+                makespan = max(makespan, load)
+                target = load & mask
+                bit = np.uint64(1) << np.uint64(target & 63)
+                next_cta[cta] = bucket_head[target] if nonempty[target >> 6] & bit else -1
+                nonempty[target >> 6] |= bit
+                bucket_head[target] = cta
+                if record:
+                    assignment[tile] = cta
+                tile += 1
+            least = min(least, ceiling)
+            todo -= batch
+    return makespan
+
+
+@njit(cache=True, nogil=True)
+def decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas):
+    """FlashInfer decode's chunk (tokens; 0: no split)."""
+    batch = kv_len.shape[0]
+    if batch == 0 or batch * num_kv_heads >= num_ctas:
+        return np.int64(0)
+    most_pages = np.int64(0)
+    for i in range(batch):
+        most_pages = max(most_pages, (np.int64(kv_len[i]) + page_size - 1) // page_size)
+    low = (MIN_CHUNK_TOKENS + page_size - 1) // page_size
+    high = max(low, most_pages)
+    while low < high:
+        mid = (low + high) // 2
+        tiles = np.int64(0)
+        for i in range(batch):
+            pages = (np.int64(kv_len[i]) + page_size - 1) // page_size
+            tiles += max(1, (pages + mid - 1) // mid)
+        if tiles * num_kv_heads <= num_ctas:
+            high = mid
+        else:
+            low = mid + 1
+    return low * page_size
+
+
+@njit(cache=True, nogil=True)
+def persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas):
+    """FlashInfer persistent's chunk (tokens): the per-CTA share, in whole pages."""
+    total = np.int64(0)
+    for i in range(kv_len.shape[0]):
+        total += kv_len[i]
+    share = (num_kv_heads * total + num_ctas - 1) // num_ctas
+    return page_size * max(1, (share + page_size - 1) // page_size)
+
+
+@njit(cache=True, nogil=True)
+def longest_first(kv_len):
+    """Request indices by kv_len, longest first, ties by index."""
+    batch = kv_len.shape[0]
+    keys = np.empty(batch, np.int64)
+    for i in range(batch):
+        keys[i] = (np.int64(kv_len[i]) << 18) | (batch - 1 - i)  # kv_len < 2^31, batch <= 2^17
+    keys.sort()
+    return (batch - 1 - (keys[::-1] & ((1 << 18) - 1))).astype(np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _anchor_makespan(kv_len, num_kv_heads, num_ctas, chunk):
+    order = longest_first(kv_len)
+    groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
+    tiles = np.int64(groups[4].sum())
+    return lpt_assign(groups[3], groups[4], num_ctas, np.empty(0, np.int64)), tiles
+
+
+@dataclass(frozen=True)
+class AnchorSchedule:
+    name: str
+    makespan: int  # largest CTA load, in cost units
+    num_tiles: int
+    chunk_tokens: int | None  # chunk length (None: no request was split)
+    balance: float  # ideal / makespan, ideal as in plan.py
+
+
+def _schedule(name: str, kv_len: np.ndarray, num_kv_heads: int, num_ctas: int, chunk: int) -> AnchorSchedule:
+    lengths = np.ascontiguousarray(kv_len, dtype=np.int64)
+    makespan, tiles = _anchor_makespan(lengths, num_kv_heads, num_ctas, chunk)
+    split = chunk > 0 and bool((lengths > chunk).any())
+    ideal = ideal_makespan(lengths, num_kv_heads, num_ctas)
+    return AnchorSchedule(name, int(makespan), int(tiles), chunk if split else None, balance_of(ideal, int(makespan)))
+
+
+def flashinfer_decode(kv_len: np.ndarray, page_size: int, num_kv_heads: int, num_ctas: int) -> AnchorSchedule:
+    lengths = np.ascontiguousarray(kv_len, dtype=np.int64)
+    chunk = int(decode_chunk_tokens(lengths, page_size, num_kv_heads, num_ctas))
+    return _schedule("flashinfer-decode", lengths, num_kv_heads, num_ctas, chunk)
+
+
+def flashinfer_persistent(kv_len: np.ndarray, page_size: int, num_kv_heads: int, num_ctas: int) -> AnchorSchedule:
+    lengths = np.ascontiguousarray(kv_len, dtype=np.int64)
+    chunk = int(persistent_chunk_tokens(lengths, page_size, num_kv_heads, num_ctas))
+    return _schedule("flashinfer-persistent", lengths, num_kv_heads, num_ctas, chunk)
+
+
+def anchors(kv_len: np.ndarray, page_size: int, num_kv_heads: int, num_ctas: int) -> list[AnchorSchedule]:
+    """Both anchors for one batch."""
+    return [
+        flashinfer_decode(kv_len, page_size, num_kv_heads, num_ctas),
+        flashinfer_persistent(kv_len, page_size, num_kv_heads, num_ctas),
+    ]

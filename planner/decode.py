@@ -1,0 +1,517 @@
+"""``plan_decode``: validate a paged page table and place its work tiles on the persistent CTAs.
+
+Cost model (plan.py): a tile of t KV tokens costs ``t + TILE_OVERHEAD_TOKENS``; the makespan is the
+largest CTA load. Non-deterministic layouts keep the best of three schedules:
+
+  * the two anchors' (anchors.py: FlashInfer's decode and persistent chunkings, longest request
+    first onto the least-loaded CTA) -- so the plan is never worse than either;
+  * our packing, kept when its makespan is lower. A greedy pass at a CTA capacity ``M`` fills
+    CTA 0, 1, ... in turn with (1) the rest of the pair split at the end of the previous CTA (or a
+    piece of it filling this one), (2) whole (request, kv_head) pairs from the long end of the
+    length-sorted pairs while they fit, (3) whole pairs from the short end while they fit, (4) a
+    piece of the longest pair filling the gap -- unless the CTAs still to come can take all the
+    remaining work anyway. A CTA leaves at most ``TILE_OVERHEAD_TOKENS + 1`` unused (a gap, or a
+    continued piece's overhead), so ``M = ceil(total / num_ctas) + TILE_OVERHEAD_TOKENS + 2`` always
+    fits; a search over ``M`` (an estimate from each failed pass, then bisection) finds the smallest
+    within 1/REFINE_RATIO. At most one split ends each CTA: tiles <= kv_heads * B + num_ctas, the
+    layout's capacity (checked on every pass). A split pair's pieces run in token order on
+    consecutive CTAs and take consecutive partial slots and one merge entry.
+
+Deterministic layouts cut every request into ``DETERMINISTIC_CHUNK_TOKENS`` chunks (the last shorter)
+whatever else is batched, and place them longest first on the least-loaded CTA; a split pair's slots
+and its merge entry follow token order, so its result depends on its own chunks only.
+
+Everything after the Python argument checks runs in one numba ``njit`` call; validation errors come
+back as a code and an index and are raised here, before a plan exists.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from numba import njit
+
+from tilegraph.errors import InputError, PlanError
+
+from .layout import _SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
+from .layout import H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
+from .anchors import chunk_groups, decode_chunk_tokens, longest_first, lpt_assign, persistent_chunk_tokens
+from .plan import TILE_OVERHEAD_TOKENS, Plan
+
+INT32_MAX = 2**31 - 1
+
+# layout parameters passed to the njit core (one int64 array per layout)
+P_PAGE_SIZE, P_KV_HEADS, P_NUM_CTAS, P_MAX_PAGE_REFS, P_CHUNK, P_TILE_CAP, P_MERGE_CAP, P_SLOT_CAP = range(8)
+P_OFFSETS = 8  # then one start offset per section, in layout order
+(S_HEADER, S_CTA_TILE_INDPTR, S_REQUEST, S_KV_HEAD, S_START, S_END, S_SLOT, S_CTA,
+ S_MERGE_INDPTR, S_MERGE_REQUEST, S_MERGE_KV_HEAD, S_KV_INDPTR, S_KV_INDICES, S_KV_LEN) = range(14)  # fmt: skip
+assert len(_SECTIONS) == 14
+
+# result words of the njit core
+R_ERROR, R_INDEX, R_VALUE, R_TILES, R_MERGES, R_SLOTS, R_MAKESPAN, R_MAX_PAGE, R_KV_TOKENS = range(9)
+R_WORDS = 9
+
+#: the capacity search stops once the capacity found is within 1/REFINE_RATIO of the lower bound
+REFINE_RATIO = 256
+NO_MAKESPAN = 1 << 62
+
+# validation error codes
+E_OK, E_INDPTR_START, E_INDPTR_DECREASING, E_INDPTR_END, E_PAGE_REFS = 0, 1, 2, 3, 4
+E_LAST_PAGE_LEN, E_PAGE_INDEX, E_KV_LEN, E_CAPACITY = 5, 6, 7, 8
+
+
+# ---- njit core ---------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _validate_copy(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, max_page_refs, buf, off, result):
+    """Check the page table and copy it (and the derived kv_len) into ``buf``. False on an error."""
+    batch = kv_last_page_len.shape[0]
+    if kv_indptr[0] != 0:
+        result[R_ERROR], result[R_VALUE] = E_INDPTR_START, kv_indptr[0]
+        return False
+    for i in range(batch):
+        if kv_indptr[i + 1] < kv_indptr[i]:
+            result[R_ERROR], result[R_INDEX] = E_INDPTR_DECREASING, i
+            return False
+    nnz = np.int64(kv_indptr[batch])
+    if nnz > kv_indices.shape[0]:
+        result[R_ERROR], result[R_VALUE] = E_INDPTR_END, nnz
+        return False
+    if nnz > max_page_refs:
+        result[R_ERROR], result[R_VALUE] = E_PAGE_REFS, nnz
+        return False
+    kv_len = buf[off[S_KV_LEN] : off[S_KV_LEN] + batch]
+    for i in range(batch):
+        pages = np.int64(kv_indptr[i + 1]) - kv_indptr[i]
+        last = np.int64(kv_last_page_len[i])
+        if pages == 0:
+            kv_len[i] = 0
+            continue
+        if last < 1 or last > page_size:
+            result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_LAST_PAGE_LEN, i, last
+            return False
+        tokens = (pages - 1) * page_size + last
+        if tokens > INT32_MAX:
+            result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_KV_LEN, i, tokens
+            return False
+        kv_len[i] = tokens
+    indices = buf[off[S_KV_INDICES] : off[S_KV_INDICES] + nnz]
+    top, bottom = np.int32(-1), np.int32(0)
+    for j in range(nnz):  # branch-free body: vectorizes
+        page = kv_indices[j]
+        indices[j] = page
+        top = max(top, page)
+        bottom = min(bottom, page)
+    if bottom < 0 or top >= num_pages:
+        for j in range(nnz):
+            if kv_indices[j] < 0 or kv_indices[j] >= num_pages:
+                result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_PAGE_INDEX, j, kv_indices[j]
+                return False
+    buf[off[S_KV_INDPTR] : off[S_KV_INDPTR] + batch + 1] = kv_indptr
+    result[R_MAX_PAGE] = top
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off):
+    """One greedy pass at CTA capacity ``capacity`` over whole (request, kv_head) pairs, ``order``:
+    requests by kv_len ascending (see the module docstring). Returns (fits, num_tiles, num_merges,
+    num_slots, makespan, next capacity to try); writes tiles and merges only when ``emit``."""
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    loss = overhead + 2  # most a CTA leaves unused: the bound behind the lazy split and early exit
+    # plain offsets, no array views: the loops stay free of reference counting
+    o_indptr, o_request, o_head, o_start = off[S_CTA_TILE_INDPTR], off[S_REQUEST], off[S_KV_HEAD], off[S_START]
+    o_end, o_slot, o_cta = off[S_END], off[S_SLOT], off[S_CTA]
+    o_m_indptr, o_m_request, o_m_head = off[S_MERGE_INDPTR], off[S_MERGE_REQUEST], off[S_MERGE_KV_HEAD]
+    left[:] = num_kv_heads  # per sorted position, kv_heads [taken, taken + left) are free
+    taken[:] = 0
+    lo, hi = 0, order.shape[0] - 1  # sorted positions: lo = fewest tokens
+    remaining = total  # unsplit cost not yet placed
+    num_tiles = num_merges = num_slots = makespan = np.int64(0)
+    cur_rem = np.int64(-1)  # tokens left of the pair being split (-1: none)
+    cur_request = cur_head = cur_pos = np.int64(0)
+    if emit:
+        buf[o_indptr] = 0
+        buf[o_m_indptr] = 0
+    for cta in range(num_ctas):
+        if cur_rem < 0 and lo > hi:
+            if emit:
+                buf[o_indptr + cta + 1 : o_indptr + num_ctas + 1] = num_tiles
+            break
+        if remaining > (num_ctas - cta) * capacity:  # cannot fit any more
+            return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, cta, total, remaining, num_ctas)
+        if not emit and cur_rem < 0 and remaining <= (num_ctas - cta) * (capacity - loss):
+            return True, num_tiles, num_merges, num_slots, makespan, capacity  # the rest surely fits
+        space = capacity
+        # 1. the next piece of a split pair: all of it, or a piece filling the CTA
+        if cur_rem >= 0:
+            if num_tiles + 1 > tile_cap:
+                return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
+            piece = min(cur_rem, space - overhead)
+            if emit:
+                t = num_tiles
+                buf[o_request + t], buf[o_head + t], buf[o_cta + t] = cur_request, cur_head, cta
+                buf[o_start + t], buf[o_end + t], buf[o_slot + t] = cur_pos, cur_pos + piece, num_slots
+            num_tiles += 1
+            num_slots += 1
+            cur_pos += piece
+            cur_rem -= piece
+            remaining -= piece
+            space -= piece + overhead
+            if cur_rem == 0:
+                cur_rem = -1
+                num_merges += 1
+                if emit:
+                    buf[o_m_indptr + num_merges] = num_slots
+        # 2. whole pairs from the long end while they fit, then 3. from the short end
+        for from_long in (True, False):
+            while lo <= hi:
+                p = hi if from_long else lo
+                request = order[p]
+                tokens = np.int64(kv_len[request])
+                cost = tokens + overhead
+                if cost > space:
+                    break
+                k = left[p]
+                if k * cost > space:
+                    k = 1 if 2 * cost > space else space // cost
+                if num_tiles + k > tile_cap:
+                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
+                if emit:
+                    first = taken[p] if from_long else taken[p] + left[p] - k
+                    for t in range(num_tiles, num_tiles + k):
+                        buf[o_request + t], buf[o_head + t], buf[o_cta + t] = request, first + t - num_tiles, cta
+                        buf[o_start + t], buf[o_end + t], buf[o_slot + t] = 0, tokens, -1
+                if from_long:
+                    taken[p] += k
+                left[p] -= k
+                num_tiles += k
+                space -= k * cost
+                remaining -= k * cost
+                if left[p] > 0:
+                    break
+                if from_long:
+                    hi -= 1
+                else:
+                    lo += 1
+        # 4. split the longest pair to fill the gap, unless the CTAs after this one can take the rest
+        if cur_rem < 0 and lo <= hi and remaining > (num_ctas - cta - 1) * (capacity - loss):
+            request = order[hi]
+            tokens = np.int64(kv_len[request])
+            piece = min(space - overhead, tokens - 1)
+            if piece >= 1:
+                if num_tiles + 1 > tile_cap or num_merges + 1 > merge_cap:
+                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
+                cur_request, cur_head = request, taken[hi]
+                if emit:
+                    t = num_tiles
+                    buf[o_m_request + num_merges], buf[o_m_head + num_merges] = cur_request, cur_head
+                    buf[o_m_indptr + num_merges] = num_slots
+                    buf[o_request + t], buf[o_head + t], buf[o_cta + t] = cur_request, cur_head, cta
+                    buf[o_start + t], buf[o_end + t], buf[o_slot + t] = 0, piece, num_slots
+                num_tiles += 1
+                num_slots += 1
+                cur_pos, cur_rem = piece, tokens - piece
+                remaining -= piece + overhead
+                space -= piece + overhead
+                taken[hi] += 1
+                left[hi] -= 1
+                if left[hi] == 0:
+                    hi -= 1
+        makespan = max(makespan, capacity - space)
+        if emit:
+            buf[o_indptr + cta + 1] = num_tiles
+    if cur_rem < 0 and lo > hi:
+        return True, num_tiles, num_merges, num_slots, makespan, capacity
+    return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, total, remaining, num_ctas)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _suggest(capacity, ctas_done, total, remaining, num_ctas):
+    """Next capacity to try after a failed pass: the ideal plus the cost the CTAs done so far lost
+    on average (gaps and split overheads), which the later CTAs would lose too."""
+    lost = ctas_done * capacity - (total - remaining)
+    per_cta = (lost + ctas_done - 1) // ctas_done
+    return max(capacity + 1, (total + num_ctas - 1) // num_ctas + per_cta)
+
+
+@njit(cache=True, nogil=True)
+def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, buf, off):
+    """Smallest capacity (within 1/REFINE_RATIO) at which ``_pack`` fits, if any is below ``below``.
+    A fitting capacity is written to the plan. Returns (found, num_tiles, num_merges, num_slots, makespan).
+
+    lo is a lower bound, hi always fits (a CTA leaves at most TILE_OVERHEAD_TOKENS + 2 unused).
+    After a failed pass try its estimate, after a fitting one bisect; a pass that would end the
+    search if it fits writes the plan as it goes."""
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    batch = order.shape[0]
+    left = np.empty(batch, np.int64)
+    taken = np.empty(batch, np.int64)
+    even = (total + num_ctas - 1) // num_ctas
+    unsplittable = overhead  # the costliest pair too short to split (0 or 1 token)
+    has_tokens = False
+    for i in range(batch):
+        unsplittable = max(unsplittable, overhead + min(np.int64(kv_len[i]), 1))
+        has_tokens |= kv_len[i] > 0
+    lo = max(even, unsplittable, overhead + 1 if has_tokens else 0)
+    hi = max(lo, even + overhead + 2)
+    limit = min(hi, below - 1)
+    capacity = hi if (hi - lo) * REFINE_RATIO <= hi else lo  # hi is close enough: one pass
+    while lo <= limit:
+        capacity = min(max(capacity, lo), limit)
+        final = capacity == hi or (capacity - lo) * REFINE_RATIO <= capacity
+        fits, num_tiles, num_merges, num_slots, makespan, suggested = _pack(
+            capacity, final, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off
+        )
+        if fits and final:
+            return True, num_tiles, num_merges, num_slots, makespan
+        if fits:
+            hi = limit = capacity
+            capacity = (lo + hi) // 2
+        else:
+            lo = capacity + 1
+            capacity = suggested
+    return False, 0, 0, 0, 0
+
+
+@njit(cache=True, nogil=True)
+def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, buf, off):
+    """Write a schedule given as a CTA per tile (tiles in ``groups`` order; chunks of ``chunk``
+    tokens): tiles grouped by CTA in placement order, slots of split pairs as
+    ``base[request] + kv_head * chunks + chunk_index``, one merge entry per split pair in request
+    order. Returns (num_tiles, num_merges, num_slots)."""
+    g_request, g_chunk0, g_chunks, g_tokens, g_count, request_chunks = groups
+    batch = kv_len.shape[0]
+    o_indptr, o_request, o_head, o_start = off[S_CTA_TILE_INDPTR], off[S_REQUEST], off[S_KV_HEAD], off[S_START]
+    o_end, o_slot, o_cta = off[S_END], off[S_SLOT], off[S_CTA]
+    o_m_indptr, o_m_request, o_m_head = off[S_MERGE_INDPTR], off[S_MERGE_REQUEST], off[S_MERGE_KV_HEAD]
+    num_tiles = np.int64(g_count.sum())
+    # merges and slot bases, in request order
+    slot_base = np.empty(batch, np.int64)
+    num_slots = num_merges = np.int64(0)
+    buf[o_m_indptr] = 0
+    for request in range(batch):
+        chunks = request_chunks[request]
+        slot_base[request] = num_slots
+        if chunks == 1:
+            continue
+        for head in range(num_kv_heads):
+            num_slots += chunks
+            buf[o_m_request + num_merges], buf[o_m_head + num_merges] = request, head
+            buf[o_m_indptr + num_merges + 1] = num_slots
+            num_merges += 1
+    # tiles grouped by CTA: counts, prefix sums, then each tile at its CTA's cursor
+    cursor = np.zeros(num_ctas + 1, np.int64)
+    for t in range(num_tiles):
+        cursor[assignment[t] + 1] += 1
+    for cta in range(num_ctas):
+        cursor[cta + 1] += cursor[cta]
+    for cta in range(num_ctas + 1):
+        buf[o_indptr + cta] = cursor[cta]
+    t = 0
+    for g in range(g_request.shape[0]):
+        request, tokens = g_request[g], g_tokens[g]
+        chunks = request_chunks[request]
+        base = slot_base[request] if chunks > 1 else -1
+        index, head = g_chunk0[g], 0
+        for _ in range(g_count[g]):
+            cta = assignment[t]
+            slot = cursor[cta]
+            cursor[cta] += 1
+            start = index * chunk if chunks > 1 else 0
+            buf[o_request + slot], buf[o_head + slot], buf[o_cta + slot] = request, head, cta
+            buf[o_start + slot], buf[o_end + slot] = start, start + tokens
+            buf[o_slot + slot] = -1 if base < 0 else base + head * chunks + index
+            head += 1
+            if head == num_kv_heads:
+                head = 0
+                index += 1
+            t += 1
+    return num_tiles, num_merges, num_slots
+
+
+@njit(cache=True, nogil=True)
+def _chunked_bound(kv_len, num_kv_heads, num_ctas, chunk):
+    """(lower bound on the makespan, tiles) of any schedule of ``chunk``-token chunks: its costliest
+    tile, and its total cost spread evenly."""
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    tiles = total = largest = np.int64(0)
+    for i in range(kv_len.shape[0]):
+        length = np.int64(kv_len[i])
+        pieces, size = np.int64(1), length
+        if chunk > 0 and length > chunk:
+            pieces, size = (length + chunk - 1) // chunk, chunk
+        tiles += pieces
+        total += length + pieces * overhead
+        largest = max(largest, size + overhead)
+    tiles *= num_kv_heads
+    return max(largest, (num_kv_heads * total + num_ctas - 1) // num_ctas), tiles
+
+
+@njit(cache=True, nogil=True)
+def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, assignment):
+    """Tiles of ``chunk``-token chunks placed longest request first on the least-loaded CTA (the
+    anchors' schedules). Returns (makespan, groups); ``assignment`` gets each tile's CTA."""
+    groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
+    tiles = groups[4].sum()
+    return lpt_assign(groups[3], groups[4], num_ctas, assignment[:tiles]), groups
+
+
+@njit(cache=True, nogil=True)
+def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, params, buf, result):
+    """Validate, copy, schedule and write the header. ``result`` gets the R_* words."""
+    result[:] = 0
+    off = params[P_OFFSETS:]
+    page_size, num_kv_heads, num_ctas = params[P_PAGE_SIZE], params[P_KV_HEADS], params[P_NUM_CTAS]
+    tile_cap, merge_cap = params[P_TILE_CAP], params[P_MERGE_CAP]
+    if not _validate_copy(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, params[P_MAX_PAGE_REFS], buf, off, result):
+        return
+    batch = kv_last_page_len.shape[0]
+    kv_len = buf[off[S_KV_LEN] : off[S_KV_LEN] + batch]
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    kv_tokens = np.int64(0)
+    for i in range(batch):
+        kv_tokens += kv_len[i]
+    order = longest_first(kv_len)
+    assignment = np.empty(tile_cap, np.int64)
+    if params[P_CHUNK] > 0:  # deterministic: fixed chunks, longest tiles first
+        groups = chunk_groups(kv_len, order, num_kv_heads, params[P_CHUNK])
+        by_tokens = np.argsort(-groups[3], kind="mergesort")
+        groups = (groups[0][by_tokens], groups[1][by_tokens], groups[2][by_tokens], groups[3][by_tokens], groups[4][by_tokens], groups[5])  # fmt: skip
+        tiles = groups[4].sum()
+        if tiles > tile_cap:
+            result[R_ERROR], result[R_VALUE] = E_CAPACITY, tiles
+            return
+        makespan = lpt_assign(groups[3], groups[4], num_ctas, assignment[:tiles])
+        num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, buf, off)
+    else:
+        # the anchors' schedules (longest first on the least-loaded CTA), then our packing if it beats both
+        longest = np.int64(kv_len[order[0]]) if batch else np.int64(0)
+        chunk_a = decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
+        chunk_b = persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
+        chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
+        chunk_b = 0 if chunk_b >= longest else chunk_b
+        bound_a, tiles_a = _chunked_bound(kv_len, num_kv_heads, num_ctas, chunk_a)
+        bound_b, tiles_b = _chunked_bound(kv_len, num_kv_heads, num_ctas, chunk_b)
+        if bound_b < bound_a:  # the more promising first: the other may then be skipped
+            chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
+        best, best_chunk = NO_MAKESPAN, np.int64(-1)
+        if tiles_a <= tile_cap:
+            best, groups = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
+            best_chunk = chunk_a
+        if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
+            spare = np.empty(tile_cap, np.int64)
+            makespan_b, groups_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
+            if makespan_b < best:
+                best, best_chunk, groups, assignment = makespan_b, chunk_b, groups_b, spare
+        total = num_kv_heads * (kv_tokens + batch * overhead)
+        found, num_tiles, num_merges, num_slots, makespan = _search_pack(
+            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, best, buf, off
+        )
+        if not found:
+            if best_chunk < 0:
+                result[R_ERROR] = E_CAPACITY
+                return
+            makespan = best
+            num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, best_chunk, groups, assignment, buf, off)
+    if num_tiles > tile_cap or num_merges > merge_cap or num_slots > params[P_SLOT_CAP]:
+        result[R_ERROR], result[R_VALUE] = E_CAPACITY, num_tiles
+        return
+    header = buf[off[S_HEADER] : off[S_HEADER] + HEADER_WORDS]
+    header[:] = 0
+    header[H_NUM_TILES], header[H_NUM_MERGES], header[H_BATCH_SIZE] = num_tiles, num_merges, batch
+    header[H_NUM_SLOTS], header[H_PLAN_SERIAL] = num_slots, serial
+    result[R_TILES], result[R_MERGES], result[R_SLOTS], result[R_MAKESPAN] = num_tiles, num_merges, num_slots, makespan
+    result[R_KV_TOKENS] = kv_tokens
+
+
+# ---- Python entry --------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _layout_params(layout: DecodeLayout) -> tuple[np.ndarray, int]:
+    """The njit core's parameter words for ``layout`` and the plan length in words."""
+    offsets = layout.offsets()
+    chunk = DETERMINISTIC_CHUNK_TOKENS if layout.deterministic else 0
+    head = [layout.page_size, layout.num_kv_heads, layout.num_ctas, layout.max_page_refs, chunk,
+            layout.tile_capacity, layout.merge_capacity, layout.slot_capacity]  # fmt: skip
+    params = np.array(head + [offsets[name][0] for name in _SECTIONS], dtype=np.int64)
+    params.flags.writeable = False
+    return params, layout.plan_words
+
+
+def _as_index_array(value: Any, name: str) -> np.ndarray:
+    """An int32 1-D CPU torch tensor or numpy array as a numpy array (no copy)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype is not torch.int32:
+            raise InputError(f"{name} must be int32, got {value.dtype}")
+        if not value.is_cpu:
+            raise InputError(f"{name} must be on the CPU (the planner never reads device memory), got {value.device}")
+        array = value.numpy()
+    elif isinstance(value, np.ndarray):
+        array = value
+        if array.dtype != np.int32:
+            raise InputError(f"{name} must be int32, got {array.dtype}")
+    else:
+        raise InputError(f"{name} must be an int32 CPU torch.Tensor or numpy array, got {type(value).__name__}")
+    if array.ndim != 1:
+        raise InputError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
+    return array
+
+
+def _raise_for(result: np.ndarray, layout: DecodeLayout, num_pages: int, batch: int) -> None:
+    code, index, value = int(result[R_ERROR]), int(result[R_INDEX]), int(result[R_VALUE])
+    if code == E_INDPTR_START:
+        raise InputError(f"kv_indptr[0] must be 0, got {value}")
+    if code == E_INDPTR_DECREASING:
+        raise InputError(f"kv_indptr must be non-decreasing, but kv_indptr[{index + 1}] < kv_indptr[{index}]")
+    if code == E_INDPTR_END:
+        raise InputError(f"kv_indptr[-1]={value} exceeds len(kv_indices)")
+    if code == E_PAGE_REFS:
+        raise PlanError(f"kv_indptr[-1]={value} page references exceed max_page_refs={layout.max_page_refs} (Settings)")
+    if code == E_LAST_PAGE_LEN:
+        raise InputError(f"kv_last_page_len[{index}]={value} is outside [1, page_size={layout.page_size}] for a non-empty request")
+    if code == E_PAGE_INDEX:
+        raise InputError(f"kv_indices[{index}]={value} is outside [0, num_pages={num_pages})")
+    if code == E_KV_LEN:
+        raise PlanError(f"request {index} has kv_len {value} > {INT32_MAX} (int32 token positions)")
+    raise PlanError(f"internal: the schedule of {batch} requests exceeds the plan capacities (a planner bug)")
+
+
+def plan_decode(
+    layout: DecodeLayout,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    num_pages: int,
+    serial: int = 0,
+) -> Plan:
+    """Validate the page table and balance its tiles over ``layout.num_ctas`` CTAs.
+
+    kv_indptr [B+1], kv_indices [>= kv_indptr[-1]], kv_last_page_len [B]: int32 CPU torch tensors or
+    numpy arrays. A non-empty request has kv_len = (pages - 1) * page_size + last_page_len; a request
+    without pages has kv_len 0 (one empty tile per kv_head). ``num_pages``: pages in the KV cache.
+    Raises InputError (malformed table) or PlanError (beyond the layout's bounds) before any plan exists."""
+    indptr = _as_index_array(kv_indptr, "kv_indptr")
+    indices = _as_index_array(kv_indices, "kv_indices")
+    last_page_len = _as_index_array(kv_last_page_len, "kv_last_page_len")
+    batch = last_page_len.shape[0]
+    if indptr.shape[0] != batch + 1:
+        raise InputError(f"kv_indptr must have len(kv_last_page_len) + 1 = {batch + 1} entries, got {indptr.shape[0]}")
+    if batch > layout.max_batch_size:
+        raise PlanError(f"batch size {batch} exceeds max_batch_size={layout.max_batch_size} (Settings)")
+    if num_pages < 0:
+        raise InputError(f"num_pages must be >= 0, got {num_pages}")
+    params, words = _layout_params(layout)
+    buffer = np.empty(words, dtype=np.int32)
+    result = np.empty(R_WORDS, dtype=np.int64)
+    _plan_core(indptr, indices, last_page_len, num_pages, serial, params, buffer, result)
+    error, _, _, num_tiles, num_merges, num_slots, makespan, max_page, kv_tokens = result.tolist()
+    if error:
+        _raise_for(result, layout, num_pages, batch)
+    ideal = layout.num_kv_heads * (kv_tokens + batch * TILE_OVERHEAD_TOKENS) / layout.num_ctas
+    return Plan(layout, buffer, serial, batch, num_tiles, num_merges, num_slots, makespan, ideal, max_page)

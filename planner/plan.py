@@ -1,0 +1,100 @@
+"""``tilegraph.Plan``: one decode schedule in its flat int32 buffer, plus the cost model it was made under.
+
+Cost model (shared by the planner, the anchors and every reported ``balance``): a tile of ``t`` KV
+tokens costs ``t + TILE_OVERHEAD_TOKENS`` units; a CTA's load is the sum of its tiles' costs; the
+makespan is the largest load. ``ideal = sum over (request, kv_head) of (kv_len + TILE_OVERHEAD_TOKENS)
+/ num_ctas`` is a property of the batch alone (every pair needs at least one tile, so no schedule beats
+it), and ``balance = ideal / makespan`` is in (0, 1], comparable across schedulers of the same batch.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+from .layout import DecodeLayout
+
+#: per-tile cost in KV-token units: loading q, the tile's epilogue (output or partial write) and its
+#: share of the merge. 32 tokens ~ the bytes of one fp16 partial row group against a page pair of K/V.
+TILE_OVERHEAD_TOKENS = 32
+
+
+def ideal_makespan(kv_len: np.ndarray, num_kv_heads: int, num_ctas: int) -> float:
+    """Total unsplit cost spread perfectly over the CTAs (the denominator-free lower bound)."""
+    total = num_kv_heads * (int(np.asarray(kv_len, dtype=np.int64).sum()) + TILE_OVERHEAD_TOKENS * len(kv_len))
+    return total / num_ctas
+
+
+def balance_of(ideal: float, makespan: int) -> float:
+    """``ideal / makespan``; an empty batch (makespan 0) is perfectly balanced."""
+    return ideal / makespan if makespan > 0 else 1.0
+
+
+class Plan:
+    """A decode plan: ``buffer`` (int32, ``layout.plan_words``, laid out as planner/layout.py says) and
+    stats. The per-tile / per-merge / per-request views are read-only and span the full capacity;
+    only the first ``num_tiles`` / ``num_merges`` / ``batch_size`` entries are live (the rest is
+    undefined and never read by the kernels)."""
+
+    def __init__(
+        self,
+        layout: DecodeLayout,
+        buffer: np.ndarray,
+        serial: int,
+        batch_size: int,
+        num_tiles: int,
+        num_merges: int,
+        num_slots: int,
+        makespan: int,
+        ideal: float,
+        max_page_index: int,
+    ) -> None:
+        self.layout = layout
+        self.buffer = buffer
+        self.serial = serial
+        self.batch_size = batch_size
+        self.num_tiles = num_tiles
+        self.num_merges = num_merges
+        self.num_slots = num_slots
+        self.num_ctas = layout.num_ctas
+        self.makespan = makespan  # largest CTA load, in cost units (tokens + overhead per tile)
+        self.ideal = ideal  # total unsplit cost / num_ctas
+        self.balance = balance_of(ideal, makespan)
+        self.max_page_index = max_page_index  # largest page referenced; -1 when no page is
+
+    def section(self, name: str) -> np.ndarray:
+        """A read-only view of one buffer section at full capacity (names: layout.section_sizes())."""
+        start, stop = self.layout.offsets()[name]
+        view = self.buffer[start:stop]
+        view.flags.writeable = False
+        return view
+
+    request = cached_property(lambda self: self.section("tile_request"))
+    kv_head = cached_property(lambda self: self.section("tile_kv_head"))
+    token_start = cached_property(lambda self: self.section("tile_token_start"))
+    token_end = cached_property(lambda self: self.section("tile_token_end"))
+    slot = cached_property(lambda self: self.section("tile_slot"))
+    cta = cached_property(lambda self: self.section("tile_cta"))
+    cta_tile_indptr = cached_property(lambda self: self.section("cta_tile_indptr"))
+    merge_slot_indptr = cached_property(lambda self: self.section("merge_slot_indptr"))
+    merge_request = cached_property(lambda self: self.section("merge_request"))
+    merge_kv_head = cached_property(lambda self: self.section("merge_kv_head"))
+    kv_len = cached_property(lambda self: self.section("kv_len"))
+
+    def tiles_per_cta(self) -> np.ndarray:
+        """Number of tiles each CTA runs."""
+        return np.diff(self.cta_tile_indptr.astype(np.int64))
+
+    def cta_loads(self) -> np.ndarray:
+        """Each CTA's load under the cost model (tokens + TILE_OVERHEAD_TOKENS per tile)."""
+        n = self.num_tiles
+        cost = self.token_end[:n].astype(np.int64) - self.token_start[:n] + TILE_OVERHEAD_TOKENS
+        return np.bincount(self.cta[:n], weights=cost, minlength=self.num_ctas).astype(np.int64)
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan(#{self.serial}: {self.batch_size} requests, {self.num_tiles} tiles, "
+            f"{self.num_merges} merges / {self.num_slots} slots on {self.num_ctas} CTAs, "
+            f"makespan {self.makespan}, balance {self.balance:.3f})"
+        )

@@ -1,0 +1,197 @@
+"""Decode planner properties over many batches (no kernels): coverage, capacities, slots and merges,
+fixed buffer sizes, deterministic invariance, and never worse than the anchors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tilegraph.planner.anchors import anchors, flashinfer_decode
+from tilegraph.planner.decode import plan_decode
+from tilegraph.planner.layout import DecodeLayout
+from tilegraph.planner.plan import TILE_OVERHEAD_TOKENS, Plan, ideal_makespan
+
+NUM_PAGES = 1 << 20
+
+
+def page_table(kv_len: list[int], page_size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """kv_indptr, kv_indices (random pages, a few spare entries), kv_last_page_len (junk for empty requests)."""
+    pages = [-(-n // page_size) for n in kv_len]
+    kv_indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+    kv_indices = rng.integers(0, NUM_PAGES, int(kv_indptr[-1]) + 3).astype(np.int32)
+    last = [(n - 1) % page_size + 1 if n else int(rng.integers(-5, 5)) for n in kv_len]
+    return kv_indptr, kv_indices, np.array(last, dtype=np.int32)
+
+
+def make_layout(num_ctas: int, batch: int, page_refs: int, page_size: int, kv_heads: int, deterministic: bool) -> DecodeLayout:
+    return DecodeLayout(num_ctas=num_ctas, max_batch_size=max(batch, 1), max_page_refs=max(page_refs, 1),
+                        page_size=page_size, num_kv_heads=kv_heads, group_size=2, head_dim=64,
+                        deterministic=deterministic)  # fmt: skip
+
+
+def plan_for(kv_len: list[int], layout: DecodeLayout, seed: int = 0) -> tuple[Plan, tuple[np.ndarray, ...]]:
+    table = page_table(kv_len, layout.page_size, np.random.default_rng(seed))
+    return plan_decode(layout, *table, num_pages=NUM_PAGES, serial=7), table
+
+
+def tiles_of(plan: Plan) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+    """(request, kv_head) -> [(token_start, token_end, slot)] in token order."""
+    out: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    n = plan.num_tiles
+    for r, h, s, e, slot in zip(plan.request[:n], plan.kv_head[:n], plan.token_start[:n], plan.token_end[:n], plan.slot[:n]):
+        out.setdefault((int(r), int(h)), []).append((int(s), int(e), int(slot)))
+    return {key: sorted(value) for key, value in out.items()}
+
+
+def live_words(plan: Plan) -> dict[str, list[int]]:
+    """The live part of every section (the tails are undefined and never read)."""
+    n, m, b = plan.num_tiles, plan.num_merges, plan.batch_size
+    live = {"header": 8, "cta_tile_indptr": plan.num_ctas + 1, "merge_slot_indptr": m + 1, "merge_request": m,
+            "merge_kv_head": m, "kv_indptr": b + 1, "kv_indices": int(plan.section("kv_indptr")[b]), "kv_len": b}  # fmt: skip
+    names = plan.layout.section_sizes()
+    return {name: plan.section(name)[: live.get(name, n)].tolist() for name in names}
+
+
+def check_plan(plan: Plan, kv_len: list[int], table: tuple[np.ndarray, ...]) -> None:
+    layout = plan.layout
+    batch, heads, n = len(kv_len), layout.num_kv_heads, plan.num_tiles
+    assert plan.buffer.dtype == np.int32 and plan.buffer.shape == (layout.plan_words,)
+    header = plan.section("header")
+    assert header.tolist() == [n, plan.num_merges, batch, plan.num_slots, 7, 0, 0, 0]
+    assert n <= layout.tile_capacity and plan.num_merges <= layout.merge_capacity and plan.num_slots <= layout.slot_capacity
+    # tiles grouped by CTA: CTAs without work have empty ranges, every live tile belongs to one CTA
+    indptr = plan.cta_tile_indptr.astype(np.int64)
+    assert indptr[0] == 0 and indptr[-1] == n and (np.diff(indptr) >= 0).all()
+    assert (plan.cta[:n] == np.repeat(np.arange(layout.num_ctas), np.diff(indptr))).all()
+    # exact coverage: every (request, kv_head, token) once; kv_len 0: exactly one empty tile
+    pairs = tiles_of(plan)
+    assert set(pairs) == {(r, h) for r in range(batch) for h in range(heads)}
+    for (r, h), tiles in pairs.items():
+        if kv_len[r] == 0:
+            assert [t[:2] for t in tiles] == [(0, 0)]
+            continue
+        assert tiles[0][0] == 0 and tiles[-1][1] == kv_len[r]
+        assert all(a[1] == b[0] for a, b in zip(tiles, tiles[1:])) and all(s < e for s, e, _ in tiles)
+    # slots: unsplit -> -1; a split pair's tiles own the slots of exactly one merge entry, in token order
+    merges = {}
+    for m in range(plan.num_merges):
+        key = (int(plan.merge_request[m]), int(plan.merge_kv_head[m]))
+        assert key not in merges
+        merges[key] = list(range(plan.merge_slot_indptr[m], plan.merge_slot_indptr[m + 1]))
+    assert plan.merge_slot_indptr[0] == 0 and plan.merge_slot_indptr[plan.num_merges] == plan.num_slots
+    for key, tiles in pairs.items():
+        slots = [t[2] for t in tiles]
+        if len(tiles) == 1:
+            assert slots == [-1] and key not in merges
+        else:
+            assert merges.pop(key) == slots and len(slots) >= 2
+    assert not merges
+    # the page table, copied in
+    assert plan.kv_len[:batch].tolist() == kv_len
+    assert (plan.section("kv_indptr")[: batch + 1] == table[0]).all()
+    nnz = int(table[0][-1])
+    assert (plan.section("kv_indices")[:nnz] == table[1][:nnz]).all()
+    assert plan.max_page_index == (int(table[1][:nnz].max()) if nnz else -1)
+    # stats
+    cost = plan.token_end[:n].astype(np.int64) - plan.token_start[:n] + TILE_OVERHEAD_TOKENS
+    loads = np.bincount(plan.cta[:n], weights=cost, minlength=layout.num_ctas)
+    assert plan.makespan == (int(loads.max()) if n else 0) and (plan.cta_loads() == loads).all()
+    assert plan.ideal == pytest.approx(ideal_makespan(np.array(kv_len), heads, layout.num_ctas))
+    assert 0 < plan.balance <= 1 + 1e-12
+    with pytest.raises(ValueError):
+        plan.request[0] = 1  # read-only views
+
+
+lengths_strategy = st.one_of(
+    st.lists(st.integers(0, 5000), max_size=64),
+    st.lists(st.integers(0, 40), max_size=64),
+    st.tuples(st.integers(1, 64), st.integers(0, 5000)).map(lambda t: [t[1]] * t[0]),
+    st.tuples(st.integers(2000, 5000), st.lists(st.integers(0, 300), max_size=63)).map(lambda t: [t[0], *t[1]]),
+    st.lists(st.sampled_from([0, 1, 2, 15, 16, 17, 31, 33, 4999, 5000]), max_size=64),
+)
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kv_len=lengths_strategy,
+    page_size=st.sampled_from([1, 16, 7]),
+    kv_heads=st.integers(1, 8),
+    num_ctas=st.integers(1, 300),
+    deterministic=st.booleans(),
+    batch_slack=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_plan_properties(kv_len, page_size, kv_heads, num_ctas, deterministic, batch_slack, seed):
+    pages = sum(-(-n // page_size) for n in kv_len)
+    layout = make_layout(num_ctas, len(kv_len) + batch_slack, pages + batch_slack, page_size, kv_heads, deterministic)
+    plan, table = plan_for(kv_len, layout, seed)
+    check_plan(plan, kv_len, table)
+    if not deterministic:
+        for anchor in anchors(np.array(kv_len, dtype=np.int64), page_size, kv_heads, num_ctas):
+            assert plan.makespan <= anchor.makespan, anchor
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    request=st.integers(0, 5000),
+    others=st.lists(st.integers(0, 5000), max_size=40),
+    position=st.integers(0, 40),
+    kv_heads=st.integers(1, 4),
+    num_ctas=st.integers(1, 200),
+)
+def test_deterministic_ranges_do_not_depend_on_the_batch(request, others, position, kv_heads, num_ctas):
+    position = min(position, len(others))
+    batch = [*others[:position], request, *others[position:]]
+    layout = make_layout(num_ctas, 41, sum(-(-n // 16) for n in batch), 16, kv_heads, deterministic=True)
+    alone = tiles_of(plan_for([request], layout)[0])
+    batched = tiles_of(plan_for(batch, layout)[0])
+    for head in range(kv_heads):
+        ranges_alone = [t[:2] for t in alone[(0, head)]]
+        assert [t[:2] for t in batched[(position, head)]] == ranges_alone
+        assert (len(ranges_alone) > 1) == all(t[2] >= 0 for t in batched[(position, head)])
+
+
+def test_buffer_size_is_fixed_by_the_layout():
+    layout = make_layout(264, 64, 64 * 400, 16, 8, deterministic=False)
+    sizes = {plan_for(lengths, layout)[0].buffer.shape for lengths in ([], [1], [5000] * 64, [32000] + [10] * 63)}
+    assert sizes == {(layout.plan_words,)}
+
+
+def test_empty_batch():
+    layout = make_layout(4, 8, 8, 16, 2, deterministic=False)
+    plan, table = plan_for([], layout)
+    check_plan(plan, [], table)
+    assert plan.num_tiles == 0 and plan.makespan == 0 and plan.tiles_per_cta().tolist() == [0] * 4
+
+
+def test_skewed_mix_beats_flashinfer_decode():
+    """One 32k request among 63 short ones, kv_heads 8, 264 CTAs: FlashInfer's decode planner does not
+    split (64 x 8 >= 264) and the long request dominates; ours splits it across the CTAs."""
+    kv_len = [32768] + [int(n) for n in np.random.default_rng(3).integers(100, 1000, 63)]
+    layout = make_layout(264, 64, sum(-(-n // 16) for n in kv_len), 16, 8, deterministic=False)
+    plan, table = plan_for(kv_len, layout)
+    check_plan(plan, kv_len, table)
+    theirs = flashinfer_decode(np.array(kv_len), 16, 8, 264)
+    assert theirs.balance < 0.1 and plan.balance > 0.95
+    assert plan.num_merges >= 8  # the long request is split for every kv_head
+
+
+def test_full_capacity_never_overflows():
+    """Every bound at its limit at once: max batch, every page reference, many and few CTAs."""
+    for num_ctas, deterministic in ((1, False), (7, False), (300, False), (300, True), (3, True)):
+        kv_len = [16 * 40] * 31 + [16 * 900]
+        layout = make_layout(num_ctas, 32, sum(-(-n // 16) for n in kv_len), 16, 8, deterministic)
+        plan, table = plan_for(kv_len, layout)
+        check_plan(plan, kv_len, table)
+
+
+def test_torch_and_numpy_inputs_give_the_same_plan():
+    kv_len = [0, 17, 5000, 3, 64]
+    layout = make_layout(16, 5, 400, 16, 2, deterministic=False)
+    plan, table = plan_for(kv_len, layout)
+    again = plan_decode(layout, *(torch.from_numpy(a) for a in table), num_pages=NUM_PAGES, serial=7)
+    assert live_words(again) == live_words(plan) and again.makespan == plan.makespan
+    assert "5 requests" in repr(plan) and plan.section("header")[4] == 7
