@@ -31,15 +31,26 @@ _LAZY = {
     "Variant": "tilegraph.variants",
     "VariantError": "tilegraph.variants",
     "Param": "tilegraph.variants",
+    "CascadeAttention": "tilegraph.cascade",
+    "append_kv": "tilegraph.append",
+    "PagePool": "tilegraph.page_pool",
+    "PageTable": "tilegraph.page_pool",
+    "AppendIndices": "tilegraph.page_pool",
+    "PoolExhaustedError": "tilegraph.page_pool",
+    "UnknownRequestError": "tilegraph.page_pool",
+    "profile": "tilegraph.profiling",
 }
 
 
 def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tilegraph' has no attribute {name!r}")
     import importlib
 
+    module = _LAZY.get(name)
+    if module is None:  # a submodule not imported yet, e.g. tilegraph.variants
+        try:
+            return importlib.import_module(f"tilegraph.{name}")
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'tilegraph' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -47,6 +58,7 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
@@ -69,6 +81,14 @@ __all__ = [
     "Variant",
     "VariantError",
     "Param",
+    "CascadeAttention",
+    "append_kv",
+    "PagePool",
+    "PageTable",
+    "AppendIndices",
+    "PoolExhaustedError",
+    "UnknownRequestError",
+    "profile",
     "TilegraphError",
     "InputError",
     "PlanError",

@@ -8,6 +8,7 @@ import sys
 
 # commands that parse their own arguments: name -> (module, help)
 DELEGATED = {
+    "demo": ("tilegraph.demo", "continuous-batching Llama-style decode loop, eager vs CUDA graphs (simulator on a CPU)"),
     "bench": ("tilegraph.bench.cli", "benchmarks (measurements, not tests): plan, decode, merge, ..."),
     "gpu-run": ("tilegraph.gpu_run", "everything a lent GPU should run, time-boxed, into one folder"),
     "inspect-plan": ("tilegraph.inspect_plan", "plan a length mix on the host: tiles per CTA, balance, workspace bytes"),
@@ -17,7 +18,6 @@ DELEGATED = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilegraph", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="plan and run a skewed decode batch, checked against a float64 reference")
     sub.add_parser("selfcheck", help="run each primitive and merge kernel once against numpy")
     for name, (_, help_text) in DELEGATED.items():
         delegated = sub.add_parser(name, help=help_text, add_help=False)
@@ -35,10 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = _parser().parse_args(argv)
 
-    if args.command == "demo":
-        from .demo import main as demo
-
-        return demo()
     if args.command == "selfcheck":
         from .selfcheck import main as selfcheck
 
