@@ -6,13 +6,13 @@ the descriptions leave open are written down here. Both cut a request of ``kv_le
 chunks of ``chunk`` tokens (the last one shorter; ``chunk == 0`` or a shorter request: one whole
 tile; a request without tokens: one empty tile), then place the tiles -- requests longest first
 (ties: lower index first), a request's chunks in token order, kv_heads innermost -- each on the
-least-loaded CTA (``lpt_assign``; ties: the CTA that reached that load last).
+least-loaded CTA (``lpt_assign``; which of several equally loaded CTAs is taken never changes a load).
 
 ``flashinfer_decode`` (the split-KV decode scheduler): max_grid = num_ctas. If B * kv_heads >=
 max_grid it does not split. Otherwise it binary-searches the smallest chunk of c pages
 (c >= ceil(128 tokens / page_size)) with sum_i max(1, ceil(pages_i / c)) * kv_heads <= max_grid, so
-every tile gets its own CTA and the makespan is the costliest tile. (Its real grid launches the
-unsplit case in request order; we grant it longest-first, which can only help it.)
+every tile gets its own CTA and the makespan is the costliest tile. (Unsplit, its grid starts blocks
+in launch order as CTAs free up; we give it the longest-first order of the usual greedy instead.)
 
 ``flashinfer_persistent`` (the persistent scheduler): chunk = the ideal per-CTA share of KV tokens,
 ceil(kv_heads * total_tokens / num_ctas), rounded up to whole pages.
@@ -98,7 +98,7 @@ def lpt_assign(g_tokens, g_count, num_ctas, assignment):
     nonempty[0] = np.uint64(1)
     taken_cta = np.empty(num_ctas, np.int64)
     taken_load = np.empty(num_ctas, np.int64)
-    least = np.int64(0)  # no load is smaller
+    least = np.int64(0)  # no load is smaller (the scan for the least load starts here)
     makespan = np.int64(0)
     record = assignment.shape[0] > 0
     tile = 0
@@ -106,10 +106,10 @@ def lpt_assign(g_tokens, g_count, num_ctas, assignment):
         cost = g_tokens[g] + overhead
         todo = g_count[g]
         while todo > 0:
-            ceiling = least + cost
             want = min(todo, num_ctas)
             batch = 0
-            while batch < want:  # take the least-loaded CTAs up to ``ceiling``
+            ceiling = np.int64(0)
+            while batch < want:  # take the least-loaded CTAs, up to ``ceiling`` = the least load + cost
                 bucket = least & mask
                 word_index = bucket >> 6
                 word = nonempty[word_index] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(bucket & 63))
@@ -118,7 +118,9 @@ def lpt_assign(g_tokens, g_count, num_ctas, assignment):
                     word = nonempty[word_index]
                 found = (word_index << 6) + _lowest_bit(word)
                 load = least + ((found - bucket) & mask)
-                if load > ceiling:
+                if batch == 0:
+                    ceiling = load + cost
+                elif load > ceiling:
                     break
                 least = load
                 cta = bucket_head[found]
@@ -141,7 +143,6 @@ def lpt_assign(g_tokens, g_count, num_ctas, assignment):
                 if record:
                     assignment[tile] = cta
                 tile += 1
-            least = min(least, ceiling)
             todo -= batch
     return makespan
 

@@ -59,7 +59,7 @@ REFINE_RATIO = 256
 NO_MAKESPAN = 1 << 62
 
 # validation error codes
-E_OK, E_INDPTR_START, E_INDPTR_DECREASING, E_INDPTR_END, E_PAGE_REFS = 0, 1, 2, 3, 4
+E_INDPTR_START, E_INDPTR_DECREASING, E_INDPTR_END, E_PAGE_REFS = 1, 2, 3, 4
 E_LAST_PAGE_LEN, E_PAGE_INDEX, E_KV_LEN, E_CAPACITY = 5, 6, 7, 8
 
 
@@ -143,7 +143,8 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                 buf[o_indptr + cta + 1 : o_indptr + num_ctas + 1] = num_tiles
             break
         if remaining > (num_ctas - cta) * capacity:  # cannot fit any more
-            return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, cta, total, remaining, num_ctas)
+            lost = cta * capacity - (total - remaining) + (overhead if cur_rem >= 0 else 0)
+            return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, cta, lost, total, num_ctas)
         if not emit and cur_rem < 0 and remaining <= (num_ctas - cta) * (capacity - loss):
             return True, num_tiles, num_merges, num_slots, makespan, capacity  # the rest surely fits
         space = capacity
@@ -227,16 +228,17 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
             buf[o_indptr + cta + 1] = num_tiles
     if cur_rem < 0 and lo > hi:
         return True, num_tiles, num_merges, num_slots, makespan, capacity
-    return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, total, remaining, num_ctas)
+    lost = num_ctas * capacity - (total - remaining) + (overhead if cur_rem >= 0 else 0)
+    return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, lost, total, num_ctas)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _suggest(capacity, ctas_done, total, remaining, num_ctas):
+def _suggest(capacity, ctas_done, lost, total, num_ctas):
     """Next capacity to try after a failed pass: the ideal plus the cost the CTAs done so far lost
-    on average (gaps and split overheads), which the later CTAs would lose too."""
-    lost = ctas_done * capacity - (total - remaining)
-    per_cta = (lost + ctas_done - 1) // ctas_done
-    return max(capacity + 1, (total + num_ctas - 1) // num_ctas + per_cta)
+    on average (gaps, split overheads, the overhead of a pending piece), which the rest would lose too."""
+    per_cta = (lost + ctas_done - 1) // max(ctas_done, 1)
+    estimate = (total + num_ctas - 1) // num_ctas + per_cta
+    return max(capacity + 1, estimate + estimate // (2 * REFINE_RATIO))  # a margin the search tolerates
 
 
 @njit(cache=True, nogil=True)

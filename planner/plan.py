@@ -9,19 +9,20 @@ it), and ``balance = ideal / makespan`` is in (0, 1], comparable across schedule
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
 from .layout import DecodeLayout
 
-#: per-tile cost in KV-token units: loading q, the tile's epilogue (output or partial write) and its
-#: share of the merge. 32 tokens ~ the bytes of one fp16 partial row group against a page pair of K/V.
+#: a tile's fixed work in KV-token units: loading q for its GQA group, writing its output or fp32
+#: partial (O, LSE) and its share of the merge -- about two 16-token pages of K/V reads.
 TILE_OVERHEAD_TOKENS = 32
 
 
 def ideal_makespan(kv_len: np.ndarray, num_kv_heads: int, num_ctas: int) -> float:
-    """Total unsplit cost spread perfectly over the CTAs (the denominator-free lower bound)."""
+    """Every (request, kv_head) pair's one-tile cost spread perfectly over the CTAs: no schedule's
+    makespan is lower (each pair needs at least one tile; splits only add overhead)."""
     total = num_kv_heads * (int(np.asarray(kv_len, dtype=np.int64).sum()) + TILE_OVERHEAD_TOKENS * len(kv_len))
     return total / num_ctas
 
@@ -29,6 +30,11 @@ def ideal_makespan(kv_len: np.ndarray, num_kv_heads: int, num_ctas: int) -> floa
 def balance_of(ideal: float, makespan: int) -> float:
     """``ideal / makespan``; an empty batch (makespan 0) is perfectly balanced."""
     return ideal / makespan if makespan > 0 else 1.0
+
+
+@lru_cache(maxsize=64)
+def _offsets(layout: DecodeLayout) -> dict[str, tuple[int, int]]:
+    return layout.offsets()
 
 
 class Plan:
@@ -65,7 +71,7 @@ class Plan:
 
     def section(self, name: str) -> np.ndarray:
         """A read-only view of one buffer section at full capacity (names: layout.section_sizes())."""
-        start, stop = self.layout.offsets()[name]
+        start, stop = _offsets(self.layout)[name]
         view = self.buffer[start:stop]
         view.flags.writeable = False
         return view

@@ -3,6 +3,8 @@ fixed buffer sizes, deterministic invariance, and never worse than the anchors."
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,32 @@ def test_torch_and_numpy_inputs_give_the_same_plan():
     again = plan_decode(layout, *(torch.from_numpy(a) for a in table), num_pages=NUM_PAGES, serial=7)
     assert live_words(again) == live_words(plan) and again.makespan == plan.makespan
     assert "5 requests" in repr(plan) and plan.section("header")[4] == 7
+
+
+def reference_anchor(kv_len: list[int], kv_heads: int, num_ctas: int, chunk: int) -> int:
+    """Both anchors as their docstring says, with a plain heap: chunk, longest request first, onto the least-loaded CTA."""
+    loads = [(0, cta) for cta in range(num_ctas)]
+    for length in sorted(kv_len, reverse=True):
+        pieces = [length] if chunk == 0 or length <= chunk else [chunk] * (length // chunk) + [length % chunk] * (length % chunk > 0)
+        for tokens in pieces:
+            for _ in range(kv_heads):
+                load, cta = heapq.heappop(loads)
+                heapq.heappush(loads, (load + tokens + TILE_OVERHEAD_TOKENS, cta))
+    return max(load for load, _ in loads)
+
+
+@settings(deadline=None, max_examples=200)
+@given(kv_len=lengths_strategy, page_size=st.sampled_from([1, 16, 7]), kv_heads=st.integers(1, 8), num_ctas=st.integers(1, 300))
+def test_anchors_match_a_plain_reference(kv_len, page_size, kv_heads, num_ctas):
+    decode, persistent = anchors(np.array(kv_len, dtype=np.int64), page_size, kv_heads, num_ctas)
+    pages = [-(-n // page_size) for n in kv_len]
+    chunk_pages = 0  # FlashInfer decode: no split once B * kv_heads fills the grid, else the smallest chunk that fits it
+    if kv_len and len(kv_len) * kv_heads < num_ctas:
+        low = -(-128 // page_size)
+        chunk_pages = next(c for c in range(low, max(low, *pages) + 1)
+                           if kv_heads * sum(max(1, -(-p // c)) for p in pages) <= num_ctas)  # fmt: skip
+    assert decode.makespan == reference_anchor(kv_len, kv_heads, num_ctas, chunk_pages * page_size)
+    share = -(-kv_heads * sum(kv_len) // num_ctas)
+    chunk = page_size * max(1, -(-share // page_size))
+    assert persistent.makespan == reference_anchor(kv_len, kv_heads, num_ctas, chunk)
+    assert persistent.chunk_tokens == (chunk if any(n > chunk for n in kv_len) else None)
