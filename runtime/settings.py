@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     deterministic: bool = Field(
         default=False, description="split requests independently of the rest of the batch (bitwise-stable outputs)"
     )
+    max_cascade_levels: int = Field(
+        default=4, ge=1, le=16, description="levels of a CascadeAttention (shared-prefix levels + the request level)"
+    )
+    max_cascade_groups: int = Field(
+        default=None,  # type: ignore[assignment]
+        ge=1,
+        description="groups per shared-prefix level of a CascadeAttention; default max_batch_size",
+    )
 
     graphs: GraphSettings = Field(default_factory=GraphSettings, description="CUDA-graph buckets")
 
@@ -125,6 +133,19 @@ class Settings(BaseSettings):
         if value is None:
             return info.data.get("max_num_pages", 1)  # a max_num_pages error is reported
         return value
+
+    @field_validator("max_cascade_groups", mode="before")
+    @classmethod
+    def _cascade_groups_default(cls, value: Any, info: Any) -> Any:
+        if value is None:
+            return info.data.get("max_batch_size", 1)  # a max_batch_size error is reported
+        return value
+
+    @model_validator(mode="after")
+    def _cascade_groups_bound(self) -> "Settings":
+        if self.max_cascade_groups > self.max_batch_size:
+            raise ValueError(f"max_cascade_groups ({self.max_cascade_groups}) must not exceed max_batch_size ({self.max_batch_size})")
+        return self
 
     @model_validator(mode="after")
     def _combinations(self) -> "Settings":

@@ -1,0 +1,316 @@
+"""``tilegraph.CascadeAttention``: multi-level cascade attention -- shared prefixes stored and read once.
+
+    cascade = tilegraph.CascadeAttention(settings, num_levels=2, causal=False, device="cuda")
+    plan = cascade.plan([
+        LevelTable(group_qo_indptr, prefix_kv_indptr, prefix_kv_indices, prefix_last_page_len),  # level 0
+        LevelTable(qo_indptr, suffix_kv_indptr, suffix_kv_indices, suffix_last_page_len),        # last level
+    ])
+    out = cascade.run(q, kv_cache)                        # q [nnz_q, Hq, D] -> out [nnz_q, Hq, D]
+    out, lse = cascade.run(q, kv_cache, return_lse=True)  # lse float32 [nnz_q, Hq], natural log
+
+Every level is a page table over *entries* that partition the same query rows: ``qo_indptr`` says
+which rows each entry owns, the KV columns which pages it attends. The last level's entries are the
+requests (each request's own suffix); every earlier level's entries are groups of whole entries of
+the next level, whose queries all attend one shared prefix, stored and read once per group. A
+group that shares nothing has no pages. Row i's result equals flat attention over the
+concatenation, level 0 first, of the KV of every entry containing it.
+
+Each level runs as one BatchPrefill (a group's rows form one prefill request over the group's
+prefix), and the levels' (out, LSE) states are merged in place with ``merge_state_in_place``
+(an empty level gives LSE -inf and contributes nothing). ``causal``: the last level is causally
+masked (aligned to the end of the suffix; every prefix level is fully visible), so a request's
+qo_len may not exceed its suffix length.
+
+All levels are planned by one ``plan()`` call, all or nothing: every error is raised before any
+level's plan is staged, and the previous plan then stays in force. Implements the graph protocol
+(``tilegraph.graphs.protocol.GraphAware``); its bucket is the padded query-row count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from tilegraph import prefill as prefill_module
+from tilegraph.errors import InputError, PlanError, StateError
+from tilegraph.graphs.protocol import PlanState
+from tilegraph.nvtx_ranges import plan_range
+from tilegraph.planner.decode import _as_index_array
+from tilegraph.planner.prefill import PrefillPlan, plan_prefill
+from tilegraph.planner.prefill_layout import H_NUM_TOKENS
+
+from .kv_cache import KVCache, paged_kv
+from .merge import merge_state_in_place
+from .prefill import BatchPrefill
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class LevelTable:
+    """One cascade level: ``qo_indptr`` [G+1] (the query rows of each of its G entries),
+    ``kv_indptr`` [G+1], ``kv_indices`` [nnz_pages], ``kv_last_page_len`` [G] (each entry's pages,
+    as for decode). int32 CPU torch tensors or numpy arrays."""
+
+    qo_indptr: Any
+    kv_indptr: Any
+    kv_indices: Any
+    kv_last_page_len: Any
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """The plans of one cascade batch. ``request_kv_len`` int64 [num_levels, num_requests]: the KV
+    tokens each request attends at each level (a flat plan would read them all, per request)."""
+
+    levels: tuple[PrefillPlan, ...]
+    num_tokens: int  # query rows (qo_indptr[-1] of every level)
+    groups: tuple[int, ...]  # entries per level (the last level's are the requests)
+    request_kv_len: np.ndarray
+
+    @property
+    def serial(self) -> int:
+        return self.levels[0].serial  # every level's plan carries the same serial
+
+    @property
+    def num_requests(self) -> int:
+        return self.groups[-1]
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV tokens the cascade reads (per KV head): each entry's KV once."""
+        return sum(p.kv_tokens for p in self.levels)
+
+    @property
+    def flat_kv_tokens(self) -> int:
+        """KV tokens flat attention over the concatenated KV would read (per KV head)."""
+        return int(self.request_kv_len.sum())
+
+    def kv_bytes(self, settings: Settings, flat: bool = False) -> int:
+        """Bytes of K and V read (the cascade's, or with ``flat`` flat attention's), all KV heads."""
+        per_token = 2 * settings.num_kv_heads * settings.head_dim * settings.torch_dtype.itemsize
+        return per_token * (self.flat_kv_tokens if flat else self.kv_tokens)
+
+    def __repr__(self) -> str:
+        return (f"CascadePlan(#{self.serial}: {self.num_requests} requests, {self.num_tokens} query rows, "
+                f"groups per level {list(self.groups)}, KV tokens {self.kv_tokens} vs flat {self.flat_kv_tokens})")  # fmt: skip
+
+
+class CascadeAttention:
+    """Shared-prefix attention over ``num_levels`` page tables (CUDA-graph safe: fixed launch shapes)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        num_levels: int,
+        causal: bool = False,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) or num_levels < 1:
+            raise InputError(f"num_levels must be an integer >= 1, got {num_levels!r}")
+        if num_levels > settings.max_cascade_levels:
+            raise PlanError(f"num_levels={num_levels} exceeds max_cascade_levels={settings.max_cascade_levels} (Settings)")
+        self.settings = settings
+        self.num_levels = int(num_levels)
+        self.causal = bool(causal)
+        last = self.num_levels - 1
+        self.levels = [BatchPrefill(settings, causal=self.causal and level == last, device=device) for level in range(self.num_levels)]
+        self.device = self.levels[0].device
+        # level 0's query-row count as the device sees it (its uploaded plan header): the merge mask
+        self._num_tokens_on_device = self.levels[0].workspace.sections["header"][H_NUM_TOKENS]
+        self._plan: CascadePlan | None = None
+        self._capturing = False
+
+    @property
+    def workspace_nbytes(self) -> int:
+        return sum(level.workspace_nbytes for level in self.levels)
+
+    @property
+    def current_plan(self) -> CascadePlan | None:
+        return self._plan
+
+    # ---- plan ------------------------------------------------------------------------------------
+
+    @plan_range
+    def plan(self, levels: Sequence[LevelTable], padded_num_tokens: int | None = None) -> CascadePlan:
+        """Validate every level, plan each, then stage all of them for upload (nothing is staged when
+        any level is wrong). ``levels``: ``num_levels`` LevelTables (or 4-tuples), level 0 first,
+        the last level one entry per request. ``padded_num_tokens`` (>= the query rows, <=
+        max_num_tokens): q/out then have that many rows; rows past the real ones are neither read
+        nor written."""
+        if self._capturing:
+            raise StateError("plan() was called while a CUDA graph capture is in progress: plan before capturing or replaying")
+        tables = self._check_tables(levels)
+        qo = [t[0] for t in tables]
+        num_tokens = _check_groups(qo)
+        self._check_bounds(qo)
+        if num_tokens > self.settings.max_num_tokens:
+            raise PlanError(f"levels[-1].qo_indptr[-1]={num_tokens} query rows exceed max_num_tokens={self.settings.max_num_tokens} (Settings)")
+        rows = num_tokens if padded_num_tokens is None else int(padded_num_tokens)
+        if rows < num_tokens or rows > self.settings.max_num_tokens:
+            raise PlanError(f"padded_num_tokens={padded_num_tokens} must lie in [query rows={num_tokens}, "
+                            f"max_num_tokens={self.settings.max_num_tokens}]")  # fmt: skip
+        serial = next(prefill_module._plan_serials)  # one serial for every level: see graph_plan_state
+        plans = tuple(self._plan_level(index, table, serial) for index, table in enumerate(tables))
+        for level, plan in zip(self.levels, plans):
+            level._accept(plan, rows)
+        kv_len = np.stack([_request_kv_len(qo[index], qo[-1], tables[index], self.settings.page_size)
+                           for index in range(self.num_levels)])  # fmt: skip
+        self._plan = CascadePlan(plans, num_tokens, tuple(len(q) - 1 for q in qo), kv_len)
+        return self._plan
+
+    def _check_tables(self, levels: Any) -> list[tuple[np.ndarray, ...]]:
+        if not isinstance(levels, (list, tuple)):
+            raise InputError(f"levels must be a list of LevelTable, got {type(levels).__name__}")
+        if len(levels) != self.num_levels:
+            raise InputError(f"levels has {len(levels)} page tables, this CascadeAttention has num_levels={self.num_levels}")
+        tables = []
+        for index, level in enumerate(levels):
+            if isinstance(level, (list, tuple)) and len(level) == 4:
+                level = LevelTable(*level)
+            if not isinstance(level, LevelTable):
+                raise InputError(f"levels[{index}] must be a LevelTable(qo_indptr, kv_indptr, kv_indices, kv_last_page_len)")
+            names = ("qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len")
+            arrays = tuple(_as_index_array(getattr(level, n), f"levels[{index}].{n}") for n in names)
+            qo_indptr, kv_indptr, _, last = arrays
+            if qo_indptr.shape[0] < 1:
+                raise InputError(f"levels[{index}].qo_indptr must have G + 1 >= 1 entries")
+            groups = qo_indptr.shape[0] - 1
+            if kv_indptr.shape[0] != groups + 1:
+                raise InputError(f"levels[{index}].kv_indptr has {kv_indptr.shape[0]} entries but levels[{index}].qo_indptr "
+                                 f"has {groups + 1}: the page table and the query rows must describe the same entries")  # fmt: skip
+            if last.shape[0] != groups:
+                raise InputError(f"levels[{index}].kv_last_page_len has {last.shape[0]} entries, levels[{index}] has {groups}")
+            if qo_indptr[0] != 0:
+                raise InputError(f"levels[{index}].qo_indptr[0] must be 0, got {qo_indptr[0]}")
+            if np.any(np.diff(qo_indptr) < 0):
+                raise InputError(f"levels[{index}].qo_indptr must be non-decreasing")
+            tables.append(arrays)
+        return tables
+
+    def _check_bounds(self, qo: list[np.ndarray]) -> None:
+        s = self.settings
+        for index, indptr in enumerate(qo[:-1]):
+            if len(indptr) - 1 > s.max_cascade_groups:
+                raise PlanError(f"levels[{index}] has {len(indptr) - 1} groups > max_cascade_groups={s.max_cascade_groups} (Settings)")
+        if len(qo[-1]) - 1 > s.max_batch_size:
+            raise PlanError(f"levels[-1] has {len(qo[-1]) - 1} requests > max_batch_size={s.max_batch_size} (Settings)")
+
+    def _plan_level(self, index: int, table: tuple[np.ndarray, ...], serial: int) -> PrefillPlan:
+        """Level ``index``'s prefill plan (host only: nothing staged); its errors name the level."""
+        level = self.levels[index]
+        try:
+            return plan_prefill(
+                level.layout, *table, num_pages=self.settings.max_num_pages, causal=level.causal,
+                serial=serial, allow_split=level.config.splittable,
+            )  # fmt: skip
+        except (InputError, PlanError) as err:
+            hint = " (the causal last level: a request's qo_len must not exceed its suffix)" if level.causal else ""
+            raise type(err)(f"levels[{index}]: {err}{hint}") from None
+
+    # ---- run -------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache: KVCache,
+        out: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Cascade attention of ``q`` [nnz_q, num_qo_heads, head_dim] over every level's pages of
+        ``kv_cache`` (any form BatchPrefill takes). Returns ``out`` [nnz_q, Hq, D] (Settings dtype)
+        and, with ``return_lse``, the natural-log LSE float32 [nnz_q, Hq]. Everything is checked
+        before the first launch: a bad argument writes nothing."""
+        if self._plan is None:
+            raise StateError("run() was called before plan(): plan the batch first")
+        first = self.levels[0]
+        first._check_q(q)
+        kv = paged_kv(kv_cache, self.settings, self.device)
+        max_page = max(p.max_page_index for p in self._plan.levels)
+        if max_page >= kv.num_pages:
+            raise InputError(f"kv_cache has {kv.num_pages} pages but the plan references page {max_page}")
+        if out is None:
+            s = self.settings
+            out = torch.empty((first._rows, s.num_qo_heads, s.head_dim), dtype=s.torch_dtype, device=self.device)
+        first._check_out(out)
+        _, lse = first.run(q, kv_cache, out=out, return_lse=True)
+        if self.num_levels > 1:
+            # rows past the real ones (a padded bucket) hold no state: the merges leave them alone
+            real_rows = torch.arange(out.shape[0], device=self.device) < self._num_tokens_on_device
+            for level in self.levels[1:]:
+                level_out, level_lse = level.run(q, kv_cache, return_lse=True)
+                merge_state_in_place(out, lse, level_out, level_lse, mask=real_rows)
+        return (out, lse) if return_lse else out
+
+    # ---- graph protocol (tilegraph.graphs.protocol.GraphAware); the bucket is the padded row count --
+
+    def graph_prepare_capture(self, num_tokens: int) -> None:
+        """A stand-in plan for a row bucket: at every level one entry of ``num_tokens`` rows over as
+        many KV tokens, every page reference page 0."""
+        pages = -(-num_tokens // self.settings.page_size)
+        last = num_tokens - (pages - 1) * self.settings.page_size if pages else 1
+        table = LevelTable(np.array([0, num_tokens], np.int32), np.array([0, pages], np.int32),
+                           np.zeros(pages, np.int32), np.array([last], np.int32))  # fmt: skip
+        self.plan([table] * self.num_levels, padded_num_tokens=num_tokens)
+
+    def graph_set_capturing(self, capturing: bool) -> None:
+        self._capturing = capturing
+        for level in self.levels:
+            level.graph_set_capturing(capturing)
+
+    def graph_buffers(self) -> dict[str, torch.Tensor]:
+        return {f"level{i}:{name}": t for i, level in enumerate(self.levels) for name, t in level.graph_buffers().items()}
+
+    def graph_plan_state(self) -> PlanState:
+        """Fresh only when every level was planned since the last replay: the levels of one cascade
+        plan share its serial, so the oldest level's serial is the cascade's."""
+        states = [level.graph_plan_state() for level in self.levels]
+        key = f"cascade:{self.num_levels}:{'causal' if self.causal else 'full'}|" + "|".join(s.key for s in states)
+        return PlanState(serial=min(s.serial for s in states), padded_batch_size=states[0].padded_batch_size, key=key)
+
+    def graph_before_replay(self) -> None:
+        for level in self.levels:
+            level.graph_before_replay()
+
+
+def _check_groups(qo: list[np.ndarray]) -> int:
+    """Every level covers the same query rows, and each group holds whole entries of the next level.
+    Returns the number of query rows."""
+    requests = qo[-1]
+    num_tokens = int(requests[-1])
+    for index, indptr in enumerate(qo[:-1]):
+        end = int(indptr[-1])
+        if end < num_tokens:
+            request = int(np.searchsorted(requests, end, side="right")) - 1
+            raise InputError(f"levels[{index}].qo_indptr ends at row {end} but the requests' rows end at {num_tokens}: "
+                             f"request {request} (rows {requests[request]}:{requests[request + 1]}) is in no group of "
+                             f"level {index} (give a request that shares no prefix a group without pages)")  # fmt: skip
+        if end > num_tokens:
+            raise InputError(f"levels[{index}].qo_indptr ends at row {end}, past the requests' last row {num_tokens} "
+                             "(levels[-1].qo_indptr[-1])")  # fmt: skip
+        finer = qo[index + 1]
+        cuts = ~np.isin(indptr, finer)
+        if cuts.any():
+            g = int(np.argmax(cuts))
+            row = int(indptr[g])
+            e = int(np.searchsorted(finer, row, side="right")) - 1
+            raise InputError(f"levels[{index}].qo_indptr[{g}]={row} cuts through entry {e} of levels[{index + 1}] "
+                             f"(rows {finer[e]}:{finer[e + 1]}): every group must hold whole entries of the next level")  # fmt: skip
+    return num_tokens
+
+
+def _request_kv_len(group_qo: np.ndarray, request_qo: np.ndarray, table: tuple[np.ndarray, ...], page_size: int) -> np.ndarray:
+    """int64 [num_requests]: the KV tokens of the group (of one level) each request belongs to."""
+    _, kv_indptr, _, last = table
+    pages = np.diff(kv_indptr.astype(np.int64))
+    entry_len = np.where(pages > 0, (pages - 1) * page_size + last, 0)
+    num_requests = len(request_qo) - 1
+    if len(entry_len) == 0:
+        return np.zeros(num_requests, np.int64)
+    entry = np.searchsorted(group_qo, request_qo[:-1], side="right") - 1
+    return entry_len[np.clip(entry, 0, len(entry_len) - 1)].astype(np.int64)
+
+
+__all__ = ["CascadeAttention", "CascadePlan", "LevelTable"]
