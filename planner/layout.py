@@ -55,8 +55,37 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class SectionedLayout:
+    """What every plan layout shares, given ``section_sizes()``, ``slot_capacity``, ``group_size`` and
+    ``head_dim``: 16-byte-aligned section offsets, the plan's word count and the workspace bytes."""
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """Section name -> (start, stop) in words; every section starts 16-byte aligned."""
+        out, pos = {}, 0
+        for name, size in self.section_sizes().items():
+            out[name] = (pos, pos + size)
+            pos = _ceil_div(pos + size, 4) * 4
+        return out
+
+    @property
+    def plan_words(self) -> int:
+        return max(stop for _, stop in self.offsets().values()) + 3 & ~3
+
+    def partial_out_shape(self) -> tuple[int, int, int]:
+        return (self.slot_capacity, self.group_size, self.head_dim)
+
+    def partial_lse_shape(self) -> tuple[int, int]:
+        return (self.slot_capacity, self.group_size)
+
+    @property
+    def workspace_nbytes(self) -> int:
+        """Device bytes: plan buffer + fp32 partial outputs + fp32 partial LSEs."""
+        slots_rows = self.slot_capacity * self.group_size
+        return 4 * self.plan_words + 4 * slots_rows * self.head_dim + 4 * slots_rows
+
+
 @dataclass(frozen=True)
-class DecodeLayout:
+class DecodeLayout(SectionedLayout):
     """Capacities and section offsets (in int32 words) of a decode plan buffer."""
 
     num_ctas: int
@@ -121,27 +150,3 @@ class DecodeLayout:
             kv_len=b,
         )
         return sizes
-
-    def offsets(self) -> dict[str, tuple[int, int]]:
-        """Section name -> (start, stop) in words; every section starts 16-byte aligned."""
-        out, pos = {}, 0
-        for name, size in self.section_sizes().items():
-            out[name] = (pos, pos + size)
-            pos = _ceil_div(pos + size, 4) * 4
-        return out
-
-    @property
-    def plan_words(self) -> int:
-        return max(stop for _, stop in self.offsets().values()) + 3 & ~3
-
-    def partial_out_shape(self) -> tuple[int, int, int]:
-        return (self.slot_capacity, self.group_size, self.head_dim)
-
-    def partial_lse_shape(self) -> tuple[int, int]:
-        return (self.slot_capacity, self.group_size)
-
-    @property
-    def workspace_nbytes(self) -> int:
-        """Device bytes: plan buffer + fp32 partial outputs + fp32 partial LSEs."""
-        slots_rows = self.slot_capacity * self.group_size
-        return 4 * self.plan_words + 4 * slots_rows * self.head_dim + 4 * slots_rows

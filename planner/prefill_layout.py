@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from tilegraph.settings import Settings
 
-from .layout import HEADER_WORDS
+from .layout import HEADER_WORDS, SectionedLayout
 
 #: query rows (tokens x GQA heads) a tile packs: 16 = one mma m16 fragment for a later tensor-core core
 ROWS_PER_TILE = 16
@@ -78,12 +78,8 @@ def query_tile_tokens(group_size: int) -> int:
     return max(1, ROWS_PER_TILE // group_size)
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @dataclass(frozen=True)
-class PrefillLayout:
+class PrefillLayout(SectionedLayout):
     """Capacities and section offsets (int32 words) of a prefill plan buffer; ``paged`` False: ragged KV."""
 
     num_ctas: int
@@ -149,27 +145,3 @@ class PrefillLayout:
             kv_len=b,
         )
         return sizes
-
-    def offsets(self) -> dict[str, tuple[int, int]]:
-        """Section name -> (start, stop) in words; every section starts 16-byte aligned."""
-        out, pos = {}, 0
-        for name, size in self.section_sizes().items():
-            out[name] = (pos, pos + size)
-            pos = _ceil_div(pos + size, 4) * 4
-        return out
-
-    @property
-    def plan_words(self) -> int:
-        return max(stop for _, stop in self.offsets().values()) + 3 & ~3
-
-    def partial_out_shape(self) -> tuple[int, int, int]:
-        return (self.slot_capacity, self.group_size, self.head_dim)
-
-    def partial_lse_shape(self) -> tuple[int, int]:
-        return (self.slot_capacity, self.group_size)
-
-    @property
-    def workspace_nbytes(self) -> int:
-        """Device bytes: plan buffer + fp32 partial outputs + fp32 partial LSEs."""
-        rows = self.slot_capacity * self.group_size
-        return 4 * self.plan_words + 4 * rows * self.head_dim + 4 * rows
