@@ -1,4 +1,4 @@
-"""A new attention variant in a few lines: a per-head distance-decay bias, run through decode.
+"""A new attention variant in a few lines: a per-head distance-decay bias, run through decode and prefill.
 
     python examples/custom_variant.py          # the simulator on a CPU, or a GPU when there is one
 
@@ -30,7 +30,15 @@ def main() -> None:
     cache = torch.randn(16, 2, 4, 2, 16, dtype=torch.float16, device=device)
     rates = torch.tensor([0.0, 0.1, 0.5, 2.0], device=device)
     out = dec.run(q, cache, params={"rate": rates})
-    print(f"{distance_decay}: out {tuple(out.shape)}, |out| per head {out.float().norm(dim=-1)[0].tolist()}")
+    print(f"{distance_decay} decode: out {tuple(out.shape)}, |out| per head {out.float().norm(dim=-1)[0].tolist()}")
+
+    # the same variant in causal prefill: request 0 appends 2 tokens to its 10-token KV, request 1 is a
+    # decode row; qo_pos is each query token's own position in the KV
+    pre = tilegraph.BatchPrefill(settings, causal=True, variant=distance_decay, device=device)
+    pre.plan(np.array([0, 2, 3], np.int32), np.array([0, 3, 5], np.int32), np.arange(5, dtype=np.int32), np.array([2, 4], np.int32))
+    q_tokens = torch.randn(3, 4, 16, dtype=torch.float16, device=device)
+    out = pre.run(q_tokens, cache, params={"rate": rates})
+    print(f"{distance_decay} prefill: out {tuple(out.shape)}, |out| per head {out.float().norm(dim=-1)[0].tolist()}")
 
 
 if __name__ == "__main__":

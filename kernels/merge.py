@@ -27,7 +27,7 @@ import torch
 from numba import float32, int64
 
 from tilegraph._device import SIMULATOR, cuda
-from tilegraph.planner.layout import H_NUM_MERGES
+from tilegraph.planner.layout import H_BATCH_SIZE, H_NUM_MERGES
 
 from . import primitives as prim
 from .compile_spec import CompileSpec
@@ -193,7 +193,7 @@ def _no_sink(qo_head, params):
     return NEG_INF
 
 
-def make_partial_merge_kernel(kind: int, hooks: Any = None) -> Callable[..., Any]:
+def make_partial_merge_kernel(kind: int, hooks: Any = None, prefill: bool = False) -> Callable[..., Any]:
     """Kernel combining split-KV decode partials into the final output (fixed grid, persistent).
 
     Work item i = (merge entry m = i // group_size, group member j = i % group_size) for
@@ -207,8 +207,14 @@ def make_partial_merge_kernel(kind: int, hooks: Any = None) -> Callable[..., Any
     ``hooks`` (a kernels.decode.DecodeHooks, None: plain softmax) adds what a variant needs here:
     softmax=False sums the partials (LSE written as 0); ``sink`` joins each merged row once as a
     state (zeros, LSE = sink); ``output_transform`` runs on the merged row. Those read kv_len
-    (int32 [B], for qo_pos = kv_len - 1) and params (float32, the variant's run-time parameters)."""
+    (int32 [B], for qo_pos = kv_len - 1) and params (float32, the variant's run-time parameters).
+
+    ``prefill``: merge_request names a global query token g (a row of q / out), not a request; the
+    output hook then gets the request r owning g (found in qo_indptr, int32 [B + 1], B =
+    header[H_BATCH_SIZE]) and qo_pos = kv_len[r] - qo_len[r] + (g - qo_indptr[r]). qo_indptr is
+    read only then (decode passes any int32 array)."""
     KIND = kind
+    PREFILL = bool(prefill)
     SOFTMAX = hooks is None or hooks.softmax
     HAS_SINK = hooks is not None and hooks.sink is not None
     HAS_OUT = hooks is not None and hooks.output_transform is not None
@@ -220,7 +226,7 @@ def make_partial_merge_kernel(kind: int, hooks: Any = None) -> Callable[..., Any
 
     def partial_merge_kernel(
         header, merge_slot_indptr, merge_request, merge_kv_head, partial_words, partial_lse,
-        out_words, lse, write_lse, group_size, head_dim, num_qo_heads, kv_len, params,
+        out_words, lse, write_lse, group_size, head_dim, num_qo_heads, kv_len, params, qo_indptr,
     ):  # fmt: skip
         tx = cuda.threadIdx.x
         bdx = cuda.blockDim.x
@@ -243,6 +249,24 @@ def make_partial_merge_kernel(kind: int, hooks: Any = None) -> Callable[..., Any
             out_row = request * num_qo_heads + qo_head
             if out_row < 0 or out_row >= out_rows:
                 continue
+            hook_request = request
+            qo_pos = int64(0)
+            if HAS_OUT:
+                if PREFILL:
+                    # the request owning query token `request`: the last r with qo_indptr[r] <= token
+                    lo = int64(0)
+                    hi = int64(header[H_BATCH_SIZE]) - 1
+                    while lo < hi:
+                        mid = (lo + hi + 1) // 2
+                        if int64(qo_indptr[mid]) <= request:
+                            lo = mid
+                        else:
+                            hi = mid - 1
+                    hook_request = lo
+                    qo_begin = int64(qo_indptr[lo])
+                    qo_pos = int64(kv_len[lo]) - (int64(qo_indptr[lo + 1]) - qo_begin) + request - qo_begin
+                else:
+                    qo_pos = int64(kv_len[request]) - 1
             slot_start = int64(merge_slot_indptr[merge])
             slot_stop = min(int64(merge_slot_indptr[merge + 1]), slot_limit)
             for vec in range(int64(tx), lanes, int64(bdx)):
@@ -267,7 +291,7 @@ def make_partial_merge_kernel(kind: int, hooks: Any = None) -> Callable[..., Any
                 else:
                     lse_out = float32(0.0)
                 if HAS_OUT:
-                    o_hook(acc, vec * 8, request, qo_head, int64(kv_len[request]) - 1, params)
+                    o_hook(acc, vec * 8, hook_request, qo_head, qo_pos, params)
                 store_row8(out_words, out_row * row_words + vec * WORDS8, KIND, acc)
                 if vec == 0 and write_lse != 0:
                     lse[out_row] = lse_out
@@ -289,9 +313,9 @@ def states_kernel(kind: int) -> Any:
 
 
 @lru_cache(maxsize=64)
-def partial_merge_kernel(kind: int, hooks: Any = None) -> Any:
+def partial_merge_kernel(kind: int, hooks: Any = None, prefill: bool = False) -> Any:
     """The launchable partial-merge kernel for output dtype code ``kind`` (see make_partial_merge_kernel)."""
-    return cuda.jit(make_partial_merge_kernel(kind, hooks), fastmath=True)
+    return cuda.jit(make_partial_merge_kernel(kind, hooks, prefill), fastmath=True)
 
 
 # ---- launchers (torch tensors in; no checks here: runtime/merge.py validates) ------------------
@@ -366,6 +390,7 @@ def launch_partial_merge(
     hooks: Any = None,
     kv_len: torch.Tensor | None = None,
     params: torch.Tensor | None = None,
+    qo_indptr: torch.Tensor | None = None,
 ) -> None:
     """Combine the split-KV partials named by the plan into ``out`` (and ``lse``); CUDA-graph safe.
 
@@ -375,10 +400,11 @@ def launch_partial_merge(
     lse: float32 flat [B * num_qo_heads] (any float32 tensor when ``write_lse`` is False).
     The launch shape depends only on ``grid`` and head_dim: the number of merges is read from
     header[H_NUM_MERGES] on the device, so one launch serves every plan. ``hooks`` / ``kv_len`` /
-    ``params``: a variant's merge-side hooks and their inputs (see make_partial_merge_kernel)."""
+    ``params``: a variant's merge-side hooks and their inputs (see make_partial_merge_kernel).
+    ``qo_indptr`` (the prefill plan's section): merge rows are query tokens (prefill merges)."""
     launch(
         "partial_merge",
-        partial_merge_kernel(kind, hooks),
+        partial_merge_kernel(kind, hooks, qo_indptr is not None),
         (int(grid),),
         merge_block(head_dim),
         (
@@ -386,6 +412,7 @@ def launch_partial_merge(
             as_words(partial_out), partial_lse.view(-1), out_words, lse.view(-1), np.int32(bool(write_lse)),
             np.int64(group_size), np.int64(head_dim), np.int64(num_qo_heads),
             merge_request if kv_len is None else kv_len, partial_lse.view(-1) if params is None else params,
+            merge_request if qo_indptr is None else qo_indptr,
         ),
     )  # fmt: skip
 
@@ -396,7 +423,7 @@ _I32, _F32, _U8 = "int32[::1]", "float32[::1]", "uint8[::1]"
 PAIR_SIGNATURE = f"void({_I32}, {_F32}, {_I32}, {_F32}, {_I32}, {_F32}, {_U8}, int32, int64, int64, int64)"
 STATES_SIGNATURE = f"void({_I32}, {_F32}, {_I32}, {_F32}, int64, int64, int64, int64)"
 PARTIAL_MERGE_SIGNATURE = (
-    f"void({_I32}, {_I32}, {_I32}, {_I32}, {_I32}, {_F32}, {_I32}, {_F32}, int32, int64, int64, int64, {_I32}, {_F32})"
+    f"void({_I32}, {_I32}, {_I32}, {_I32}, {_I32}, {_F32}, {_I32}, {_F32}, int32, int64, int64, int64, {_I32}, {_F32}, {_I32})"
 )
 
 

@@ -24,8 +24,16 @@ split tile writes fp32 partials (normalized output, natural LSE) into slot ``slo
 its query token i, combined afterwards by the decode partial-merge kernel (whose "request" is the
 global query token). An empty KV range writes zeros and -inf.
 
+Variants (decode's ``DecodeHooks``, built by ``tilegraph.Variant``) with query positions qo_pos as
+above: query / key transforms, rotate-half pair transforms (the partner half re-loaded from global
+memory: q at its token's qo_pos, k at its kv position), logits transform and mask, a sink folded
+into final rows here and into split rows by the merge (once per row either way), softmax-free
+(weights = the transformed scores; partials are plain sums, LSE 0) and the output transform on
+final rows only (split rows: in the merge, which finds each query token's request and qo_pos).
+
 Compile-time specialization: dtype code, head_dim, group size, q_tile, paged/ragged, causal, block
-size and the variant hooks (decode's ``DecodeHooks``). Everything else is read at run time.
+size and the variant hooks. Everything else (plan, strides, scale, the variant's float32 ``params``)
+is read at run time.
 """
 
 from __future__ import annotations
@@ -44,13 +52,13 @@ from tilegraph.planner.prefill_layout import ROWS_PER_TILE, query_tile_tokens
 
 from . import primitives as prim
 from .compile_spec import CompileSpec
-from .decode import DEFAULT_HOOKS, DecodeHooks, _identity_logit, _identity_vec, _no_mask
+from .decode import DEFAULT_HOOKS, DecodeHooks, _identity_logit, _identity_pair, _identity_vec, _no_mask, _no_sink
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG_INF = float32(-math.inf)
-#: DecodeHooks fields this kernel does not implement (a config naming one is refused)
-UNSUPPORTED_HOOKS = ("query_pair_transform", "key_pair_transform", "sink")
+#: DecodeHooks fields this kernel does not implement (a config naming one is refused): none left
+UNSUPPORTED_HOOKS: tuple[str, ...] = ()
 DTYPE_NAMES = {prim.F16: "float16", prim.BF16: "bfloat16", prim.F32: "float32"}
 
 
@@ -68,16 +76,17 @@ class PrefillConfig:
 
     def __post_init__(self) -> None:
         unsupported = [name for name in UNSUPPORTED_HOOKS if getattr(self.hooks, name, None) is not None]
-        if not getattr(self.hooks, "softmax", True):
-            unsupported.append("softmax=False")
         if unsupported:
-            raise InputError(f"the prefill kernel does not support the hooks {unsupported} of variant {self.hooks.name!r} yet")
+            raise InputError(f"the prefill kernel does not support the hooks {unsupported} of variant {self.hooks.name!r}")
+        pairs = self.hooks.query_pair_transform is not None or self.hooks.key_pair_transform is not None
+        if pairs and self.head_dim % 16:
+            raise InputError(f"variant {self.hooks.name!r}: pair transforms (RoPE) need head_dim % 16 == 0, got {self.head_dim}")
 
     @property
     def splittable(self) -> bool:
-        """Split-KV plans are allowed: the output hook (nonlinear in general) must see the final row,
-        and split rows are finished by the merge kernel, so a variant with one is never split."""
-        return self.hooks.output_transform is None
+        """Split-KV plans are allowed for every variant: the merge applies the sink and the output
+        hook once per merged row (and sums softmax-free partials)."""
+        return True
 
     @property
     def q_tile(self) -> int:
@@ -122,6 +131,14 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
     hooks = cfg.hooks
     HAS_LOGITS_HOOK = hooks.logits_transform is not None
     HAS_MASK = hooks.logits_mask is not None
+    HAS_Q_PAIR = hooks.query_pair_transform is not None
+    HAS_K_PAIR = hooks.key_pair_transform is not None
+    HAS_SINK = hooks.sink is not None
+    SOFTMAX = hooks.softmax
+    NATURAL = HAS_LOGITS_HOOK or not SOFTMAX  # scores in natural units before the hooks (else log2)
+    q_pair_hook = hooks.query_pair_transform or _identity_pair
+    k_pair_hook = hooks.key_pair_transform or _identity_pair
+    sink_hook = hooks.sink or _no_sink
     q_hook = hooks.query_transform or _identity_vec
     k_hook = hooks.key_transform or _identity_vec
     o_hook = hooks.output_transform or _identity_vec
@@ -138,8 +155,14 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
         return (int64(kv_indptr[request]) + t) * token_stride + kv_head * head_stride
 
     @cuda.jit(device=True, inline="always")
+    def partner_words(dim0):
+        """Word offset (within a row) of the 8 rotate-half partner elements of dims dim0 .. dim0 + 7."""
+        return ((dim0 + HEAD_DIM // 2) % HEAD_DIM // 8) * WORDS8
+
+    @cuda.jit(device=True, inline="always")
     def scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params):
-        """Core 1 (mma-replaceable): ss[r, c] = q_r . k_c in the log2 domain, -inf where masked."""
+        """Core 1 (mma-replaceable): ss[r, c] = q_r . k_c in the log2 domain (softmax-free: the
+        transformed score), -inf where masked."""
         for item in range(tid, n_rows * n_kv, NT):
             r = item // n_kv
             c = item - r * n_kv
@@ -152,7 +175,9 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
             kv_pos = kb0 + c
             qo_head = kv_head * GROUP + head
             if HAS_LOGITS_HOOK:
-                s = float32(logit_hook(s, request, qo_pos, kv_pos, qo_head, kv_head, params) * LOG2E)
+                s = float32(logit_hook(s, request, qo_pos, kv_pos, qo_head, kv_head, params))
+            if NATURAL and SOFTMAX:
+                s = float32(s * LOG2E)
             keep = head < GROUP
             if CAUSAL:
                 keep = keep and kv_pos <= qo_pos
@@ -162,8 +187,15 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
 
     @cuda.jit(device=True, inline="always")
     def softmax_step(ss, sm, sd, sscale, tid, n_rows, n_kv):
-        """Online softmax per row: new max, rescale of the old state, ss <- probabilities (log2 domain)."""
+        """Online softmax per row: new max, rescale of the old state, ss <- probabilities (log2 domain).
+        Softmax-free: ss <- the scores as weights (0 where masked), no rescale."""
         for r in range(tid, n_rows, NT):
+            if not SOFTMAX:
+                for c in range(n_kv):
+                    if ss[r, c] == NEG_INF:
+                        ss[r, c] = float32(0.0)
+                sscale[r] = float32(1.0)
+                continue
             m_old = sm[r]
             m_new = m_old
             for c in range(n_kv):
@@ -218,8 +250,9 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
         sscale = cuda.shared.array(ROWS, float32)
         acc = cuda.local.array(ACC, float32)
         v8 = cuda.local.array(8, float32)
-        # q pre-scaled into the log2 domain, unless a logits hook needs the natural score
-        q_scale = float32(sm_scale) if HAS_LOGITS_HOOK else float32(sm_scale * LOG2E)
+        pair8 = cuda.local.array(8, float32)
+        # q pre-scaled into the log2 domain, unless a logits hook (or no softmax) needs the natural score
+        q_scale = float32(sm_scale) if NATURAL else float32(sm_scale * LOG2E)
         num_tiles = header[H_NUM_TILES]
         cta = cuda.blockIdx.x
         tile_stop = min(cta_tile_indptr[cta + 1], num_tiles)
@@ -246,8 +279,11 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                         v8[k] = float32(0.0)
                     if tok < n_tok and head < GROUP:
                         qo_head = kv_head * GROUP + head
-                        w0 = (qo_begin + q_start + tok) * q_stride_n + qo_head * q_stride_h + (dim0 // 8) * WORDS8
-                        load_row8(q_words, w0, KIND, v8)
+                        q_row = (qo_begin + q_start + tok) * q_stride_n + qo_head * q_stride_h
+                        load_row8(q_words, q_row + (dim0 // 8) * WORDS8, KIND, v8)
+                        if HAS_Q_PAIR:
+                            load_row8(q_words, q_row + partner_words(dim0), KIND, pair8)
+                            q_pair_hook(v8, pair8, dim0, HEAD_DIM, request, qo_head, qo_pos0 + tok, params)
                         q_hook(v8, dim0, request, qo_head, qo_pos0 + tok, params)
                     for k in range(8):
                         sq[r, dim0 + k] = v8[k] * q_scale
@@ -264,6 +300,9 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                         dim0 = (item - c * LANES) * 8
                         row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size)
                         load_row8(k_words, row + (dim0 // 8) * WORDS8, KIND, v8)
+                        if HAS_K_PAIR:
+                            load_row8(k_words, row + partner_words(dim0), KIND, pair8)
+                            k_pair_hook(v8, pair8, dim0, HEAD_DIM, request, kv_head, kb0 + c, params)
                         k_hook(v8, dim0, request, kv_head, kb0 + c, params)
                         for k in range(8):
                             sk[c, dim0 + k] = v8[k]
@@ -285,16 +324,31 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                     head = head0 + r - tok * HP
                     if r < n_rows and head < GROUP:
                         dim0 = (item - r * LANES) * 8
-                        d = sd[r]
+                        qo_head = kv_head * GROUP + head
                         lse_value = NEG_INF
                         for k in range(8):
                             v8[k] = float32(0.0)
-                        if d > float32(0.0):
-                            inv = float32(1.0) / d
+                        if not SOFTMAX:
                             for k in range(8):
-                                v8[k] = acc[i * 8 + k] * inv
-                            lse_value = float32((sm[r] + math.log2(d)) * LN2)
-                        qo_head = kv_head * GROUP + head
+                                v8[k] = acc[i * 8 + k]  # plain sums: split partials are added by the merge
+                            lse_value = float32(0.0)
+                        else:
+                            m_row = sm[r]
+                            d = sd[r]
+                            rescale = float32(1.0)
+                            if HAS_SINK and slot < 0:
+                                # the sink joins the denominator once: here for final rows, in the merge for split ones
+                                sink = float32(sink_hook(qo_head, params) * LOG2E)
+                                if sink > NEG_INF:
+                                    m_new = max(m_row, sink)
+                                    rescale = ex2(m_row - m_new)
+                                    d = d * rescale + ex2(sink - m_new)
+                                    m_row = m_new
+                            if d > float32(0.0):
+                                inv = rescale / d
+                                for k in range(8):
+                                    v8[k] = acc[i * 8 + k] * inv
+                                lse_value = float32((m_row + math.log2(d)) * LN2)
                         if slot < 0:
                             o_hook(v8, dim0, request, qo_head, qo_pos0 + tok, params)
                             out_row = (qo_begin + q_start + tok) * num_qo_heads + qo_head
@@ -349,9 +403,32 @@ CHECK_HOOKS = DecodeHooks(logits_transform=_check_soft_cap, logits_mask=_check_w
                           output_transform=_check_scale_out, name="softcap+window+scale")  # fmt: skip
 
 
+def _builtin_variant_cases() -> list[tuple[int, int, int, bool, bool, DecodeHooks]]:
+    """(dtype, head_dim, group, paged, causal, hooks): every built-in variant at least once (offsets in
+    the params buffer are compile-time constants: a sample Settings fixes them)."""
+    from tilegraph import variants as V
+    from tilegraph.settings import Settings
+
+    def hooks(variant: Any, head_dim: int, group: int) -> DecodeHooks:
+        settings = Settings(num_qo_heads=8 * group, num_kv_heads=8, head_dim=head_dim, max_batch_size=64)
+        return variant.decode_hooks(settings)
+
+    cases = [
+        (prim.F16, 128, 1, True, True, V.combine(V.soft_cap(), V.sliding_window(128))),
+        (prim.BF16, 128, 8, True, True, V.combine(V.alibi(), V.attention_sinks())),
+        (prim.F16, 64, 4, False, True, V.rope()),
+        (prim.F32, 128, 2, True, False, V.sigmoid_attention()),
+        (prim.BF16, 96, 6, True, True, V.custom_mask()),
+    ]
+    return [(kind, hd, group, paged, causal, hooks(v, hd, group)) for kind, hd, group, paged, causal, v in cases]
+
+
 def gpu_compile_specs() -> list[CompileSpec]:
     """Covering set: every dtype, head_dims 64..256, groups 1..8 (and a two-pass 32), paged and ragged,
-    causal and not, default and hooked variants."""
+    causal and not, default and hooked variants, every built-in variant (with its prefill merge kernel
+    when the merge applies a hook)."""
+    from .merge import PARTIAL_MERGE_SIGNATURE, make_partial_merge_kernel
+
     cases = [
         (prim.F16, 128, 1, True, True, DEFAULT_HOOKS),
         (prim.BF16, 64, 4, True, False, DEFAULT_HOOKS),
@@ -359,17 +436,29 @@ def gpu_compile_specs() -> list[CompileSpec]:
         (prim.F16, 96, 3, False, False, DEFAULT_HOOKS),
         (prim.BF16, 128, 8, True, True, CHECK_HOOKS),
         (prim.F16, 64, 32, True, True, DEFAULT_HOOKS),
+        *_builtin_variant_cases(),
     ]
     specs = []
     for kind, head_dim, group, paged, causal, hooks in cases:
+        label = hooks.name.split("#")[0]
+        if hooks.sink is not None or hooks.output_transform is not None or not hooks.softmax:
+            specs.append(
+                CompileSpec(
+                    name=f"prefill_merge[{DTYPE_NAMES[kind]},{label}]",
+                    pyfunc=make_partial_merge_kernel(kind, hooks, prefill=True),
+                    signature=PARTIAL_MERGE_SIGNATURE,
+                    expect=("ld.global.nc.v4.u32",),
+                    fastmath=True,
+                )
+            )
         cfg = PrefillConfig(kind, head_dim, group, paged, causal, threads=128, hooks=hooks)
-        name = f"prefill[{DTYPE_NAMES[kind]},hd{head_dim},g{group},{'paged' if paged else 'ragged'},{'causal' if causal else 'full'},{hooks.name}]"
+        name = f"prefill[{DTYPE_NAMES[kind]},hd{head_dim},g{group},{'paged' if paged else 'ragged'},{'causal' if causal else 'full'},{label}]"
         specs.append(
             CompileSpec(
                 name=name,
                 pyfunc=make_prefill_kernel(cfg),
                 signature=prefill_signature(),
-                expect=("ld.global.nc.v4.u32", "ex2.approx", "bar.sync"),
+                expect=("ld.global.nc.v4.u32", "ex2.approx", "bar.sync") if hooks.softmax else ("ld.global.nc.v4.u32", "bar.sync"),
                 fastmath=True,
             )
         )

@@ -271,6 +271,15 @@ def custom_mask_bits(request, qo_pos, kv_pos, qo_head, kv_head, params, mask_off
     return (word >> (bit % MASK_BITS_PER_WORD)) & 1 != 0
 
 
+def custom_mask_rows(request, qo_pos, kv_pos, qo_head, kv_head, params, mask_offset, mask_q0, mask_stride, mask_words):
+    """The custom mask with a row per query token: bit offset[r] + (qo_pos - q0[r]) * stride[r] + kv_pos
+    (prefill: q0 = kv_len - qo_len, stride = kv_len; decode: one row, q0 = kv_len - 1)."""
+    row = qo_pos - int64(params[mask_q0 + request])
+    bit = int64(params[mask_offset + request]) + row * int64(params[mask_stride + request]) + kv_pos
+    word = int64(params[mask_words + bit // MASK_BITS_PER_WORD])
+    return (word >> (bit % MASK_BITS_PER_WORD)) & 1 != 0
+
+
 def rope_llama(vals, partner, dim0, head_dim, request, head, pos, params, rope_theta, rope_scale):
     half = head_dim // 2
     log_theta = math.log(params[rope_theta])

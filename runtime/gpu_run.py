@@ -10,7 +10,7 @@ is collected from there):
     profile       ``tilegraph.profile()`` over eager and graph-replayed decode steps -> profile.json
     pytest-gpu    ``python -m pytest -m gpu`` (the GPU test tier)   -> pytest-gpu.xml (+ summary)
     bench-SUITE   every GPU bench suite this checkout has (decode, graphs, merge, prefill,
-                  cascade), each told to stop 30 s before its box     -> SUITE/SUITE.json, .png
+                  cascade, hf), each told to stop 30 s before its box -> SUITE/SUITE.json, .png
     bench-plan    ``tilegraph bench plan`` (CPU)                       -> plan/plan.json, .png
 
 ``DIR/summary.json`` is rewritten after every part (status, seconds, exit code, the part's JSON
@@ -52,7 +52,7 @@ def parts(out: Path, quick: bool) -> list[Part]:
     smoke = ["--smoke"] if quick else []
     benches = [
         Part(f"bench-{suite}", cap_s, [py, "-m", "tilegraph", "bench", suite, "--out", str(out / suite), *smoke], f"{suite}/{suite}.json", True)
-        for suite, cap_s in (("decode", 150), ("graphs", 90), ("merge", 60), ("prefill", 90), ("cascade", 90))
+        for suite, cap_s in (("decode", 150), ("graphs", 90), ("merge", 60), ("prefill", 120), ("cascade", 90), ("hf", 90))
         if SUITES[suite].available
     ]  # fmt: skip
     return [

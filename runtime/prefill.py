@@ -9,11 +9,18 @@
     rag.plan(qo_indptr, kv_indptr)                       # kv_indptr: KV token offsets into k / v
     out = rag.run(q, k, v)                               # k, v [nnz_kv, Hkv, D]
 
+    pre = tilegraph.BatchPrefill(settings, causal=True, variant=variants.soft_cap(30.0))
+    pre.run(q, kv_cache, params={"logits_soft_cap": 50.0})  # the variant's run-time parameters (they persist)
+
 Request r owns query rows qo_indptr[r] : qo_indptr[r+1] of q (its qo_len tokens are the *last*
 qo_len positions of its KV: causal masking lets query i see KV positions <= kv_len - qo_len + i).
 Decode requests (qo_len 1) and prefill requests mix freely in one plan and one launch (plus one
 merge launch for split tiles). ``padded_num_tokens`` (the graph runtime's token bucket) gives q/out
 that many rows; rows past qo_indptr[-1] are neither read nor written.
+
+Variants (``tilegraph.Variant``) as for decode: every hook sees qo_pos = the query token's position in
+the KV (kv_len - qo_len + i); the custom mask takes a [qo_len, kv_len] block per request; the params
+buffer is fixed (listed in graph_buffers) and the plan key names the variant.
 
 Every error a caller can cause is raised before any kernel launches and nothing is written.
 """
@@ -33,8 +40,8 @@ from tilegraph.graphs.protocol import PlanState
 from tilegraph.kernels import primitives as prim
 from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeHooks
 from tilegraph.kernels.launch import as_words, launch
-from tilegraph.kernels.merge import launch_partial_merge
-from tilegraph.kernels.prefill import PrefillConfig, default_threads, prefill_kernel
+from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, launch_partial_merge, partial_merge_kernel
+from tilegraph.kernels.prefill import PrefillConfig, default_threads, prefill_kernel, prefill_signature
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_ragged
 from tilegraph.planner.prefill_layout import PrefillLayout
@@ -42,6 +49,7 @@ from tilegraph.planner.prefill_layout import PrefillLayout
 from .decode import resolve_num_ctas
 from .kv_cache import KVCache, PagedKV, paged_kv
 from .settings import Settings
+from .variants import DEFAULT, ParamContext, Variant, compile_with_progress
 from .workspace import Workspace
 
 _plan_serials = itertools.count(1)
@@ -67,7 +75,17 @@ class _PrefillBase:
         causal: bool = False,
         device: str | torch.device | None = None,
         hooks: DecodeHooks = DEFAULT_HOOKS,
+        variant: Variant | None = None,
     ):
+        """``variant``: a tilegraph.Variant (default: plain softmax attention). ``hooks``: raw
+        compile-time DecodeHooks without run-time parameters (lower level; not with ``variant``)."""
+        if variant is not None and hooks is not DEFAULT_HOOKS:
+            raise InputError("pass either variant= or hooks=, not both")
+        if variant is not None and not isinstance(variant, Variant):
+            raise InputError(f"variant must be a tilegraph.Variant, got {type(variant).__name__}")
+        self.variant = variant if variant is not None else DEFAULT
+        if variant is not None:
+            hooks = variant.decode_hooks(settings)
         self.settings = settings
         self.causal = bool(causal)
         self.device = resolve_device(device)
@@ -84,7 +102,12 @@ class _PrefillBase:
             hooks=hooks,
         )
         assert self.config.q_tile == self.layout.q_tile, "kernel and planner disagree on the query tile"
+        self.param_layout = self.variant.param_layout(settings)
+        # the variant's run-time parameters: one fixed float32 buffer (graph replays read it in place)
+        self.params = torch.zeros(self.param_layout.total, dtype=torch.float32, device=self.device)
+        defaults, self._missing_params = self.variant.defaults(settings)
         self._plan: PrefillPlan | None = None
+        self._write_params(defaults)
         self._rows = 0  # q/out rows the current plan expects (its tokens, or the padded bucket)
         self._capturing = False
         self._handle = next(_handles)
@@ -121,7 +144,7 @@ class _PrefillBase:
     def graph_buffers(self) -> dict[str, torch.Tensor]:
         ws = self.workspace
         return {"plan": ws.plan_words, "partial_out": ws.partial_out, "partial_lse": ws.partial_lse,
-                "no_lse": ws.no_lse, "no_params": ws.no_params}  # fmt: skip
+                "no_lse": ws.no_lse, "no_params": ws.no_params, "params": self.params}  # fmt: skip
 
     def graph_plan_state(self) -> PlanState:
         serial = self._plan.serial if self._plan is not None else 0
@@ -134,6 +157,43 @@ class _PrefillBase:
     def _key(self) -> str:
         form = "paged" if self.PAGED else "ragged"
         return f"prefill:{form}:{'causal' if self.causal else 'full'}|{self.settings.model_dump_json()}|{self.config.hooks.name}"
+
+    # ---- variant parameters (as BatchDecode's) ---------------------------------------------------
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Write variant parameters into the fixed params buffer (on the current stream); they
+        persist until set again. Checked first: nothing is written when any value is wrong."""
+        if self._capturing:
+            raise StateError("set_params() (or run(params=...)) during a CUDA graph capture: set them before capturing or replaying")
+        if not isinstance(params, dict):
+            raise InputError(f"params must be a dict of name -> value, got {type(params).__name__}")
+        self._write_params(self.variant.encode(params, self._param_context))
+
+    def _param_context(self) -> ParamContext:
+        if self._plan is None:
+            raise StateError("this parameter depends on the plan (its query and kv lengths): call plan() first")
+        plan = self._plan
+        batch = plan.batch_size
+        qo_indptr = plan.section("qo_indptr")[: batch + 1].astype(np.int64)
+        return ParamContext(self.settings, plan.section("kv_len")[:batch].copy(), np.diff(qo_indptr))
+
+    def _write_params(self, values: dict[str, Any]) -> None:
+        checked = {n: self.variant.check_value(n, v, self.settings, self.param_layout) for n, v in values.items()}
+        for name, t in checked.items():
+            offset = self.param_layout.offset(name)
+            self.params[offset : offset + t.numel()].copy_(t.to(self.device))
+        self._missing_params = [n for n in self._missing_params if n not in checked]
+
+    def _prepare_run(self, params: dict[str, Any] | None, return_lse: bool) -> None:
+        """run()'s variant checks: plan present, params written, required params given, LSE available."""
+        if self._plan is None:
+            raise StateError("run() was called before plan(): plan the batch first")
+        if params is not None:
+            self.set_params(params)
+        if self._missing_params:
+            raise InputError(f"variant {self.variant.name!r} needs params {self._missing_params}: pass run(..., params={{...}})")
+        if return_lse and not self.config.hooks.softmax:
+            raise InputError(f"return_lse=True: variant {self.variant.name!r} is softmax-free and has no LSE")
 
     # ---- checks ---------------------------------------------------------------------------------
 
@@ -188,9 +248,15 @@ class _PrefillBase:
         words_per_elem = q.element_size() / 4
         lse_arg = lse.view(-1) if lse is not None else ws.no_lse
         out_words = as_words(out)
+        hooks = self.config.hooks
+        kernel = prefill_kernel(self.config)
+        merge_kernel = partial_merge_kernel(self.config.kind, hooks, True)
+        form = "paged" if self.PAGED else "ragged"
+        label = f"prefill[{s.dtype},hd{s.head_dim},g{s.group_size},{form},{'causal' if self.causal else 'full'},{hooks.name}]"
+        compile_with_progress(label, [(kernel, prefill_signature()), (merge_kernel, PARTIAL_MERGE_SIGNATURE)])
         launch(
             "prefill",
-            prefill_kernel(self.config),
+            kernel,
             (self.num_ctas,),
             self.config.block,
             (
@@ -201,7 +267,7 @@ class _PrefillBase:
                 kv.k_words, kv.v_words, np.int64(kv.page_stride), np.int64(kv.token_stride),
                 np.int64(kv.head_stride), np.int64(s.page_size),
                 out_words, lse_arg, np.int32(lse is not None), ws.partial_out, ws.partial_lse,
-                np.float32(s.sm_scale), np.int64(s.num_qo_heads), ws.no_params,
+                np.float32(s.sm_scale), np.int64(s.num_qo_heads), self.params,
             ),
         )  # fmt: skip
         launch_partial_merge(
@@ -219,6 +285,10 @@ class _PrefillBase:
             write_lse=lse is not None,
             num_qo_heads=s.num_qo_heads,
             grid=self.MERGE_CTAS,
+            hooks=hooks,
+            kv_len=sec["kv_len"],
+            params=self.params,
+            qo_indptr=sec["qo_indptr"],
         )
 
     def _finish_checked(self, q: torch.Tensor, kv: PagedKV, out: Any, lse: torch.Tensor, return_lse: bool) -> None:
@@ -277,13 +347,16 @@ class BatchPrefill(_PrefillBase):
         kv_cache: KVCache,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
+        params: dict[str, Any] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention of ``q`` [nnz_q, num_qo_heads, head_dim] over the planned pages of ``kv_cache``.
 
         q may be a strided view whose last dim is contiguous and whose pointer and strides are 16-byte
         aligned. Returns ``out`` [nnz_q, num_qo_heads, head_dim] (Settings dtype) and, with
         ``return_lse``, the natural-log LSE float32 [nnz_q, num_qo_heads]. Runs as the custom op
-        ``torch.ops.tilegraph.batch_prefill``."""
+        ``torch.ops.tilegraph.batch_prefill``. ``params``: the variant's run-time parameters
+        (``set_params``; they persist)."""
+        self._prepare_run(params, return_lse)
         out, lse = self._outputs(out, return_lse)
         if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2:
             k_cache, v_cache, paired = kv_cache[0], kv_cache[1], True
@@ -334,11 +407,13 @@ class BatchPrefillRagged(_PrefillBase):
         v: torch.Tensor,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
+        params: dict[str, Any] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention of ``q`` [nnz_q, Hq, D] over ragged ``k`` / ``v`` [nnz_kv, Hkv, D] (contiguous,
         Settings dtype, nnz_kv >= kv_indptr[-1]). Returns ``out`` [nnz_q, Hq, D] and, with
         ``return_lse``, the natural-log LSE float32 [nnz_q, Hq]. Runs as the custom op
-        ``torch.ops.tilegraph.batch_prefill_ragged``."""
+        ``torch.ops.tilegraph.batch_prefill_ragged``. ``params``: as for BatchPrefill.run."""
+        self._prepare_run(params, return_lse)
         out, lse = self._outputs(out, return_lse)
         named = (("q", q), ("k", k), ("v", v), ("out", out))
         bad = next((n for n, t in named if not isinstance(t, torch.Tensor)), None)

@@ -92,10 +92,12 @@ class ParamLayout:
 
 @dataclass(frozen=True)
 class ParamContext:
-    """What an ``encode`` function sees: the Settings and the current plan's kv lengths [B]."""
+    """What an ``encode`` function sees: the Settings, the current plan's kv lengths [B] and, for
+    prefill, its query lengths [B] (None: decode, one query token per request)."""
 
     settings: Settings
     kv_len: np.ndarray
+    qo_len: np.ndarray | None = None
 
 
 Encoder = Callable[[dict[str, Any], ParamContext], dict[str, Any]]
@@ -354,7 +356,8 @@ def attention_sinks(sinks: Sequence[float] | None = None) -> Variant:
 
 
 def rope(theta: float = 1e4, scale: float = 1.0) -> Variant:
-    """Llama-style rotate-half RoPE applied to q (at kv_len - 1) and to each k (at its kv position),
+    """Llama-style rotate-half RoPE applied to q (at its query position: kv_len - 1 in decode,
+    kv_len - qo_len + i in prefill) and to each k (at its kv position),
     so an unrotated cache can be attended (parameters ``rope_theta``, ``rope_scale``: positions are
     divided by rope_scale)."""
     return Variant(
@@ -375,11 +378,14 @@ def _mask_words(settings: Settings) -> int:
 
 
 def _encode_custom_mask(values: dict[str, Any], ctx: ParamContext) -> dict[str, Any]:
-    """FlashInfer's flattened layout (one row of kv_len bits per request, concatenated; True =
-    attend) as bool, or bit-packed uint8 (each request's row packed separately, little bit order)."""
+    """FlashInfer's flattened layout: per request a row-major [qo_len, kv_len] block of bits (decode:
+    qo_len 1), concatenated; True = attend. Given as bool, or bit-packed uint8 (each request's
+    block packed separately, little bit order, as FlashInfer's segment_packbits)."""
     mask = values["custom_mask"]
     mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    lengths = ctx.kv_len.astype(np.int64)
+    kv_len = ctx.kv_len.astype(np.int64)
+    qo_len = np.ones_like(kv_len) if ctx.qo_len is None else ctx.qo_len.astype(np.int64)
+    lengths = qo_len * kv_len
     total = int(lengths.sum())
     if mask.dtype == np.uint8:
         rows, start = [], 0
@@ -393,7 +399,8 @@ def _encode_custom_mask(values: dict[str, Any], ctx: ParamContext) -> dict[str, 
     elif mask.dtype == np.bool_:
         bits = mask.reshape(-1).astype(np.uint8)
         if bits.size != total:
-            raise InputError(f"custom_mask has {bits.size} bits, the plan's kv lengths sum to {total}")
+            what = "kv lengths" if ctx.qo_len is None else "qo_len x kv_len blocks"
+            raise InputError(f"custom_mask has {bits.size} bits, the plan's {what} sum to {total}")
     else:
         raise InputError(f"custom_mask must be bool (flattened) or uint8 (bit-packed), got {mask.dtype}")
     capacity = ctx.settings.max_custom_mask_bits
@@ -404,18 +411,21 @@ def _encode_custom_mask(values: dict[str, Any], ctx: ParamContext) -> dict[str, 
     padded[:total] = bits
     words = (padded.reshape(-1, per) << np.arange(per)).sum(axis=1).astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.float32) if len(lengths) else np.zeros(0, np.float32)
-    return {"mask_offset": offsets, "mask_words": words}
+    # row of query position p: p - (kv_len - qo_len); rows are kv_len bits apart
+    return {"mask_offset": offsets, "mask_q0": (kv_len - qo_len).astype(np.float32),
+            "mask_stride": kv_len.astype(np.float32), "mask_words": words}  # fmt: skip
 
 
 def custom_mask() -> Variant:
     """A boolean mask per request (True: attend), given per plan as ``params={"custom_mask": m}``
-    (see _encode_custom_mask for the layouts). Stored in the params buffer: capacity
-    Settings.max_custom_mask_bits. Default until given: attend everywhere."""
+    (see _encode_custom_mask for the layouts; prefill: a [qo_len, kv_len] block per request). Stored
+    in the params buffer: capacity Settings.max_custom_mask_bits. Default until given: attend everywhere."""
     full = float(2**vh.MASK_BITS_PER_WORD - 1)
     return Variant(
         "custom_mask",
-        logits_mask=vh.custom_mask_bits,
-        params=[Param("mask_offset", "request", 0.0), Param("mask_words", _mask_words, full)],
+        logits_mask=vh.custom_mask_rows,
+        params=[Param("mask_offset", "request", 0.0), Param("mask_q0", "request", 0.0),
+                Param("mask_stride", "request", 0.0), Param("mask_words", _mask_words, full)],  # fmt: skip
         encode=_encode_custom_mask,
         encode_inputs=("custom_mask",),
     )

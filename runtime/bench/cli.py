@@ -1,6 +1,6 @@
 """``python -m tilegraph bench <suite> [--out DIR] [--smoke] [suite options]``.
 
-Suites: ``plan`` (CPU), ``decode``, ``merge``, ``prefill``, ``cascade``, ``graphs`` (GPU). A suite
+Suites: ``plan`` (CPU), ``decode``, ``merge``, ``prefill``, ``cascade``, ``graphs``, ``hf`` (GPU). A suite
 whose module this checkout lacks says it is not available yet (exit 2). A GPU suite's module
 provides ``add_arguments(parser)`` and ``run(args, out_dir) -> payload``; ``plan`` is
 ``tilegraph.bench.plan.main(argv) -> rows``. Each suite prints a table with a progress bar while
@@ -44,9 +44,10 @@ SUITES: dict[str, SuiteInfo] = {
     "plan": SuiteInfo("CPU: planner cost and balance", False, "tilegraph.bench.plan"),
     "decode": SuiteInfo("GPU: paged decode GB/s vs copy ceiling; SDPA, FlexAttention, FlashInfer peers", True, "tilegraph.bench.decode"),
     "merge": SuiteInfo("GPU: merge_state / merge_states GB/s vs copy ceiling; torch, FlashInfer peers", True, "tilegraph.bench.merge"),
-    "prefill": SuiteInfo("GPU: paged prefill", True, "tilegraph.bench.prefill"),
+    "prefill": SuiteInfo("GPU: batch prefill TFLOP/s vs bf16 matmul ceiling; flash SDPA (varlen, padded), FlexAttention peers", True, "tilegraph.bench.prefill"),
     "cascade": SuiteInfo("GPU: shared-prefix cascade attention", True, "tilegraph.bench.cascade"),
     "graphs": SuiteInfo("GPU: decoder step latency, eager vs CUDA-graph replay", True, "tilegraph.bench.graphs"),
+    "hf": SuiteInfo("GPU: transformers generate() with the tilegraph backend vs sdpa (tokens/s, token match)", True, "tilegraph.bench.hf"),
 }
 
 

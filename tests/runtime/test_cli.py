@@ -34,7 +34,7 @@ def test_suites_without_a_module_say_they_are_not_available(monkeypatch, capsys)
     monkeypatch.setitem(cli.SUITES, "prefill", cli.SuiteInfo("GPU: paged prefill", True, "tilegraph.bench.no_such_suite"))
     assert tilegraph_main(["bench", "prefill", "--smoke"]) == 2
     assert "suite 'prefill' is not available yet" in capsys.readouterr().err
-    assert set(cli.SUITES) == {"plan", "decode", "merge", "prefill", "cascade", "graphs"}
+    assert set(cli.SUITES) == {"plan", "decode", "merge", "prefill", "cascade", "graphs", "hf"}
     assert {"decode", "merge"} <= set(cli.available())
 
 

@@ -297,17 +297,10 @@ def test_variant_hooks_see_prefill_positions(device):
     q = make_q(settings, 8, device)
     pre = tilegraph.BatchPrefill(settings, causal=True, device=device, hooks=HOOKS)
     plan = pre.plan(qo_indptr, kv_indptr, kv_indices, last)
-    assert plan.num_merges == 0, "an output hook must see whole rows: no split"
+    assert plan.num_merges > 0, "expected the 90-token request to be split (the merge applies the output hook)"
     out = pre.run(q, cache)
     kv_of = paged_kv_of(cache, settings, kv_indptr, kv_indices, requests)
     ref = torch.cat([hooked_reference(q[:7], *kv_of(0), settings.sm_scale, 7, 12),
                      hooked_reference(q[7:], *kv_of(1), settings.sm_scale, 1, 90)])  # fmt: skip
     assert relative_error(out, ref) < 1e-4
 
-
-def test_unsupported_hooks_are_refused(device):
-    if "sink" not in DecodeHooks.__dataclass_fields__:
-        pytest.skip("this DecodeHooks has no sink hook")
-    hooks = DecodeHooks(sink=_soft_cap, name="with-sink")  # any device function: refused before compiling
-    with pytest.raises(tilegraph.InputError, match="does not support"):
-        tilegraph.BatchPrefill(tilegraph.Settings(num_qo_heads=1, num_kv_heads=1, head_dim=16), device=device, hooks=hooks)
