@@ -33,6 +33,7 @@ from tilegraph.planner.decode import plan_decode
 from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import Plan
 
+from .checks import check_out, check_q, span_words
 from .kv_cache import KVCache, paged_kv
 from .settings import Settings
 from .variants import DEFAULT, ParamContext, Variant, compile_with_progress
@@ -187,38 +188,11 @@ class BatchDecode:
     # ---- run -----------------------------------------------------------------------------------
 
     def _check_q(self, q: Any, batch_size: int) -> torch.Tensor:
-        s = self.settings
-        if not isinstance(q, torch.Tensor):
-            raise InputError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        if q.dtype != s.torch_dtype:
-            raise InputError(f"q has dtype {q.dtype}, Settings.dtype is {s.dtype}")
-        if q.device != self.device:
-            raise InputError(f"q is on {q.device}, the attention object runs on {self.device}")
-        if q.dim() != 3 or tuple(q.shape[1:]) != (s.num_qo_heads, s.head_dim):
-            raise InputError(f"q must be [B, num_qo_heads={s.num_qo_heads}, head_dim={s.head_dim}], got {tuple(q.shape)}")
-        if q.shape[0] != batch_size:
-            raise InputError(f"q has batch size {q.shape[0]} but the plan was made for {batch_size} requests")
-        if q.stride(2) != 1:
-            raise InputError("q's last dimension must be contiguous (stride 1)")
-        item = q.element_size()
-        if q.data_ptr() % 16 or (q.stride(0) * item) % 16 or (q.stride(1) * item) % 16:
-            raise InputError("q must be 16-byte aligned: its data pointer and its strides of dims 0 and 1 (in bytes)")
-        return q
+        return check_q(q, self.settings, self.device, batch_size, "B",
+                       "q has batch size {got} but the plan was made for {want} requests")  # fmt: skip
 
     def _check_out(self, out: Any, batch_size: int) -> torch.Tensor:
-        s = self.settings
-        shape = (batch_size, s.num_qo_heads, s.head_dim)
-        if not isinstance(out, torch.Tensor):
-            raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if out.dtype != s.torch_dtype:
-            raise InputError(f"out has dtype {out.dtype}, Settings.dtype is {s.dtype}")
-        if out.device != self.device:
-            raise InputError(f"out is on {out.device}, the attention object runs on {self.device}")
-        if tuple(out.shape) != shape:
-            raise InputError(f"out must have shape {shape}, got {tuple(out.shape)}")
-        if not out.is_contiguous() or out.data_ptr() % 16:
-            raise InputError("out must be contiguous and 16-byte aligned")
-        return out
+        return check_out(out, self.settings, self.device, batch_size)
 
     def run(
         self,
@@ -274,7 +248,7 @@ class BatchDecode:
     def _launch(self, q: torch.Tensor, kv: Any, out: torch.Tensor, lse: torch.Tensor | None) -> None:
         ws, sec, s = self.workspace, self.workspace.sections, self.settings
         words_per_elem = q.element_size() / 4
-        q_words = _span_words(q)
+        q_words = span_words(q)
         lse_arg = lse.view(-1) if lse is not None else ws.no_lse
         out_words = as_words(out)
         hooks = self.config.hooks
@@ -316,15 +290,6 @@ class BatchDecode:
             kv_len=sec["kv_len"],
             params=self.params,
         )
-
-
-def _span_words(q: torch.Tensor) -> torch.Tensor:
-    """A flat int32 view of the storage q spans (q may be strided; its strides are read separately)."""
-    span = (q.shape[0] - 1) * q.stride(0) + (q.shape[1] - 1) * q.stride(1) + q.shape[2]
-    per_word = 4 // q.element_size()
-    span = -(-span // per_word) * per_word
-    flat = torch.as_strided(q, (span,), (1,), q.storage_offset())
-    return flat.view(torch.int32)
 
 
 @torch.library.custom_op("tilegraph::batch_decode", mutates_args=("out", "lse"))

@@ -47,6 +47,7 @@ from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_ra
 from tilegraph.planner.prefill_layout import PrefillLayout
 
 from .decode import resolve_num_ctas
+from .checks import check_out, check_q, span_words
 from .kv_cache import KVCache, PagedKV, paged_kv
 from .settings import Settings
 from .variants import DEFAULT, ParamContext, Variant, compile_with_progress
@@ -198,38 +199,11 @@ class _PrefillBase:
     # ---- checks ---------------------------------------------------------------------------------
 
     def _check_q(self, q: Any) -> torch.Tensor:
-        s = self.settings
-        if not isinstance(q, torch.Tensor):
-            raise InputError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        if q.dtype != s.torch_dtype:
-            raise InputError(f"q has dtype {q.dtype}, Settings.dtype is {s.dtype}")
-        if q.device != self.device:
-            raise InputError(f"q is on {q.device}, the attention object runs on {self.device}")
-        if q.dim() != 3 or tuple(q.shape[1:]) != (s.num_qo_heads, s.head_dim):
-            raise InputError(f"q must be [nnz_q, num_qo_heads={s.num_qo_heads}, head_dim={s.head_dim}], got {tuple(q.shape)}")
-        if q.shape[0] != self._rows:
-            raise InputError(f"q has {q.shape[0]} query tokens but the plan was made for {self._rows} (qo_indptr[-1] or padded_num_tokens)")
-        if q.stride(2) != 1:
-            raise InputError("q's last dimension must be contiguous (stride 1)")
-        item = q.element_size()
-        if q.data_ptr() % 16 or (q.stride(0) * item) % 16 or (q.stride(1) * item) % 16:
-            raise InputError("q must be 16-byte aligned: its data pointer and its strides of dims 0 and 1 (in bytes)")
-        return q
+        return check_q(q, self.settings, self.device, self._rows, "nnz_q",
+                       "q has {got} query tokens but the plan was made for {want} (qo_indptr[-1] or padded_num_tokens)")  # fmt: skip
 
     def _check_out(self, out: Any) -> torch.Tensor:
-        s = self.settings
-        shape = (self._rows, s.num_qo_heads, s.head_dim)
-        if not isinstance(out, torch.Tensor):
-            raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if out.dtype != s.torch_dtype:
-            raise InputError(f"out has dtype {out.dtype}, Settings.dtype is {s.dtype}")
-        if out.device != self.device:
-            raise InputError(f"out is on {out.device}, the attention object runs on {self.device}")
-        if tuple(out.shape) != shape:
-            raise InputError(f"out must have shape {shape}, got {tuple(out.shape)}")
-        if not out.is_contiguous() or out.data_ptr() % 16:
-            raise InputError("out must be contiguous and 16-byte aligned")
-        return out
+        return check_out(out, self.settings, self.device, self._rows)
 
     def _outputs(self, out: torch.Tensor | None, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self._plan is None:
@@ -263,7 +237,7 @@ class _PrefillBase:
                 sec["header"], sec["cta_tile_indptr"], sec["tile_request"], sec["tile_q_start"], sec["tile_q_end"],
                 sec["tile_kv_head"], sec["tile_kv_start"], sec["tile_kv_end"], sec["tile_slot"], sec["tile_slot_stride"],
                 sec["qo_indptr"], sec["kv_indptr"], sec["kv_indices"], sec["kv_len"],
-                _span_words(q), np.int64(q.stride(0) * words_per_elem), np.int64(q.stride(1) * words_per_elem),
+                span_words(q), np.int64(q.stride(0) * words_per_elem), np.int64(q.stride(1) * words_per_elem),
                 kv.k_words, kv.v_words, np.int64(kv.page_stride), np.int64(kv.token_stride),
                 np.int64(kv.head_stride), np.int64(s.page_size),
                 out_words, lse_arg, np.int32(lse is not None), ws.partial_out, ws.partial_lse,
@@ -444,14 +418,6 @@ class BatchPrefillRagged(_PrefillBase):
         token_stride = self.settings.num_kv_heads * row_words
         kv = PagedKV(as_words(k), as_words(v), 0, token_stride, row_words, k.shape[0])
         self._finish_checked(q, kv, out, lse, return_lse)
-
-
-def _span_words(q: torch.Tensor) -> torch.Tensor:
-    """A flat int32 view of the storage q spans (q may be strided; its strides are passed separately)."""
-    span = (q.shape[0] - 1) * q.stride(0) + (q.shape[1] - 1) * q.stride(1) + q.shape[2]
-    per_word = 4 // q.element_size()
-    span = -(-span // per_word) * per_word
-    return torch.as_strided(q, (span,), (1,), q.storage_offset()).view(torch.int32)
 
 
 def _instance(handle: int) -> _PrefillBase:
