@@ -22,7 +22,9 @@ masked (aligned to the end of the suffix; every prefix level is fully visible), 
 qo_len may not exceed its suffix length.
 
 All levels are planned by one ``plan()`` call, all or nothing: every error is raised before any
-level's plan is staged, and the previous plan then stays in force. Implements the graph protocol
+level's plan is staged, and the previous plan then stays in force. Every level's plan lives in one
+fixed buffer fed by one ``StagedUpload``: a step's plans reach the device in ONE async copy, on the
+stream of the next run or replay. Implements the graph protocol
 (``tilegraph.graphs.protocol.GraphAware``); its bucket is the padded query-row count.
 """
 
@@ -40,12 +42,15 @@ from tilegraph.graphs.protocol import PlanState
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.decode import _as_index_array
 from tilegraph.planner.prefill import PrefillPlan, plan_prefill
-from tilegraph.planner.prefill_layout import H_NUM_TOKENS
+from tilegraph.planner.prefill_layout import H_NUM_TOKENS, PrefillLayout
 
+from ._device import resolve_device
+from .decode import resolve_num_ctas
 from .kv_cache import KVCache, paged_kv
 from .merge import merge_state_in_place
 from .prefill import BatchPrefill
 from .settings import Settings
+from .workspace import StagedUpload
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,14 @@ class CascadeAttention:
         self.num_levels = int(num_levels)
         self.causal = bool(causal)
         last = self.num_levels - 1
-        self.levels = [BatchPrefill(settings, causal=self.causal and level == last, device=device) for level in range(self.num_levels)]
+        dev = resolve_device(device)
+        level_words = PrefillLayout.from_settings(settings, resolve_num_ctas(settings, dev), paged=True).plan_words
+        # every level's plan lives in one staged buffer: a step's plans reach the device in ONE copy
+        self._upload = StagedUpload(self.num_levels * level_words, dev)
+        self.levels = [
+            BatchPrefill(settings, causal=self.causal and level == last, device=dev, plan_upload=(self._upload, level * level_words))
+            for level in range(self.num_levels)
+        ]
         self.device = self.levels[0].device
         # level 0's query-row count as the device sees it (its uploaded plan header): the merge mask
         self._num_tokens_on_device = self.levels[0].workspace.sections["header"][H_NUM_TOKENS]
@@ -271,8 +283,7 @@ class CascadeAttention:
         return PlanState(serial=min(s.serial for s in states), padded_batch_size=states[0].padded_batch_size, key=key)
 
     def graph_before_replay(self) -> None:
-        for level in self.levels:
-            level.graph_before_replay()
+        self._upload.flush()  # every level's plan, one copy
 
 
 def _check_groups(qo: list[np.ndarray]) -> int:

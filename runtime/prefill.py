@@ -51,7 +51,7 @@ from .checks import check_out, check_q, span_words
 from .kv_cache import KVCache, PagedKV, paged_kv
 from .settings import Settings
 from .variants import DEFAULT, ParamContext, Variant, compile_with_progress
-from .workspace import Workspace
+from .workspace import StagedUpload, Workspace
 
 _plan_serials = itertools.count(1)
 _handles = itertools.count(1)
@@ -77,9 +77,12 @@ class _PrefillBase:
         device: str | torch.device | None = None,
         hooks: DecodeHooks = DEFAULT_HOOKS,
         variant: Variant | None = None,
+        plan_upload: tuple[StagedUpload, int] | None = None,
     ):
         """``variant``: a tilegraph.Variant (default: plain softmax attention). ``hooks``: raw
-        compile-time DecodeHooks without run-time parameters (lower level; not with ``variant``)."""
+        compile-time DecodeHooks without run-time parameters (lower level; not with ``variant``).
+        ``plan_upload``: (a shared StagedUpload, word offset) to place this object's plan in, so
+        several objects' plans reach the device in one copy (CascadeAttention's levels)."""
         if variant is not None and hooks is not DEFAULT_HOOKS:
             raise InputError("pass either variant= or hooks=, not both")
         if variant is not None and not isinstance(variant, Variant):
@@ -92,7 +95,7 @@ class _PrefillBase:
         self.device = resolve_device(device)
         self.num_ctas = resolve_num_ctas(settings, self.device)
         self.layout = PrefillLayout.from_settings(settings, self.num_ctas, paged=self.PAGED)
-        self.workspace = Workspace(self.layout, self.device)  # type: ignore[arg-type]  (same duck type)
+        self.workspace = Workspace(self.layout, self.device, upload=plan_upload)
         self.config = PrefillConfig(
             kind=prim.DTYPE_CODES[settings.dtype],
             head_dim=settings.head_dim,

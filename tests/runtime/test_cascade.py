@@ -256,3 +256,32 @@ def test_bench_smoke_runs_and_refuses_without_smoke(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["--out", str(tmp_path / "refused")])
     assert refused.value.code == 3 and "bench cascade needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_all_levels_reach_the_device_in_one_copy(monkeypatch):
+    """One plan() of every level, then run(): exactly one host-to-device copy of plan words."""
+    from tilegraph.workspace import StagedUpload
+
+    copies = []
+    original = StagedUpload.flush
+
+    def counting_flush(self):
+        if self._pending is not None:
+            copies.append(self)
+        original(self)
+
+    monkeypatch.setattr(StagedUpload, "flush", counting_flush)
+    device = torch.device("cpu" if tilegraph.SIMULATOR else "cuda")
+    settings = tilegraph.Settings(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=4, dtype="float32",
+                                  max_batch_size=4, max_num_pages=16, max_num_tokens=8, num_ctas=2)  # fmt: skip
+    cascade = tilegraph.CascadeAttention(settings, num_levels=3, device=device)
+    i32 = lambda *v: np.array(v, np.int32)  # noqa: E731
+    levels = [
+        tilegraph.LevelTable(i32(0, 2), i32(0, 2), i32(0, 1), i32(4)),           # one group, 8 shared tokens
+        tilegraph.LevelTable(i32(0, 1, 2), i32(0, 1, 1), i32(2), i32(3, 1)),     # a sub-prefix for request 0
+        tilegraph.LevelTable(i32(0, 1, 2), i32(0, 1, 2), i32(3, 4), i32(2, 1)),  # suffixes
+    ]
+    cascade.plan(levels)
+    cache = torch.randn(16, 2, 4, 1, 16, device=device)
+    cascade.run(torch.randn(2, 2, 16, device=device), cache)
+    assert len(copies) == 1 and copies[0] is cascade._upload
