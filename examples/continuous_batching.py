@@ -3,7 +3,7 @@ join and finish at different steps; every step is one plan plus one CUDA-graph r
 
     python examples/continuous_batching.py          # a GPU: a ~1B model; no GPU: tiny, on the simulator
 
-Prompts are fed one token per step (no prefill kernel yet); sampling is greedy.
+Prompts are fed one token per step through the decode step (the loop does not use BatchPrefill yet); sampling is greedy.
 """
 
 import numpy as np

@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt_lens = [len(r.prompt) for r in requests]
     console.print(f"[bold]tilegraph demo[/] on {where}")
     console.print(f"model: {size}, random weights (seed {config.seed}); {len(requests)} requests, prompts "
-                  f"{min(prompt_lens)}-{max(prompt_lens)} tokens fed one per step (no prefill kernel yet); "
+                  f"{min(prompt_lens)}-{max(prompt_lens)} tokens fed one per step through the decode step; "
                   f"graph buckets {list(settings.graph_batch_sizes)}")  # fmt: skip
     model = LlamaDecoder(config, device)
 

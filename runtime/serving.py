@@ -6,7 +6,7 @@ one plan plus one forward (eager) or one graph replay.
     result = serve(runner, [Request(0, prompt=(1, 2, 3), max_new_tokens=8), ...])
     result.tokens[0]        # the greedy tokens of request 0
 
-No prefill kernel exists yet: a prompt is fed one token per step through the same decode step as
+The loop does not use BatchPrefill (yet): a prompt is fed one token per step through the same decode step as
 generated tokens (its K/V is appended like theirs); the logits of every prompt token but the last
 are ignored. Sampling is greedy.
 
