@@ -31,6 +31,12 @@ into final rows here and into split rows by the merge (once per row either way),
 (weights = the transformed scores; partials are plain sums, LSE 0) and the output transform on
 final rows only (split rows: in the merge, which finds each query token's request and qo_pos).
 
+Caller positions (run time, off by default): with ``use_positions`` the kernel takes query token
+positions from ``row_qo_pos`` (int32, indexed by the global query row) and adds
+``entry_kv_offset[request]`` (int32 per plan entry) to every kv position the hooks see (the page
+walk stays request-local). CascadeAttention uses them to give each level the positions of flat
+attention over the concatenated KV; BatchPrefill passes one-word stand-ins and 0.
+
 Compile-time specialization: dtype code, head_dim, group size, q_tile, paged/ragged, causal, block
 size and the variant hooks. Everything else (plan, strides, scale, the variant's float32 ``params``)
 is read at run time.
@@ -160,7 +166,16 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
         return ((dim0 + HEAD_DIM // 2) % HEAD_DIM // 8) * WORDS8
 
     @cuda.jit(device=True, inline="always")
-    def scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params):
+    def token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok):
+        """qo_pos of the tile's query token tok: the request-local default, or (``use_positions``)
+        the caller's per-row position (global query row row0 + tok)."""
+        if use_positions != 0:
+            return int64(row_qo_pos[row0 + tok])
+        return qo_pos0 + tok
+
+    @cuda.jit(device=True, inline="always")
+    def scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params,
+               use_positions, row_qo_pos, row0, kv_off):  # fmt: skip
         """Core 1 (mma-replaceable): ss[r, c] = q_r . k_c in the log2 domain (softmax-free: the
         transformed score), -inf where masked."""
         for item in range(tid, n_rows * n_kv, NT):
@@ -171,8 +186,8 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                 s += sq[r, dim] * sk[c, dim]
             tok = r // HP
             head = head0 + r - tok * HP
-            qo_pos = qo_pos0 + tok
-            kv_pos = kb0 + c
+            qo_pos = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok)
+            kv_pos = kv_off + kb0 + c
             qo_head = kv_head * GROUP + head
             if HAS_LOGITS_HOOK:
                 s = float32(logit_hook(s, request, qo_pos, kv_pos, qo_head, kv_head, params))
@@ -239,6 +254,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
         k_words, v_words, page_stride, token_stride, head_stride, page_size,
         out_words, lse, write_lse, partial_out, partial_lse,
         sm_scale, num_qo_heads, params,
+        row_qo_pos, entry_kv_offset, use_positions,
     ):  # fmt: skip
         tid = cuda.threadIdx.x
         sq = cuda.shared.array((ROWS, HEAD_DIM), float32)
@@ -267,6 +283,10 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
             slot_stride = int64(tile_slot_stride[tile])
             qo_begin = int64(qo_indptr[request])
             qo_pos0 = int64(kv_len[request]) - (int64(qo_indptr[request + 1]) - qo_begin) + q_start
+            row0 = qo_begin + q_start
+            kv_off = int64(0)
+            if use_positions != 0:
+                kv_off = int64(entry_kv_offset[request])
             n_rows = n_tok * HP
             for head0 in range(0, GROUP, HP):
                 # query rows -> sq (zeros past the tile), fresh softmax state
@@ -283,8 +303,8 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                         load_row8(q_words, q_row + (dim0 // 8) * WORDS8, KIND, v8)
                         if HAS_Q_PAIR:
                             load_row8(q_words, q_row + partner_words(dim0), KIND, pair8)
-                            q_pair_hook(v8, pair8, dim0, HEAD_DIM, request, qo_head, qo_pos0 + tok, params)
-                        q_hook(v8, dim0, request, qo_head, qo_pos0 + tok, params)
+                            q_pair_hook(v8, pair8, dim0, HEAD_DIM, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
+                        q_hook(v8, dim0, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
                     for k in range(8):
                         sq[r, dim0 + k] = v8[k] * q_scale
                 for r in range(tid, ROWS, NT):
@@ -302,15 +322,16 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                         load_row8(k_words, row + (dim0 // 8) * WORDS8, KIND, v8)
                         if HAS_K_PAIR:
                             load_row8(k_words, row + partner_words(dim0), KIND, pair8)
-                            k_pair_hook(v8, pair8, dim0, HEAD_DIM, request, kv_head, kb0 + c, params)
-                        k_hook(v8, dim0, request, kv_head, kb0 + c, params)
+                            k_pair_hook(v8, pair8, dim0, HEAD_DIM, request, kv_head, kv_off + kb0 + c, params)
+                        k_hook(v8, dim0, request, kv_head, kv_off + kb0 + c, params)
                         for k in range(8):
                             sk[c, dim0 + k] = v8[k]
                         load_row8(v_words, row + (dim0 // 8) * WORDS8, KIND, v8)
                         for k in range(8):
                             sv[c, dim0 + k] = v8[k]
                     cuda.syncthreads()
-                    scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params)
+                    scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params,
+                           use_positions, row_qo_pos, row0, kv_off)
                     cuda.syncthreads()
                     softmax_step(ss, sm, sd, sscale, tid, n_rows, n_kv)
                     cuda.syncthreads()
@@ -350,7 +371,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                                     v8[k] = acc[i * 8 + k] * inv
                                 lse_value = float32((m_row + math.log2(d)) * LN2)
                         if slot < 0:
-                            o_hook(v8, dim0, request, qo_head, qo_pos0 + tok, params)
+                            o_hook(v8, dim0, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
                             out_row = (qo_begin + q_start + tok) * num_qo_heads + qo_head
                             store_row8(out_words, out_row * ROW_WORDS + (dim0 // 8) * WORDS8, KIND, v8)
                             if dim0 == 0 and write_lse != 0:
@@ -377,7 +398,7 @@ def prefill_signature() -> str:
     tables = ", ".join([i32] * 14)
     return (
         f"void({tables}, {i32}, int64, int64, {i32}, {i32}, int64, int64, int64, int64, "
-        f"{i32}, {f32}, int32, {f32}, {f32}, float32, int64, {f32})"
+        f"{i32}, {f32}, int32, {f32}, {f32}, float32, int64, {f32}, {i32}, {i32}, int32)"
     )
 
 

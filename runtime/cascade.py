@@ -22,7 +22,21 @@ masked (aligned to the end of the suffix; every prefix level is fully visible), 
 qo_len may not exceed its suffix length.
 
 All levels are planned by one ``plan()`` call, all or nothing: every error is raised before any
-level's plan is staged, and the previous plan then stays in force. Every level's plan lives in one
+level's plan is staged, and the previous plan then stays in force. Variants (``variant=``, a ``tilegraph.Variant``): the result is flat attention with that variant
+over the concatenated KV. Every level sees the flat positions: kv token j of an entry at level l
+is at kv_pos = (the KV lengths of the request's entries at levels < l) + j, query row i of a
+request at qo_pos = (its total KV length) - qo_len + i (the prefill kernel's caller positions,
+uploaded with the plans). Supported: logits transforms and masks (soft-cap, ALiBi, sliding
+window, user hooks of positions and heads), query / key transforms and pair transforms (RoPE),
+per-head and scalar parameters, sinks (only the last level's prefill applies the sink, so it joins
+each row's denominator once) and softmax-free variants (levels' outputs are summed; no LSE).
+Refused with InputError: output transforms (they would run once per level, before the merge),
+the custom mask and any per-request ("request"-shaped) parameter (a shared level's entries are
+groups, not requests). A hook's ``request`` argument is the entry index of the level (the request
+only at the last level). ``run(..., params=...)`` / ``set_params`` write the parameters of every
+level.
+
+Every level's plan lives in one
 fixed buffer fed by one ``StagedUpload``: a step's plans reach the device in ONE async copy, on the
 stream of the next run or replay. Implements the graph protocol
 (``tilegraph.graphs.protocol.GraphAware``); its bucket is the padded query-row count.
@@ -50,6 +64,7 @@ from .kv_cache import KVCache, paged_kv
 from .merge import merge_state_in_place
 from .prefill import BatchPrefill
 from .settings import Settings
+from .variants import Variant
 from .workspace import StagedUpload
 
 
@@ -112,7 +127,9 @@ class CascadeAttention:
         num_levels: int,
         causal: bool = False,
         device: str | torch.device | None = None,
+        variant: Variant | None = None,
     ) -> None:
+        _check_cascade_variant(variant)
         if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) or num_levels < 1:
             raise InputError(f"num_levels must be an integer >= 1, got {num_levels!r}")
         if num_levels > settings.max_cascade_levels:
@@ -124,11 +141,24 @@ class CascadeAttention:
         dev = resolve_device(device)
         level_words = PrefillLayout.from_settings(settings, resolve_num_ctas(settings, dev), paged=True).plan_words
         # every level's plan lives in one staged buffer: a step's plans reach the device in ONE copy
-        self._upload = StagedUpload(self.num_levels * level_words, dev)
+        # with a variant, the flat positions follow the plans in the same buffer: one qo_pos per query
+        # row, then per level one kv offset per entry (max_batch_size >= max_cascade_groups entries)
+        self.variant = variant
+        self._positions_at = self.num_levels * level_words
+        entries = settings.max_batch_size
+        extra = settings.max_num_tokens + self.num_levels * entries if variant is not None else 0
+        self._upload = StagedUpload(self.num_levels * level_words + extra, dev)
         self.levels = [
-            BatchPrefill(settings, causal=self.causal and level == last, device=dev, plan_upload=(self._upload, level * level_words))
+            BatchPrefill(settings, causal=self.causal and level == last, device=dev, plan_upload=(self._upload, level * level_words),
+                         variant=None if variant is None else (variant if level == last else _without_sink(variant)))  # fmt: skip
             for level in range(self.num_levels)
         ]
+        if variant is not None:
+            words, at = self._upload.device_words, self._positions_at
+            row_qo_pos = words[at : at + settings.max_num_tokens]
+            for index, level in enumerate(self.levels):
+                start = at + settings.max_num_tokens + index * entries
+                level._use_positions(row_qo_pos, words[start : start + entries])
         self.device = self.levels[0].device
         # level 0's query-row count as the device sees it (its uploaded plan header): the merge mask
         self._num_tokens_on_device = self.levels[0].workspace.sections["header"][H_NUM_TOKENS]
@@ -170,8 +200,41 @@ class CascadeAttention:
             level._accept(plan, rows)
         kv_len = np.stack([_request_kv_len(qo[index], qo[-1], tables[index], self.settings.page_size)
                            for index in range(self.num_levels)])  # fmt: skip
+        if self.variant is not None:
+            self._stage_positions(qo, kv_len)
         self._plan = CascadePlan(plans, num_tokens, tuple(len(q) - 1 for q in qo), kv_len)
         return self._plan
+
+    def _stage_positions(self, qo: list[np.ndarray], kv_len: np.ndarray) -> None:
+        """Stage the flat positions: qo_pos of every query row, each level's per-entry kv offset."""
+        requests = qo[-1].astype(np.int64)
+        qo_len = np.diff(requests)
+        total = kv_len.sum(axis=0)
+        row_request = np.repeat(np.arange(len(qo_len)), qo_len)
+        rows = np.arange(int(requests[-1]), dtype=np.int64)
+        row_qo_pos = total[row_request] - qo_len[row_request] + (rows - requests[:-1][row_request])
+        at = self._positions_at
+        self._upload.stage(at, row_qo_pos.astype(np.int32))
+        before = np.cumsum(kv_len, axis=0) - kv_len  # [level, request]: KV tokens at earlier levels
+        for index, indptr in enumerate(qo):
+            starts = indptr[:-1].astype(np.int64)
+            owner = np.clip(np.searchsorted(requests, starts, side="right") - 1, 0, max(len(qo_len) - 1, 0))
+            offsets = before[index][owner] if len(qo_len) else np.zeros(len(starts), np.int64)
+            start = at + self.settings.max_num_tokens + index * self.settings.max_batch_size
+            self._upload.stage(start, np.where(np.diff(indptr) > 0, offsets, 0).astype(np.int32))
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """The variant's run-time parameters, written for every level (checked on every level first)."""
+        if self.variant is None:
+            raise InputError("set_params(): this CascadeAttention has no variant")
+        for level in self.levels:  # check all before writing any
+            if not isinstance(params, dict):
+                break
+            level.variant.encode(params, level._param_context)
+            for name, value in params.items():
+                level.variant.check_value(name, value, self.settings, level.param_layout)
+        for level in self.levels:
+            level.set_params(params)
 
     def _check_tables(self, levels: Any) -> list[tuple[np.ndarray, ...]]:
         if not isinstance(levels, (list, tuple)):
@@ -230,13 +293,23 @@ class CascadeAttention:
         kv_cache: KVCache,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
+        params: dict[str, Any] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Cascade attention of ``q`` [nnz_q, num_qo_heads, head_dim] over every level's pages of
         ``kv_cache`` (any form BatchPrefill takes). Returns ``out`` [nnz_q, Hq, D] (Settings dtype)
         and, with ``return_lse``, the natural-log LSE float32 [nnz_q, Hq]. Everything is checked
-        before the first launch: a bad argument writes nothing."""
+        before the first launch: a bad argument writes nothing. ``params``: the variant's run-time
+        parameters (as ``set_params``; they persist)."""
         if self._plan is None:
             raise StateError("run() was called before plan(): plan the batch first")
+        softmax = self.variant is None or self.variant.softmax
+        if return_lse and not softmax:
+            raise InputError(f"return_lse=True: variant {self.variant.name!r} is softmax-free and has no LSE")  # type: ignore[union-attr]
+        if params is not None:
+            self.set_params(params)
+        missing = sorted({n for level in self.levels for n in level._missing_params})
+        if missing:
+            raise InputError(f"variant {self.variant.name!r} needs params {missing}: pass run(..., params={{...}})")  # type: ignore[union-attr]
         first = self.levels[0]
         first._check_q(q)
         kv = paged_kv(kv_cache, self.settings, self.device)
@@ -247,6 +320,16 @@ class CascadeAttention:
             s = self.settings
             out = torch.empty((first._rows, s.num_qo_heads, s.head_dim), dtype=s.torch_dtype, device=self.device)
         first._check_out(out)
+        if not softmax:
+            # softmax-free: every level's output is a plain sum over its KV, so the levels add up
+            first.run(q, kv_cache, out=out)
+            if self.num_levels > 1:
+                real = (torch.arange(out.shape[0], device=self.device) < self._num_tokens_on_device)[:, None, None]
+                total = out.float()
+                for level in self.levels[1:]:
+                    total = total + level.run(q, kv_cache).float()
+                out.copy_(torch.where(real, total.to(out.dtype), out))
+            return out
         _, lse = first.run(q, kv_cache, out=out, return_lse=True)
         if self.num_levels > 1:
             # rows past the real ones (a padded bucket) hold no state: the merges leave them alone
@@ -273,7 +356,11 @@ class CascadeAttention:
             level.graph_set_capturing(capturing)
 
     def graph_buffers(self) -> dict[str, torch.Tensor]:
-        return {f"level{i}:{name}": t for i, level in enumerate(self.levels) for name, t in level.graph_buffers().items()}
+        buffers = {f"level{i}:{name}": t for i, level in enumerate(self.levels) for name, t in level.graph_buffers().items()}
+        for i, level in enumerate(self.levels):
+            if level._positions is not None:
+                buffers[f"level{i}:row_qo_pos"], buffers[f"level{i}:kv_offset"] = level._positions
+        return buffers
 
     def graph_plan_state(self) -> PlanState:
         """Fresh only when every level was planned since the last replay: the levels of one cascade
@@ -284,6 +371,37 @@ class CascadeAttention:
 
     def graph_before_replay(self) -> None:
         self._upload.flush()  # every level's plan, one copy
+
+
+def _check_cascade_variant(variant: Any) -> None:
+    """Refuse what a cascade cannot make equal to flat attention (see the module doc)."""
+    if variant is None:
+        return
+    if not isinstance(variant, Variant):
+        raise InputError(f"variant must be a tilegraph.Variant, got {type(variant).__name__}")
+    label = f"CascadeAttention: variant {variant.name!r}"
+    if variant._hooks.get("output_transform"):
+        raise InputError(f"{label} has an output transform, which a cascade cannot apply: it would run on each "
+                         "level's output before the merge, not once on the merged row")  # fmt: skip
+    if variant._encoders:
+        raise InputError(f"{label} takes encoded per-request inputs {list(variant.input_names)} (the custom mask): "
+                         "unsupported by CascadeAttention, whose shared levels' entries are groups, not requests")  # fmt: skip
+    per_request = [p.name for p in variant.params if p.shape == "request"]
+    if per_request:
+        raise InputError(f"{label} has per-request parameters {per_request}: unsupported by CascadeAttention "
+                         "(a shared level's entries are groups of requests, not requests)")  # fmt: skip
+
+
+def _without_sink(variant: Variant) -> Variant:
+    """``variant`` minus its sink (same parameters, same layout): the levels before the last, so the
+    sink joins each row's softmax denominator once, at the last level."""
+    if not variant.has_sink:
+        return variant
+    hooks = {kind: tuple(fn for fn, _ in entries) for kind, entries in variant._hooks.items() if kind != "sink"}
+    hooks["sink"] = ()
+    bare = Variant.__new__(Variant)
+    bare._init(f"{variant.name}_nosink", hooks, variant.params, variant.softmax, list(variant._encoders))
+    return bare
 
 
 def _check_groups(qo: list[np.ndarray]) -> int:

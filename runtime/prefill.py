@@ -113,6 +113,9 @@ class _PrefillBase:
         self._plan: PrefillPlan | None = None
         self._write_params(defaults)
         self._rows = 0  # q/out rows the current plan expects (its tokens, or the padded bucket)
+        # caller positions (CascadeAttention's levels): off by default -- one-word stand-ins, flag 0
+        self._no_positions = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._positions: tuple[torch.Tensor, torch.Tensor] | None = None
         self._capturing = False
         self._handle = next(_handles)
         _instances[self._handle] = self
@@ -135,6 +138,17 @@ class _PrefillBase:
         self.workspace.stage(plan.buffer)
         self._plan, self._rows = plan, rows
         return plan
+
+    def _use_positions(self, row_qo_pos: torch.Tensor | None, entry_kv_offset: torch.Tensor | None = None) -> None:
+        """Make the kernel take every query row's qo_pos from ``row_qo_pos`` (int32, indexed by the
+        global query row) and add ``entry_kv_offset[entry]`` (int32 per plan entry) to every kv
+        position its hooks see, instead of the request-local positions (None: back to those). Both
+        are fixed device buffers read at run time (the caller fills them, e.g. in a staged upload)."""
+        if row_qo_pos is None:
+            self._positions = None
+            return
+        assert entry_kv_offset is not None and row_qo_pos.dtype == entry_kv_offset.dtype == torch.int32
+        self._positions = (row_qo_pos, entry_kv_offset)
 
     def _refuse_while_capturing(self) -> None:
         if self._capturing:
@@ -245,6 +259,7 @@ class _PrefillBase:
                 np.int64(kv.head_stride), np.int64(s.page_size),
                 out_words, lse_arg, np.int32(lse is not None), ws.partial_out, ws.partial_lse,
                 np.float32(s.sm_scale), np.int64(s.num_qo_heads), self.params,
+                *(self._positions or (self._no_positions, self._no_positions)), np.int32(self._positions is not None),
             ),
         )  # fmt: skip
         launch_partial_merge(
