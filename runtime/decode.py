@@ -27,7 +27,7 @@ from tilegraph.graphs.protocol import PlanState
 from tilegraph.kernels import primitives as prim
 from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeConfig, DecodeHooks, decode_kernel, decode_signature, default_bdy
 from tilegraph.kernels.launch import as_words, launch
-from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, launch_partial_merge, partial_merge_kernel
+from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.decode import plan_decode
 from tilegraph.planner.layout import DecodeLayout
@@ -271,25 +271,7 @@ class BatchDecode:
                 np.float32(s.sm_scale), np.int64(s.num_qo_heads), self.params,
             ),
         )  # fmt: skip
-        launch_partial_merge(
-            kind=self.config.kind,
-            head_dim=s.head_dim,
-            group_size=s.group_size,
-            header=sec["header"],
-            merge_slot_indptr=sec["merge_slot_indptr"],
-            merge_request=sec["merge_request"],
-            merge_kv_head=sec["merge_kv_head"],
-            partial_out=ws.partial_out,
-            partial_lse=ws.partial_lse,
-            out_words=out_words,
-            lse=lse_arg,
-            write_lse=lse is not None,
-            num_qo_heads=s.num_qo_heads,
-            grid=self.MERGE_CTAS,
-            hooks=hooks,
-            kv_len=sec["kv_len"],
-            params=self.params,
-        )
+        ws.launch_merge(s, self.config.kind, hooks, self.params, out_words, lse_arg, lse is not None, self.MERGE_CTAS)
 
 
 @torch.library.custom_op("tilegraph::batch_decode", mutates_args=("out", "lse"))

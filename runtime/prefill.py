@@ -40,7 +40,7 @@ from tilegraph.graphs.protocol import PlanState
 from tilegraph.kernels import primitives as prim
 from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeHooks
 from tilegraph.kernels.launch import as_words, launch
-from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, launch_partial_merge, partial_merge_kernel
+from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.kernels.prefill import PrefillConfig, default_threads, prefill_kernel, prefill_signature
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_ragged
@@ -262,26 +262,7 @@ class _PrefillBase:
                 *(self._positions or (self._no_positions, self._no_positions)), np.int32(self._positions is not None),
             ),
         )  # fmt: skip
-        launch_partial_merge(
-            kind=self.config.kind,
-            head_dim=s.head_dim,
-            group_size=s.group_size,
-            header=sec["header"],
-            merge_slot_indptr=sec["merge_slot_indptr"],
-            merge_request=sec["merge_request"],
-            merge_kv_head=sec["merge_kv_head"],
-            partial_out=ws.partial_out,
-            partial_lse=ws.partial_lse,
-            out_words=out_words,
-            lse=lse_arg,
-            write_lse=lse is not None,
-            num_qo_heads=s.num_qo_heads,
-            grid=self.MERGE_CTAS,
-            hooks=hooks,
-            kv_len=sec["kv_len"],
-            params=self.params,
-            qo_indptr=sec["qo_indptr"],
-        )
+        ws.launch_merge(s, self.config.kind, hooks, self.params, out_words, lse_arg, lse is not None, self.MERGE_CTAS, prefill=True)
 
     def _finish_checked(self, q: torch.Tensor, kv: PagedKV, out: Any, lse: torch.Tensor, return_lse: bool) -> None:
         out = self._check_out(out)

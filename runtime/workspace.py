@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tilegraph.kernels.merge import launch_partial_merge
 from tilegraph.nvtx_ranges import UPLOAD
 
 
@@ -91,3 +92,29 @@ class Workspace:
     def flush(self) -> None:
         """Copy the staged plan (if any) into the fixed device buffer on the current stream."""
         self._upload.flush()
+
+    def launch_merge(self, settings: Any, kind: int, hooks: Any, params: torch.Tensor, out_words: torch.Tensor,
+                     lse: torch.Tensor, write_lse: bool, grid: int, prefill: bool = False) -> None:  # fmt: skip
+        """Launch the partial merge over this workspace's plan: split tiles' slots -> final rows of
+        ``out_words`` (and ``lse``). Fixed grid; the live merge count is read on the device."""
+        sec = self.sections
+        launch_partial_merge(
+            kind=kind,
+            head_dim=settings.head_dim,
+            group_size=settings.group_size,
+            header=sec["header"],
+            merge_slot_indptr=sec["merge_slot_indptr"],
+            merge_request=sec["merge_request"],
+            merge_kv_head=sec["merge_kv_head"],
+            partial_out=self.partial_out,
+            partial_lse=self.partial_lse,
+            out_words=out_words,
+            lse=lse,
+            write_lse=write_lse,
+            num_qo_heads=settings.num_qo_heads,
+            grid=grid,
+            hooks=hooks,
+            kv_len=sec["kv_len"],
+            params=params,
+            **({"qo_indptr": sec["qo_indptr"]} if prefill else {}),
+        )
