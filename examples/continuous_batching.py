@@ -9,7 +9,7 @@ Prompts are fed one token per step through the decode step (the loop does not us
 import numpy as np
 
 import tilegraph
-from tilegraph.models.llama import LlamaConfig, LlamaDecoder
+from tilegraph.serving.llama import LlamaConfig, LlamaDecoder
 from tilegraph.serving import DecodeRunner, Request, serve
 
 if tilegraph.SIMULATOR:

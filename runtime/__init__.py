@@ -9,9 +9,12 @@ Every log-sum-exp (LSE) tilegraph takes or returns is a **natural log** (FlashIn
 from __future__ import annotations
 
 from . import _device  # noqa: F401  (first: decides simulator vs GPU before numba.cuda loads)
+from . import _moved
 from ._device import SIMULATOR
 from .errors import DeviceError, InputError, PlanError, StateError, TilegraphError
 from .settings import GraphSettings, Settings
+
+_moved.install()  # old import paths of moved modules (tilegraph.bench, tilegraph.demo, ...) for one release
 
 # The attention objects, planner and graph runtime load on first use (PEP 562): `import tilegraph`
 # stays light, and the simulator decision above still comes first.

@@ -8,10 +8,10 @@ import sys
 
 # commands that parse their own arguments: name -> (module, help)
 DELEGATED = {
-    "demo": ("tilegraph.demo", "continuous-batching Llama-style decode loop, eager vs CUDA graphs (simulator on a CPU)"),
-    "bench": ("tilegraph.bench.cli", "benchmarks (measurements, not tests): plan, decode, merge, ..."),
-    "gpu-run": ("tilegraph.gpu_run", "everything a lent GPU should run, time-boxed, into one folder"),
-    "inspect-plan": ("tilegraph.inspect_plan", "plan a length mix on the host: tiles per CTA, balance, workspace bytes"),
+    "demo": ("tilegraph.serving.demo", "continuous-batching Llama-style decode loop, eager vs CUDA graphs (simulator on a CPU)"),
+    "bench": ("tilegraph.tools.bench.cli", "benchmarks (measurements, not tests): plan, decode, merge, ..."),
+    "gpu-run": ("tilegraph.tools.gpu_run", "everything a lent GPU should run, time-boxed, into one folder"),
+    "inspect-plan": ("tilegraph.tools.inspect_plan", "plan a length mix on the host: tiles per CTA, balance, workspace bytes"),
 }
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     if args.command == "selfcheck":
-        from .selfcheck import main as selfcheck
+        from .tools.selfcheck import main as selfcheck
 
         return selfcheck()
     if args.command == "compile-check":
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
         env = dict(os.environ, TILEGRAPH_SIMULATOR="0")
         env.pop("NUMBA_ENABLE_CUDASIM", None)
-        cmd = [sys.executable, "-m", "tilegraph.kernels.compile_check", *args.rest]
+        cmd = [sys.executable, "-m", "tilegraph.tools.compile_check", *args.rest]
         return subprocess.call(cmd, env=env)
     return 2
 

@@ -12,7 +12,7 @@ import torch
 import tilegraph
 from tilegraph.cascade import CascadeAttention, LevelTable
 from tilegraph.graphs.standin import SimulatedGraph
-from tilegraph.reference import attention_reference, gather_kv, relative_error
+from tilegraph.serving.reference import attention_reference, gather_kv, relative_error
 
 SETTINGS = tilegraph.Settings(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16",
                               max_batch_size=8, max_num_pages=96, max_num_tokens=32, num_ctas=2)  # fmt: skip

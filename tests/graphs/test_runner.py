@@ -10,7 +10,7 @@ import torch
 
 import tilegraph
 from tilegraph import StateError
-from tilegraph.reference import decode_reference, relative_error
+from tilegraph.serving.reference import decode_reference, relative_error
 
 SETTINGS = tilegraph.Settings(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16",
                               max_batch_size=6, max_num_pages=48, num_ctas=4,

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import tilegraph
-from tilegraph.reference import attention_reference, gather_kv, relative_error
+from tilegraph.serving.reference import attention_reference, gather_kv, relative_error
 
 SETTINGS = tilegraph.Settings(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16",
                               max_batch_size=4, max_num_pages=32, max_num_tokens=16, num_ctas=2)  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tilegraph.kernels import compile_check
+from tilegraph.tools import compile_check
 
 TOOLKIT = ("nvidia-cuda-nvrtc", "nvidia-nvvm", "nvidia-nvjitlink")
 CCS = ("sm_80", "sm_90")
@@ -47,7 +47,7 @@ def _run_check(*args: str, pythonpath: Path | None = None, **env_extra: str | No
     env = {k: v for k, v in env.items() if v is not None}
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "tilegraph.kernels.compile_check", *args]
+    cmd = [sys.executable, "-m", "tilegraph.tools.compile_check", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout + proc.stderr
 

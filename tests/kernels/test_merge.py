@@ -15,7 +15,7 @@ from tilegraph.kernels import merge as km
 from tilegraph.kernels import primitives as prim
 from tilegraph.kernels.launch import as_words
 from tilegraph.planner.layout import H_NUM_MERGES, DecodeLayout
-from tilegraph.reference import relative_error
+from tilegraph.serving.reference import relative_error
 
 DTYPES = {"float16": (torch.float16, prim.F16), "bfloat16": (torch.bfloat16, prim.BF16), "float32": (torch.float32, prim.F32)}
 VALUE_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}

@@ -32,8 +32,8 @@ def test_suite_refuses_on_the_simulator_without_smoke(suite, tmp_path, capsys):
 
 
 def test_suites_are_registered_for_the_cli_and_gpu_run(tmp_path):
-    from tilegraph.bench import cli
-    from tilegraph.gpu_run import parts
+    from tilegraph.tools.bench import cli
+    from tilegraph.tools.gpu_run import parts
 
     assert {"prefill", "hf"} <= set(cli.available())
     names = {p.name for p in parts(tmp_path, quick=True)}
@@ -50,7 +50,7 @@ def brute_force_pairs(requests, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_prefill_counts_only_visible_pairs(causal):
-    from tilegraph.bench.prefill import visible_pairs
+    from tilegraph.tools.bench.prefill import visible_pairs
 
     requests = [(9, 9), (3, 12), (1, 7), (5, 5), (4, 30)]
     assert visible_pairs(requests, causal) == brute_force_pairs(requests, causal)
@@ -61,7 +61,7 @@ def test_prefill_mixes_have_the_promised_shapes():
 
     import numpy as np
 
-    from tilegraph.bench.prefill import MIXES, request_lengths
+    from tilegraph.tools.bench.prefill import MIXES, request_lengths
 
     args = argparse.Namespace(uniform_tokens=64, long_tokens=512, short_tokens=16, median_tokens=40, chunk_tokens=8)
     mixes = {mix: request_lengths(mix, 6, np.random.default_rng(0), args) for mix in MIXES}

@@ -13,7 +13,7 @@ import torch
 
 import tilegraph
 from tilegraph.cascade import CascadeAttention, LevelTable
-from tilegraph.reference import attention_reference, gather_kv, relative_error
+from tilegraph.serving.reference import attention_reference, gather_kv, relative_error
 
 TOLERANCE = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 1e-4}
 BASE = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, max_batch_size=8, max_num_pages=96,
@@ -242,7 +242,7 @@ def test_cascade_larger_slow(device, causal):
 
 
 def test_bench_smoke_runs_and_refuses_without_smoke(tmp_path, capsys):
-    from tilegraph.bench.cascade import main
+    from tilegraph.tools.bench.cascade import main
 
     rows = main(["--smoke", "--out", str(tmp_path)])
     assert {(r["mode"], r["impl"]) for r in rows} == {(m, i) for m in ("eager", "graph") for i in ("cascade", "flat-decode")}

@@ -16,7 +16,7 @@ import tilegraph
 from tilegraph import variants as V
 from tilegraph.cascade import CascadeAttention
 from tilegraph.errors import InputError
-from tilegraph.reference import gather_kv, relative_error
+from tilegraph.serving.reference import gather_kv, relative_error
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cascade import build_levels, make_cache  # noqa: E402

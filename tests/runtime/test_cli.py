@@ -10,7 +10,7 @@ import pytest
 
 import tilegraph
 from tilegraph.__main__ import main as tilegraph_main
-from tilegraph.inspect_plan import parse_lengths
+from tilegraph.tools.inspect_plan import parse_lengths
 
 try:
     import matplotlib  # noqa: F401  (the bench extra: plots are drawn only where it is installed)
@@ -29,9 +29,9 @@ def test_bench_bad_suite_is_a_usage_error(capsys):
 
 
 def test_suites_without_a_module_say_they_are_not_available(monkeypatch, capsys):
-    from tilegraph.bench import cli
+    from tilegraph.tools.bench import cli
 
-    monkeypatch.setitem(cli.SUITES, "prefill", cli.SuiteInfo("GPU: paged prefill", True, "tilegraph.bench.no_such_suite"))
+    monkeypatch.setitem(cli.SUITES, "prefill", cli.SuiteInfo("GPU: paged prefill", True, "tilegraph.tools.bench.no_such_suite"))
     assert tilegraph_main(["bench", "prefill", "--smoke"]) == 2
     assert "suite 'prefill' is not available yet" in capsys.readouterr().err
     assert set(cli.SUITES) == {"plan", "decode", "merge", "prefill", "cascade", "graphs", "hf"}
@@ -84,7 +84,7 @@ def test_gpu_run_refuses_on_the_simulator(tmp_path, monkeypatch, capsys):
 
 
 def test_junit_summary(tmp_path):
-    from tilegraph.gpu_run import junit_summary
+    from tilegraph.tools.gpu_run import junit_summary
 
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
@@ -153,7 +153,7 @@ def test_inspect_plan_matches_a_direct_plan(tmp_path, capsys):
 def test_gpu_run_part_is_killed_at_its_time_box(tmp_path):
     import sys
 
-    from tilegraph.gpu_run import Part, run_part
+    from tilegraph.tools.gpu_run import Part, run_part
 
     part = Part("sleeper", 60, [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], "")
     result = run_part(part, tmp_path, timeout_s=1.0)
@@ -164,7 +164,7 @@ def test_gpu_run_part_is_killed_at_its_time_box(tmp_path):
 def test_gpu_run_writes_summary_and_bundle(tmp_path, monkeypatch):
     import tarfile
 
-    from tilegraph import gpu_run
+    from tilegraph.tools import gpu_run
 
     monkeypatch.setattr(gpu_run, "on_gpu", lambda: True)  # only the environment part runs: no GPU needed
     assert gpu_run.main(["--out", str(tmp_path), "--only", "environment", "--budget-s", "120"]) == 0
@@ -181,14 +181,14 @@ def test_bench_plan_writes_what_the_plan_benchmark_returns(tmp_path, monkeypatch
     import types
 
     calls = []
-    fake = types.ModuleType("tilegraph.bench.plan")
+    fake = types.ModuleType("tilegraph.tools.bench.plan")
 
     def fake_main(argv):
         calls.append(argv)
         return [{"mix": mix, "batch_size": b, "plan_median_us": 10.0 * b} for mix in ("uniform", "skewed") for b in (1, 8)]
 
     fake.main = fake_main
-    monkeypatch.setitem(sys.modules, "tilegraph.bench.plan", fake)
+    monkeypatch.setitem(sys.modules, "tilegraph.tools.bench.plan", fake)
     assert tilegraph_main(["bench", "plan", "--out", str(tmp_path), "--batch-sizes", "1,8"]) == 0
     assert calls == [["--batch-sizes", "1,8"]]
     data = json.loads((tmp_path / "plan.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tilegraph
-from tilegraph.reference import decode_reference, relative_error
+from tilegraph.serving.reference import decode_reference, relative_error
 
 TOLERANCE = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 1e-4}
 

@@ -12,7 +12,7 @@ import torch
 from tilegraph.errors import InputError
 from tilegraph.kernels import launch as launch_module
 from tilegraph.merge import merge_state, merge_state_in_place, merge_states
-from tilegraph.reference import relative_error
+from tilegraph.serving.reference import relative_error
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 VALUE_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}

@@ -10,9 +10,9 @@ import torch
 
 import tilegraph
 from tilegraph.errors import InputError
-from tilegraph.models.llama import LlamaConfig, LlamaDecoder, allocate_kv_cache, rms_norm
+from tilegraph.serving.llama import LlamaConfig, LlamaDecoder, allocate_kv_cache, rms_norm
 from tilegraph.page_pool import PagePool
-from tilegraph.reference import attention_reference, decode_reference, relative_error
+from tilegraph.serving.reference import attention_reference, decode_reference, relative_error
 from tilegraph.serving import DecodeRunner, Request, attention_error, serve
 
 DEVICE = torch.device("cpu" if tilegraph.SIMULATOR else "cuda")
@@ -188,14 +188,14 @@ def test_bad_requests_are_refused_before_any_step():
 
 @pytest.mark.slow
 def test_demo_passes():
-    from tilegraph.demo import main
+    from tilegraph.serving.demo import main
 
     assert main([]) == 0
 
 
 @pytest.mark.slow
 def test_bench_graphs_smoke(tmp_path):
-    from tilegraph.bench.graphs import main
+    from tilegraph.tools.bench.graphs import main
 
     rows = main(["--smoke", "--out", str(tmp_path)])
     assert [r["batch_size"] for r in rows] == [1, 2]

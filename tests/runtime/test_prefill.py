@@ -16,7 +16,7 @@ from numba import float32
 import tilegraph
 from tilegraph._device import cuda
 from tilegraph.kernels.decode import DecodeHooks
-from tilegraph.reference import attention_reference, gather_kv, relative_error
+from tilegraph.serving.reference import attention_reference, gather_kv, relative_error
 
 TOLERANCE = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 1e-4}
 

@@ -14,7 +14,7 @@ import torch
 
 import tilegraph
 from tilegraph import variants as V
-from tilegraph.reference import gather_kv, relative_error
+from tilegraph.serving.reference import gather_kv, relative_error
 
 TOLERANCE = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 1e-4}
 BASE = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16", max_batch_size=4,

@@ -162,7 +162,7 @@ def test_real_plan_and_run_inside_a_session(device):
 
 
 def test_gpu_run_profile_part_in_tiny_size(tmp_path):
-    from tilegraph.gpu_run import profile_decode_steps
+    from tilegraph.tools.gpu_run import profile_decode_steps
 
     result = profile_decode_steps(tmp_path / "profile.json", steps=2, tiny=True)
     data = json.loads((tmp_path / "profile.json").read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .settings import Settings
+from tilegraph.settings import Settings
 
 
 def gather_kv(kv_cache, settings: Settings, pages: np.ndarray, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:

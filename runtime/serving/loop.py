@@ -33,9 +33,9 @@ import torch
 from tilegraph.decode import BatchDecode
 from tilegraph.errors import InputError, PlanError
 from tilegraph.graphs.runner import GraphRunner
-from tilegraph.models.llama import LlamaDecoder, PagedAttention, allocate_kv_cache, check_settings
+from tilegraph.serving.llama import LlamaDecoder, PagedAttention, allocate_kv_cache, check_settings
 from tilegraph.page_pool import AppendIndices, PagePool, PageTable, PoolExhaustedError
-from tilegraph.reference import decode_reference, relative_error
+from tilegraph.serving.reference import decode_reference, relative_error
 from tilegraph.settings import Settings
 
 Mode = Literal["eager", "eager_padded", "graphs"]

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         num_ctas, where = default_num_ctas()
     from pydantic import ValidationError
 
-    from .errors import TilegraphError
+    from tilegraph.errors import TilegraphError
 
     try:
         report = inspect(args.lengths, args, num_ctas)

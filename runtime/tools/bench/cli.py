@@ -3,7 +3,7 @@
 Suites: ``plan`` (CPU), ``decode``, ``merge``, ``prefill``, ``cascade``, ``graphs``, ``hf`` (GPU). A suite
 whose module this checkout lacks says it is not available yet (exit 2). A GPU suite's module
 provides ``add_arguments(parser)`` and ``run(args, out_dir) -> payload``; ``plan`` is
-``tilegraph.bench.plan.main(argv) -> rows``. Each suite prints a table with a progress bar while
+``tilegraph.tools.bench.plan.main(argv) -> rows``. Each suite prints a table with a progress bar while
 it runs and writes ``<suite>.json`` (rewritten after every case) and ``<suite>.png`` into ``--out``.
 
 Exit codes: 0 done; 2 usage error or a suite that is not available yet; 3 a GPU suite on a
@@ -41,13 +41,13 @@ class SuiteInfo:
 
 
 SUITES: dict[str, SuiteInfo] = {
-    "plan": SuiteInfo("CPU: planner cost and balance", False, "tilegraph.bench.plan"),
-    "decode": SuiteInfo("GPU: paged decode GB/s vs copy ceiling; SDPA, FlexAttention, FlashInfer peers", True, "tilegraph.bench.decode"),
-    "merge": SuiteInfo("GPU: merge_state / merge_states GB/s vs copy ceiling; torch, FlashInfer peers", True, "tilegraph.bench.merge"),
-    "prefill": SuiteInfo("GPU: batch prefill TFLOP/s vs bf16 matmul ceiling; flash SDPA (varlen, padded), FlexAttention peers", True, "tilegraph.bench.prefill"),
-    "cascade": SuiteInfo("GPU: shared-prefix cascade attention", True, "tilegraph.bench.cascade"),
-    "graphs": SuiteInfo("GPU: decoder step latency, eager vs CUDA-graph replay", True, "tilegraph.bench.graphs"),
-    "hf": SuiteInfo("GPU: transformers generate() with the tilegraph backend vs sdpa (tokens/s, token match)", True, "tilegraph.bench.hf"),
+    "plan": SuiteInfo("CPU: planner cost and balance", False, "tilegraph.tools.bench.plan"),
+    "decode": SuiteInfo("GPU: paged decode GB/s vs copy ceiling; SDPA, FlexAttention, FlashInfer peers", True, "tilegraph.tools.bench.decode"),
+    "merge": SuiteInfo("GPU: merge_state / merge_states GB/s vs copy ceiling; torch, FlashInfer peers", True, "tilegraph.tools.bench.merge"),
+    "prefill": SuiteInfo("GPU: batch prefill TFLOP/s vs bf16 matmul ceiling; flash SDPA (varlen, padded), FlexAttention peers", True, "tilegraph.tools.bench.prefill"),
+    "cascade": SuiteInfo("GPU: shared-prefix cascade attention", True, "tilegraph.tools.bench.cascade"),
+    "graphs": SuiteInfo("GPU: decoder step latency, eager vs CUDA-graph replay", True, "tilegraph.tools.bench.graphs"),
+    "hf": SuiteInfo("GPU: transformers generate() with the tilegraph backend vs sdpa (tokens/s, token match)", True, "tilegraph.tools.bench.hf"),
 }
 
 
@@ -113,7 +113,7 @@ def _main(argv: list[str]) -> int:
 
 
 def _run_plan(plan: Any, rest: list[str]) -> int:
-    """The CPU plan benchmark (``tilegraph.bench.plan.main(argv) -> rows``): its rows, then JSON and
+    """The CPU plan benchmark (``tilegraph.tools.bench.plan.main(argv) -> rows``): its rows, then JSON and
     a plot. ``--out`` is ours; every other argument goes to it."""
     import torch
 

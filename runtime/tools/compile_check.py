@@ -1,6 +1,6 @@
 """Driverless GPU compile check: every kernel module's ``gpu_compile_specs()`` for each compute capability.
 
-    python -m tilegraph.kernels.compile_check [--json PATH] [--cc 80,90] [--only SUBSTR] [--module NAME]
+    python -m tilegraph.tools.compile_check [--json PATH] [--cc 80,90] [--only SUBSTR] [--module NAME]
 
 Each spec is compiled to PTX with ``numba.cuda.compile_ptx`` (NVVM from the pip CUDA 13 toolkit) and
 assembled with nvJitLink, whose info log gives registers, spill stores/loads, stack and local memory.
@@ -32,7 +32,7 @@ from typing import Any
 
 from tilegraph._device import SIMULATOR
 
-from .compile_spec import CompileSpec
+from tilegraph.kernels.compile_spec import CompileSpec
 
 # Adding a kernel family to the check = adding its module name here.
 KERNEL_MODULES: tuple[str, ...] = (
@@ -282,13 +282,13 @@ def _leave_simulator(argv: list[str]) -> None:
     env = dict(os.environ, TILEGRAPH_SIMULATOR="0")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "tilegraph.kernels.compile_check", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", "tilegraph.tools.compile_check", *argv], env)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="python -m tilegraph.kernels.compile_check", description=__doc__.split("\n")[0]
+        prog="python -m tilegraph.tools.compile_check", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--json", metavar="PATH", help="write every record as JSON")
     parser.add_argument("--cc", type=_parse_ccs, default=DEFAULT_CCS, help="compute capabilities, e.g. 80,90")

@@ -154,7 +154,7 @@ def graph_calls(case: CascadeCase, attention: Any) -> tuple[Callable[[int], Any]
 
 
 def measure_case(case: CascadeCase, modes: list[str]) -> list[dict[str, Any]]:
-    from tilegraph.reference import relative_error
+    from tilegraph.serving.reference import relative_error
 
     gpu = case.q.device.type == "cuda"
     base = {"prefix_len": case.prefix_len, "batch_size": case.batch_size, "input_sets": len(case.caches),

@@ -56,10 +56,10 @@ def parts(out: Path, quick: bool) -> list[Part]:
         if SUITES[suite].available
     ]  # fmt: skip
     return [
-        Part("environment", 30, [py, "-m", "tilegraph.gpu_run", "--environment-json", str(out / "environment.json")], "environment.json"),
-        Part("ceilings", 45, [py, "-m", "tilegraph.bench.common", "--json", str(out / "ceilings.json"), *smoke], "ceilings.json"),
+        Part("environment", 30, [py, "-m", "tilegraph.tools.gpu_run", "--environment-json", str(out / "environment.json")], "environment.json"),
+        Part("ceilings", 45, [py, "-m", "tilegraph.tools.bench.common", "--json", str(out / "ceilings.json"), *smoke], "ceilings.json"),
         Part("demo", 60, [py, "-m", "tilegraph", "demo"], ""),
-        Part("profile", 60, [py, "-m", "tilegraph.gpu_run", "--profile-json", str(out / "profile.json")], "profile.json"),
+        Part("profile", 60, [py, "-m", "tilegraph.tools.gpu_run", "--profile-json", str(out / "profile.json")], "profile.json"),
         Part("pytest-gpu", 150, [py, "-m", "pytest", "-m", "gpu", "-q", "-x" if quick else "-rf",
                                  f"--junitxml={out / 'pytest-gpu.xml'}"], "pytest-gpu.xml"),  # fmt: skip
         *benches,
@@ -139,7 +139,7 @@ def profile_decode_steps(json_path: Path, steps: int = 20, tiny: bool = False) -
     import tilegraph
 
     from .bench.common import length_mix, page_table
-    from .profiling import profile
+    from tilegraph.profiling import profile
 
     if tiny:
         shape = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16", max_batch_size=2, num_ctas=1)

@@ -164,7 +164,7 @@ IMPLS: dict[str, Callable[[MergeCase], tuple[Timing, torch.Tensor]]] = {
 
 
 def measure_case(case: MergeCase, impls: list[str], copy_gbs: float) -> list[dict[str, Any]]:
-    from tilegraph.reference import relative_error
+    from tilegraph.serving.reference import relative_error
 
     expected = reference(case.v_sets[0], case.s_sets[0])
     base = {"op": case.op, "rows": case.rows, "num_states": case.num_states, "bytes_moved": case.bytes_moved(),

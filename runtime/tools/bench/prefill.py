@@ -437,7 +437,7 @@ IMPLS: dict[str, Impl] = {"tilegraph": run_tilegraph, "tilegraph-ragged": run_ti
 def reference_rows(case: Case) -> tuple[np.ndarray, torch.Tensor]:
     """Packed query rows sampled for checking, and their float64 reference outputs (input set 0): the
     last ``CHECK_ROWS`` rows of the request with the longest KV and of the first request."""
-    from tilegraph.reference import attention_reference
+    from tilegraph.serving.reference import attention_reference
 
     longest = int(np.argmax([kv for _, kv in case.requests]))
     rows, outs = [], []
@@ -457,7 +457,7 @@ def reference_rows(case: Case) -> tuple[np.ndarray, torch.Tensor]:
 
 
 def measure_case(case: Case, impls: list[str], matmul_tflops: float, ref: tuple[np.ndarray, torch.Tensor]) -> list[dict[str, Any]]:
-    from tilegraph.reference import relative_error
+    from tilegraph.serving.reference import relative_error
 
     rows_idx, ref_out = ref
     flops = case.flops()

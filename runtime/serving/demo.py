@@ -25,11 +25,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ._device import SIMULATOR
-from .models.llama import LlamaConfig, LlamaDecoder
-from .page_pool import PagePool
-from .serving import MODES, DecodeRunner, LoopResult, Request, attention_error, serve
-from .settings import Settings
+from tilegraph._device import SIMULATOR
+from .llama import LlamaConfig, LlamaDecoder
+from tilegraph.page_pool import PagePool
+from .loop import MODES, DecodeRunner, LoopResult, Request, attention_error, serve
+from tilegraph.settings import Settings
 
 LOOP_ORDER = ("eager_padded", "graphs", "eager")  # the first loop also pays kernel compilation
 GPU_PADDED_STEPS = 150  # on a GPU the bit-exact twin runs this many steps (its tokens are a prefix)

@@ -255,7 +255,7 @@ IMPLS: dict[str, Impl] = {"tilegraph": run_tilegraph, "sdpa": run_sdpa, "flex": 
 
 
 def measure_case(case: Case, impls: list[str], copy_gbs: float) -> list[dict[str, Any]]:
-    from tilegraph.reference import decode_reference, relative_error
+    from tilegraph.serving.reference import decode_reference, relative_error
 
     ref_out, _ = decode_reference(case.q_sets[0], case.kv_sets[0], case.settings, case.kv_indptr, case.kv_indices, case.kv_last_page_len)
     base = {"mix": case.mix, "batch_size": case.batch_size, "kv_tokens": int(sum(case.lengths)),

@@ -6,8 +6,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ._device import SIMULATOR
-from .merge import merge_states
+from tilegraph._device import SIMULATOR
+from tilegraph.merge import merge_states
 
 
 def _merge_check(device: str) -> tuple[str, bool, str]:

@@ -5,7 +5,7 @@ simulator (``--smoke`` only) host ``perf_counter`` around each call. Ceilings: a
 device-to-device copy (bytes read + bytes written) and a large bf16 matmul, measured in the same
 process as the numbers quoted against them.
 
-``python -m tilegraph.bench.common --json PATH`` measures the ceilings alone (``gpu-run`` uses it).
+``python -m tilegraph.tools.bench.common --json PATH`` measures the ceilings alone (``gpu-run`` uses it).
 """
 
 from __future__ import annotations
@@ -400,7 +400,7 @@ def plot_lines(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tilegraph.bench.common", description="measure the two ceilings")
+    parser = argparse.ArgumentParser(prog="python -m tilegraph.tools.bench.common", description="measure the two ceilings")
     parser.add_argument("--json", type=Path, required=True, help="where to write the ceilings")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (checks the code path, measures nothing)")
     args = parser.parse_args(argv)

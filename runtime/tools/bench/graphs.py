@@ -99,7 +99,7 @@ def _wall_us(call: Callable[[], Any], reps: int, warmup: int, gpu: bool) -> dict
 
 def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     from tilegraph.graphs.runner import GraphRunner
-    from tilegraph.models.llama import LlamaConfig, LlamaDecoder
+    from tilegraph.serving.llama import LlamaConfig, LlamaDecoder
     from tilegraph.page_pool import PagePool
     from tilegraph.serving import DecodeRunner
 

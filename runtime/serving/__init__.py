@@ -1,0 +1,10 @@
+"""A small serving stack on top of the core: the continuous-batching loop (``loop``), a Llama-style
+decoder whose attention runs through tilegraph (``llama``), the float64 reference (``reference``) and
+the demo (``python -m tilegraph demo``).
+
+``tilegraph.serving`` re-exports the loop's public names.
+"""
+
+from .loop import MODES, DecodeRunner, LoopResult, Request, StepBuffers, attention_error, serve
+
+__all__ = ["MODES", "DecodeRunner", "LoopResult", "Request", "StepBuffers", "attention_error", "serve"]
