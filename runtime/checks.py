@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, PlanError
 from .settings import Settings
 
 
@@ -56,3 +58,58 @@ def span_words(q: torch.Tensor) -> torch.Tensor:
     per_word = 4 // q.element_size()
     span = -(-span // per_word) * per_word
     return torch.as_strided(q, (span,), (1,), q.storage_offset()).view(torch.int32)
+
+
+def check_on_device(named: dict[str, Any], device: torch.device) -> None:
+    """Every tensor in ``named`` (a tensor, or a tuple/list of them such as a (k_cache, v_cache)
+    pair) lives on ``device``. Checked before the custom op dispatches: a ``meta`` tensor would
+    otherwise reach the op's fake implementation and silently do nothing."""
+    for name, value in named.items():
+        tensors = value if isinstance(value, (tuple, list)) else (value,)
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device != device:
+                what = " (a meta tensor has no data: kernels cannot read or write it)" if t.device.type == "meta" else ""
+                raise InputError(f"{name} is on {t.device}, the attention object runs on {device}{what}")
+
+
+def available_bytes(device: torch.device) -> tuple[int, int]:
+    """(free bytes on ``device``, free host bytes): the GPU's free memory and the host's available
+    RAM (on the simulator both are host RAM)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    host = int(os.sysconf("SC_AVPHYS_PAGES") * page)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), host
+    return host, host
+
+
+_CAPACITY_FIELDS = ("max_page_refs", "max_batch_size", "max_num_tokens", "num_ctas")
+
+
+def _layout_bytes(layout: Any) -> tuple[int, int]:
+    """(device bytes, host staging bytes) a Workspace for ``layout`` allocates."""
+    return int(layout.workspace_nbytes), 2 * 4 * int(layout.plan_words)
+
+
+def check_workspace_fits(layout: Any, device: torch.device) -> None:
+    """Refuse (PlanError, before anything is allocated) a workspace the device or host cannot hold,
+    naming the bytes and the Settings capacity that contributes most to them."""
+    device_bytes, host_bytes = _layout_bytes(layout)
+    free_device, free_host = available_bytes(device)
+    on_host = device.type != "cuda"
+    need_device = device_bytes + (host_bytes if on_host else 0)
+    too_big = need_device > free_device or (not on_host and host_bytes > free_host)
+    if not too_big:
+        return
+    shares = {}
+    for name in _CAPACITY_FIELDS:
+        if hasattr(layout, name) and getattr(layout, name) > 1:
+            small = dataclasses.replace(layout, **{name: 1})
+            shares[name] = sum(_layout_bytes(layout)) - sum(_layout_bytes(small))
+    field = max(shares, key=shares.get) if shares else "max_page_refs"
+    where = "host memory (the simulator's device)" if on_host else f"{device}"
+    raise PlanError(
+        f"Settings.{field}={getattr(layout, field)} sizes a workspace of {device_bytes} device bytes plus "
+        f"{host_bytes} host staging bytes ({field} accounts for {shares.get(field, 0)} of them), but {where} "
+        f"has {free_device} bytes free{'' if on_host else f' and the host {free_host}'}: lower {field}"
+    )

@@ -70,13 +70,16 @@ class Settings(BaseSettings):
         description="NHD: cache [pages, 2, page_size, kv_heads, head_dim]; HND: [pages, 2, kv_heads, page_size, head_dim]",
     )
     dtype: DTypeName = Field(default="float16", description="q, KV cache and output dtype (a torch.dtype is accepted)")
-    sm_scale: float = Field(default=None, gt=0.0, description="logit scale; default 1/sqrt(head_dim)")  # type: ignore[assignment]
+    sm_scale: float = Field(
+        default=None, gt=0.0, allow_inf_nan=False, description="logit scale (finite, > 0); default 1/sqrt(head_dim)"
+    )  # type: ignore[assignment]
     # capacity bounds (per batch)
     max_batch_size: int = Field(default=256, ge=1, le=65536, description="requests per batch")
     max_num_pages: int = Field(default=16384, ge=1, le=2**30, description="pages in the KV pool")
     max_page_refs: int = Field(
         default=None,  # type: ignore[assignment]
         ge=1,
+        le=2**30,
         description="page references (len(kv_indices)) per batch; default max_num_pages",
     )
     max_num_tokens: int = Field(
@@ -97,6 +100,7 @@ class Settings(BaseSettings):
     max_cascade_groups: int = Field(
         default=None,  # type: ignore[assignment]
         ge=1,
+        le=65536,
         description="groups per shared-prefix level of a CascadeAttention; default max_batch_size",
     )
 

@@ -18,6 +18,8 @@ import torch
 from tilegraph.kernels.merge import launch_partial_merge
 from tilegraph.nvtx_ranges import UPLOAD
 
+from .checks import check_workspace_fits
+
 
 class StagedUpload:
     """A fixed device int32 buffer fed through two host staging buffers (pinned on a GPU).
@@ -67,6 +69,7 @@ class Workspace:
     cascade's levels share one, so one step's plans reach the device in one copy)."""
 
     def __init__(self, layout: Any, device: torch.device, upload: tuple[StagedUpload, int] | None = None) -> None:
+        check_workspace_fits(layout, device)  # PlanError naming the Settings field, before any allocation
         self.layout = layout
         self.device = device
         self._upload, self._offset = upload if upload is not None else (StagedUpload(layout.plan_words, device), 0)

@@ -72,3 +72,23 @@ def test_error_hierarchy():
     assert issubclass(errors.StateError, RuntimeError) and issubclass(errors.StateError, errors.TilegraphError)
     assert issubclass(errors.DeviceError, RuntimeError)
     assert tilegraph.InputError is errors.InputError
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_sm_scale_must_be_finite(value):
+    with pytest.raises(pydantic.ValidationError, match="sm_scale"):
+        tilegraph.Settings(**BASE, sm_scale=value)
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "-inf"])
+def test_sm_scale_from_the_environment_must_be_finite(monkeypatch, text):
+    monkeypatch.setenv("TILEGRAPH_SM_SCALE", text)
+    with pytest.raises(pydantic.ValidationError, match="sm_scale"):
+        tilegraph.Settings(**BASE)
+
+
+@pytest.mark.parametrize("overrides, field", [(dict(max_page_refs=2**31), "max_page_refs"),
+                                              (dict(max_batch_size=65536, max_cascade_groups=70000), "max_cascade_groups")])
+def test_capacities_have_upper_bounds(overrides, field):
+    with pytest.raises(pydantic.ValidationError, match=field):
+        tilegraph.Settings(**{**BASE, **overrides})
