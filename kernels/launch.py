@@ -7,6 +7,14 @@
 * Simulator: CPU tensors are wrapped without a copy, so kernels write straight into them, and the
   launch runs with a fast GIL switch interval.
 * A launch interceptor (set by the graph stand-in while capturing) receives the launch instead.
+
+Threads. Simulator: launches from several Python threads are serialized by
+``tilegraph._device.SIMULATOR_LAUNCH_LOCK`` (the simulator swaps module globals while a launch
+runs). GPU: launches are not serialized; each goes to the calling thread's current torch stream.
+The rule on both: each thread plans and runs its *own* attention objects (a plan, its staging
+buffers and its fixed workspace belong to one object and are not locked); to share one object
+between threads, serialize its plan()/run() pairs yourself. The graph stand-in's capture
+interceptor is process-wide: capture from one thread at a time.
 """
 
 from __future__ import annotations

@@ -82,15 +82,23 @@ if SIMULATOR:
     _install_simulator_fixes()
 
 
+#: Simulated launches run one at a time in the process. The simulator swaps every module global that
+#: is ``numba.cuda`` for its fake while a launch runs and restores it afterwards: two launches from
+#: two threads at once would see each other's swap (``'Thread' object has no attribute 'threadIdx'``).
+SIMULATOR_LAUNCH_LOCK = threading.RLock()
+
+
 @contextmanager
 def simulating() -> Iterator[None]:
-    """Around a simulated launch: a fast GIL switch rate (threads meet at barriers far sooner)."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
+    """Around a simulated launch: holds SIMULATOR_LAUNCH_LOCK (launches from several Python threads
+    are serialized) and a fast GIL switch rate (threads meet at barriers far sooner)."""
+    with SIMULATOR_LAUNCH_LOCK:
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(previous)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -129,4 +137,4 @@ def default_num_ctas(device: torch.device, ctas_per_sm: int = 2) -> int:
     return 4
 
 
-__all__ = ["SIMULATOR", "cuda", "simulating", "resolve_device", "default_num_ctas", "DeviceName"]
+__all__ = ["SIMULATOR", "SIMULATOR_LAUNCH_LOCK", "cuda", "simulating", "resolve_device", "default_num_ctas", "DeviceName"]
