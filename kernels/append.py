@@ -22,9 +22,19 @@ from numba import int64
 from tilegraph._device import SIMULATOR, cuda
 
 from . import primitives as prim
-from .compile_spec import CompileSpec
+from .args import I32, KernelArgs
+from .tuning import append_threads
 
 WORDS_PER_CHUNK = 4  # int32 words in one 16-byte load/store
+
+APPEND_ARGS = KernelArgs("append_kv", (
+    ("k_words", I32), ("k_token_stride", "int64"), ("k_head_stride", "int64"),
+    ("v_words", I32), ("v_token_stride", "int64"), ("v_head_stride", "int64"),
+    ("batch_indices", I32), ("positions", I32), ("kv_indptr", I32), ("kv_indices", I32),
+    ("k_cache_words", I32), ("v_cache_words", I32), ("page_stride", "int64"), ("token_stride", "int64"),
+    ("head_stride", "int64"), ("page_size", "int64"), ("num_pages", "int64"), ("num_kv_heads", "int64"),
+    ("row_words", "int64"),
+))  # fmt: skip
 
 if SIMULATOR:
 
@@ -83,8 +93,8 @@ def append_launch(nnz: int, num_kv_heads: int, row_words: int, threads: int) -> 
 
 
 def default_threads() -> int:
-    """Target threads per CTA: 128 on a GPU; 16 on the simulator (every simulated thread costs)."""
-    return 16 if SIMULATOR else 128
+    """Target threads per CTA (kernels.tuning.append_threads)."""
+    return append_threads()
 
 
 def make_append_kernel() -> Callable[..., Any]:
@@ -134,7 +144,7 @@ def make_append_kernel() -> Callable[..., Any]:
                 store_16b(k_cache_words, dst + w, load_16b(k_words, k_src + w))
                 store_16b(v_cache_words, dst + w, load_16b(v_words, v_src + w))
 
-    return append_kv_kernel
+    return APPEND_ARGS.check(append_kv_kernel)
 
 
 @lru_cache(maxsize=None)
@@ -144,16 +154,15 @@ def append_kv_kernel() -> Any:
 
 
 def append_signature() -> str:
-    i32 = "int32[::1]"
-    return (
-        f"void({i32}, int64, int64, {i32}, int64, int64, {i32}, {i32}, {i32}, {i32}, "
-        f"{i32}, {i32}, int64, int64, int64, int64, int64, int64, int64)"
-    )
+    """The numba signature of the append kernel (from APPEND_ARGS)."""
+    return APPEND_ARGS.signature
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
     """One spec covers every dtype, head_dim and layout (NHD, HND, (k, v) pairs): the kernel copies
     raw words and receives every stride at run time, so there is exactly one specialization."""
+    from .compile_spec import CompileSpec
+
     return [
         CompileSpec(
             name="append_kv[any dtype, any head_dim, NHD|HND|pair]",

@@ -36,75 +36,29 @@ from tilegraph._device import SIMULATOR, cuda
 from tilegraph.planner.layout import H_NUM_TILES
 
 from . import primitives as prim
-from .compile_spec import CompileSpec
+from .args import F32, I32, KernelArgs
+from .hooks import DEFAULT_HOOKS, LOG2E, LN2, NEG_INF, DTYPE_NAMES, AttentionHooks
+from .hooks import identity_logit as _identity_logit
+from .hooks import identity_pair as _identity_pair
+from .hooks import identity_vec as _identity_vec
+from .hooks import no_mask as _no_mask
+from .hooks import no_sink as _no_sink
+from .tuning import decode_rows, lanes_per_row
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-NEG_INF = float32(-math.inf)
 #: query heads of a GQA group handled per pass over a tile's K/V (per-thread state: 8 fp32 each)
 MAX_HEADS_PER_PASS = 4
+DecodeHooks = AttentionHooks  # the hook set's former name (kept: examples and users import it)
 
-
-# ---- variant hooks: identities by default; tilegraph.Variant supplies its own (kernels/variant_hooks.py) ----
-
-
-@cuda.jit(device=True, inline="always")
-def _identity_vec(vals, dim0, request, head, pos, params):
-    return
-
-
-@cuda.jit(device=True, inline="always")
-def _identity_logit(score, request, qo_pos, kv_pos, qo_head, kv_head, params):
-    return score
-
-
-@cuda.jit(device=True, inline="always")
-def _no_mask(request, qo_pos, kv_pos, qo_head, kv_head, params):
-    return True
-
-
-@cuda.jit(device=True, inline="always")
-def _identity_pair(vals, partner, dim0, head_dim, request, head, pos, params):
-    return
-
-
-@cuda.jit(device=True, inline="always")
-def _no_sink(qo_head, params):
-    return NEG_INF
-
-
-@dataclass(frozen=True)
-class DecodeHooks:
-    """Compile-time hooks composed into the decode template (all optional).
-
-    query_transform(q8, dim0, request, qo_head, qo_pos, params)       in place on 8 fp32 values
-    key_transform(k8, dim0, request, kv_head, kv_pos, params)         in place on 8 fp32 values
-    logits_transform(score, request, qo_pos, kv_pos, qo_head, kv_head, params) -> float32
-        (score = q.k * sm_scale, natural units)
-    logits_mask(request, qo_pos, kv_pos, qo_head, kv_head, params) -> bool (False: masked out)
-    output_transform(o8, dim0, request, qo_head, qo_pos, params)      in place, on the final output
-        (after normalization; for a split request, after the partial merge)
-    query_pair_transform(q8, partner8, dim0, head_dim, request, qo_head, qo_pos, params)
-    key_pair_transform(k8, partner8, dim0, head_dim, request, kv_head, kv_pos, params)
-        in place, before the plain transform; partner8 = the 8 raw elements at dims
-        (dim0 + head_dim / 2) % head_dim (the rotate-half partner; e.g. RoPE)
-    sink(qo_head, params) -> float32 natural logit that joins each softmax denominator once
-    softmax: False = no softmax (o = sum_j score_j * v_j, partials summed, LSE meaningless)
-    """
-
-    query_transform: Callable[..., Any] | None = None
-    key_transform: Callable[..., Any] | None = None
-    logits_transform: Callable[..., Any] | None = None
-    logits_mask: Callable[..., Any] | None = None
-    output_transform: Callable[..., Any] | None = None
-    name: str = "default"
-    query_pair_transform: Callable[..., Any] | None = None
-    key_pair_transform: Callable[..., Any] | None = None
-    sink: Callable[..., Any] | None = None
-    softmax: bool = True
-
-
-DEFAULT_HOOKS = DecodeHooks()
+DECODE_ARGS = KernelArgs("decode", (
+    ("header", I32), ("cta_tile_indptr", I32), ("tile_request", I32), ("tile_kv_head", I32),
+    ("tile_token_start", I32), ("tile_token_end", I32), ("tile_slot", I32),
+    ("kv_indptr", I32), ("kv_indices", I32), ("kv_len", I32),
+    ("q_words", I32), ("q_stride_b", "int64"), ("q_stride_h", "int64"),
+    ("k_words", I32), ("v_words", I32), ("page_stride", "int64"), ("token_stride", "int64"),
+    ("head_stride", "int64"), ("page_size", "int64"),
+    ("out_words", I32), ("lse", F32), ("write_lse", "int32"), ("partial_out", F32), ("partial_lse", F32),
+    ("sm_scale", "float32"), ("num_qo_heads", "int64"), ("params", F32),
+))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -115,12 +69,11 @@ class DecodeConfig:
     head_dim: int
     group: int
     bdy: int
-    hooks: DecodeHooks = DEFAULT_HOOKS
+    hooks: AttentionHooks = DEFAULT_HOOKS
 
     @property
     def bdx(self) -> int:
-        lanes = self.head_dim // 8
-        return 1 << (lanes - 1).bit_length()
+        return lanes_per_row(self.head_dim)
 
     @property
     def block(self) -> tuple[int, int]:
@@ -128,10 +81,8 @@ class DecodeConfig:
 
 
 def default_bdy(head_dim: int) -> int:
-    """Token rows per CTA: 128 threads on a GPU; 2 rows on the simulator (every thread costs there)."""
-    if SIMULATOR:
-        return 2
-    return max(1, 128 // DecodeConfig(0, head_dim, 1, 1).bdx)
+    """Token rows per CTA (kernels.tuning.decode_rows)."""
+    return decode_rows(head_dim)
 
 
 def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
@@ -324,7 +275,7 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                                 partial_lse[part_row] = lse_value
                     cuda.syncthreads()
 
-    return decode_kernel
+    return DECODE_ARGS.check(decode_kernel)
 
 
 @lru_cache(maxsize=128)
@@ -347,19 +298,17 @@ def _kernel_sources_digest() -> str:
 
 
 def decode_signature(q_ndim: int = 1) -> str:
-    i32, f32 = "int32[::1]", "float32[::1]"
-    arrays = ", ".join([i32] * 10)
-    return (
-        f"void({arrays}, {i32}, int64, int64, {i32}, {i32}, int64, int64, int64, int64, "
-        f"{i32}, {f32}, int32, {f32}, {f32}, float32, int64, {f32})"
-    )
+    """The numba signature of the decode kernel (from DECODE_ARGS)."""
+    return DECODE_ARGS.signature
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
     """Covering set: every dtype, several head_dims and group sizes, default and hooked variants,
     every built-in variant (tilegraph.variants) at least once, with its partial-merge kernel."""
-    from .decode_variants_for_check import CHECK_HOOKS, builtin_variant_cases
-    from .merge import DTYPE_NAMES, PARTIAL_MERGE_SIGNATURE, make_partial_merge_kernel
+    from .compile_spec import DECODE_CHECK_HOOKS as CHECK_HOOKS
+    from .compile_spec import CompileSpec
+    from .compile_spec import decode_variant_cases as builtin_variant_cases
+    from .merge import PARTIAL_MERGE_SIGNATURE, make_partial_merge_kernel
 
     cases = [
         (prim.F16, 128, 1, DEFAULT_HOOKS),
@@ -383,7 +332,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
             )
         bdy = max(1, 128 // DecodeConfig(kind, head_dim, group, 1).bdx)
         cfg = DecodeConfig(kind, head_dim, group, bdy, hooks)
-        dtype = {prim.F16: "float16", prim.BF16: "bfloat16", prim.F32: "float32"}[kind]
+        dtype = DTYPE_NAMES[kind]
         specs.append(
             CompileSpec(
                 name=f"decode[{dtype},hd{head_dim},g{group},{hooks.name.split('#')[0]}]",

@@ -26,19 +26,32 @@ import numpy as np
 import torch
 from numba import float32, int64
 
-from tilegraph._device import SIMULATOR, cuda
+from tilegraph._device import cuda
 from tilegraph.planner.layout import H_BATCH_SIZE, H_NUM_MERGES
 
 from . import primitives as prim
-from .compile_spec import CompileSpec
+from .args import F32, I32, U8, KernelArgs
+from .hooks import DTYPE_NAMES, NEG_INF
+from .hooks import identity_vec as _identity_vec
+from .hooks import no_sink as _no_sink
 from .launch import as_words, launch
+from .tuning import merge_block, merge_max_grid
 
 LOG2E = float32(1.4426950408889634)
-NEG_INF = float32(-math.inf)
-DTYPE_NAMES = {prim.F16: "float16", prim.BF16: "bfloat16", prim.F32: "float32"}
-MAX_LANES = 32  # lanes per row (head_dim / 8 beyond this: each lane handles several vectors)
-SIM_MAX_GRID = 2  # simulated blocks run one after another: keep grids tiny there
-GPU_MAX_GRID = 4096  # blocks of the pair/states kernels on a GPU (rows beyond: persistent loop)
+PAIR_ARGS = KernelArgs("merge_state", (
+    ("a_words", I32), ("a_lse", F32), ("b_words", I32), ("b_lse", F32), ("out_words", I32), ("out_lse", F32),
+    ("mask", U8), ("use_mask", "int32"), ("num_rows", "int64"), ("heads", "int64"), ("head_dim", "int64"),
+))  # fmt: skip
+STATES_ARGS = KernelArgs("merge_states", (
+    ("v_words", I32), ("lse", F32), ("out_words", I32), ("out_lse", F32),
+    ("num_rows", "int64"), ("num_states", "int64"), ("heads", "int64"), ("head_dim", "int64"),
+))  # fmt: skip
+PARTIAL_MERGE_ARGS = KernelArgs("partial_merge", (
+    ("header", I32), ("merge_slot_indptr", I32), ("merge_request", I32), ("merge_kv_head", I32),
+    ("partial_words", I32), ("partial_lse", F32), ("out_words", I32), ("lse", F32), ("write_lse", "int32"),
+    ("group_size", "int64"), ("head_dim", "int64"), ("num_qo_heads", "int64"),
+    ("kv_len", I32), ("params", F32), ("qo_indptr", I32),
+))  # fmt: skip
 
 
 # ---- reusable device helpers ------------------------------------------------------------------
@@ -75,16 +88,8 @@ def merge_finish(m, d, acc):
     return NEG_INF
 
 
-def merge_block(head_dim: int) -> tuple[int, int]:
-    """(BDX lanes per row, BDY rows per block): 128 threads on a GPU, 2 rows on the simulator."""
-    lanes = min(head_dim // 8, MAX_LANES)
-    rows = 2 if SIMULATOR else max(1, 128 // lanes)
-    return lanes, rows
-
-
 def _grid_for_rows(num_rows: int, rows_per_block: int) -> int:
-    cap = SIM_MAX_GRID if SIMULATOR else GPU_MAX_GRID
-    return max(1, min(-(-num_rows // rows_per_block), cap))
+    return max(1, min(-(-num_rows // rows_per_block), merge_max_grid()))
 
 
 # ---- kernel templates (plain Python functions: cuda.jit them to launch, compile_ptx to check) ---
@@ -142,7 +147,7 @@ def make_pair_kernel(kind: int) -> Callable[..., Any]:
                 if vec == 0:
                     out_lse[row] = lse_out
 
-    return merge_pair_kernel
+    return PAIR_ARGS.check(merge_pair_kernel)
 
 
 def make_states_kernel(kind: int) -> Callable[..., Any]:
@@ -180,17 +185,7 @@ def make_states_kernel(kind: int) -> Callable[..., Any]:
                 if vec == 0:
                     out_lse[row] = lse_out
 
-    return merge_states_kernel
-
-
-@cuda.jit(device=True, inline="always")
-def _identity_vec(vals, dim0, request, head, pos, params):
-    return
-
-
-@cuda.jit(device=True, inline="always")
-def _no_sink(qo_head, params):
-    return NEG_INF
+    return STATES_ARGS.check(merge_states_kernel)
 
 
 def make_partial_merge_kernel(kind: int, hooks: Any = None, prefill: bool = False) -> Callable[..., Any]:
@@ -204,7 +199,7 @@ def make_partial_merge_kernel(kind: int, hooks: Any = None, prefill: bool = Fals
     [B, num_qo_heads, head_dim]) and, when write_lse != 0, of lse (float32 [B * num_qo_heads]).
     Rows no merge entry names are not touched. Slots and rows past the buffers are ignored.
 
-    ``hooks`` (a kernels.decode.DecodeHooks, None: plain softmax) adds what a variant needs here:
+    ``hooks`` (a kernels.hooks.AttentionHooks, None: plain softmax) adds what a variant needs here:
     softmax=False sums the partials (LSE written as 0); ``sink`` joins each merged row once as a
     state (zeros, LSE = sink); ``output_transform`` runs on the merged row. Those read kv_len
     (int32 [B], for qo_pos = kv_len - 1) and params (float32, the variant's run-time parameters).
@@ -296,7 +291,7 @@ def make_partial_merge_kernel(kind: int, hooks: Any = None, prefill: bool = Fals
                 if vec == 0 and write_lse != 0:
                     lse[out_row] = lse_out
 
-    return partial_merge_kernel
+    return PARTIAL_MERGE_ARGS.check(partial_merge_kernel)
 
 
 # ---- compiled kernels: one per dtype code, compiled on first launch -----------------------------
@@ -345,9 +340,10 @@ def launch_pair(
         pair_kernel(kind),
         (_grid_for_rows(num_rows, bdy),),
         (bdx, bdy),
-        (
-            as_words(a), a_lse.view(-1), as_words(b), b_lse.view(-1), as_words(out), out_lse.view(-1),
-            mask_arg, np.int32(use_mask), np.int64(num_rows), np.int64(heads), np.int64(head_dim),
+        PAIR_ARGS.values(
+            a_words=as_words(a), a_lse=a_lse.view(-1), b_words=as_words(b), b_lse=b_lse.view(-1),
+            out_words=as_words(out), out_lse=out_lse.view(-1), mask=mask_arg, use_mask=np.int32(use_mask),
+            num_rows=np.int64(num_rows), heads=np.int64(heads), head_dim=np.int64(head_dim),
         ),
     )  # fmt: skip
 
@@ -364,9 +360,9 @@ def launch_states(kind: int, v: torch.Tensor, lse: torch.Tensor, out: torch.Tens
         states_kernel(kind),
         (_grid_for_rows(num_rows, bdy),),
         (bdx, bdy),
-        (
-            as_words(v), lse.view(-1), as_words(out), out_lse.view(-1),
-            np.int64(num_rows), np.int64(num_states), np.int64(heads), np.int64(head_dim),
+        STATES_ARGS.values(
+            v_words=as_words(v), lse=lse.view(-1), out_words=as_words(out), out_lse=out_lse.view(-1),
+            num_rows=np.int64(num_rows), num_states=np.int64(num_states), heads=np.int64(heads), head_dim=np.int64(head_dim),
         ),
     )  # fmt: skip
 
@@ -407,28 +403,28 @@ def launch_partial_merge(
         partial_merge_kernel(kind, hooks, qo_indptr is not None),
         (int(grid),),
         merge_block(head_dim),
-        (
-            header, merge_slot_indptr, merge_request, merge_kv_head,
-            as_words(partial_out), partial_lse.view(-1), out_words, lse.view(-1), np.int32(bool(write_lse)),
-            np.int64(group_size), np.int64(head_dim), np.int64(num_qo_heads),
-            merge_request if kv_len is None else kv_len, partial_lse.view(-1) if params is None else params,
-            merge_request if qo_indptr is None else qo_indptr,
+        PARTIAL_MERGE_ARGS.values(
+            header=header, merge_slot_indptr=merge_slot_indptr, merge_request=merge_request, merge_kv_head=merge_kv_head,
+            partial_words=as_words(partial_out), partial_lse=partial_lse.view(-1), out_words=out_words, lse=lse.view(-1),
+            write_lse=np.int32(bool(write_lse)), group_size=np.int64(group_size), head_dim=np.int64(head_dim),
+            num_qo_heads=np.int64(num_qo_heads), kv_len=merge_request if kv_len is None else kv_len,
+            params=partial_lse.view(-1) if params is None else params,
+            qo_indptr=merge_request if qo_indptr is None else qo_indptr,
         ),
     )  # fmt: skip
 
 
 # ---- driverless GPU compile check ------------------------------------------------------------
 
-_I32, _F32, _U8 = "int32[::1]", "float32[::1]", "uint8[::1]"
-PAIR_SIGNATURE = f"void({_I32}, {_F32}, {_I32}, {_F32}, {_I32}, {_F32}, {_U8}, int32, int64, int64, int64)"
-STATES_SIGNATURE = f"void({_I32}, {_F32}, {_I32}, {_F32}, int64, int64, int64, int64)"
-PARTIAL_MERGE_SIGNATURE = (
-    f"void({_I32}, {_I32}, {_I32}, {_I32}, {_I32}, {_F32}, {_I32}, {_F32}, int32, int64, int64, int64, {_I32}, {_F32}, {_I32})"
-)
+PAIR_SIGNATURE = PAIR_ARGS.signature
+STATES_SIGNATURE = STATES_ARGS.signature
+PARTIAL_MERGE_SIGNATURE = PARTIAL_MERGE_ARGS.signature
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
     """Every kernel here for every dtype (the only compile-time axis)."""
+    from .compile_spec import CompileSpec
+
     expect = ("ld.global.nc.v4.u32", "ex2.approx")
     specs = []
     for kind, dtype in DTYPE_NAMES.items():

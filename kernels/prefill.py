@@ -24,7 +24,7 @@ split tile writes fp32 partials (normalized output, natural LSE) into slot ``slo
 its query token i, combined afterwards by the decode partial-merge kernel (whose "request" is the
 global query token). An empty KV range writes zeros and -inf.
 
-Variants (decode's ``DecodeHooks``, built by ``tilegraph.Variant``) with query positions qo_pos as
+Variants (``kernels.hooks.AttentionHooks``, built by ``tilegraph.Variant``) with query positions qo_pos as
 above: query / key transforms, rotate-half pair transforms (the partner half re-loaded from global
 memory: q at its token's qo_pos, k at its kv position), logits transform and mask, a sink folded
 into final rows here and into split rows by the merge (once per row either way), softmax-free
@@ -51,21 +51,35 @@ from typing import Any, Callable
 
 from numba import float32, int64
 
-from tilegraph._device import SIMULATOR, cuda
+from tilegraph._device import cuda
 from tilegraph.errors import InputError
 from tilegraph.planner.layout import H_NUM_TILES
 from tilegraph.planner.prefill_layout import ROWS_PER_TILE, query_tile_tokens
 
 from . import primitives as prim
-from .compile_spec import CompileSpec
-from .decode import DEFAULT_HOOKS, DecodeHooks, _identity_logit, _identity_pair, _identity_vec, _no_mask, _no_sink
+from .args import F32, I32, KernelArgs
+from .hooks import DEFAULT_HOOKS, DTYPE_NAMES, LN2, LOG2E, NEG_INF, AttentionHooks
+from .hooks import identity_logit as _identity_logit
+from .hooks import identity_pair as _identity_pair
+from .hooks import identity_vec as _identity_vec
+from .hooks import no_mask as _no_mask
+from .hooks import no_sink as _no_sink
+from .tuning import prefill_kv_block, prefill_threads
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-NEG_INF = float32(-math.inf)
-#: DecodeHooks fields this kernel does not implement (a config naming one is refused): none left
+#: AttentionHooks fields this kernel does not implement (a config naming one is refused): none left
 UNSUPPORTED_HOOKS: tuple[str, ...] = ()
-DTYPE_NAMES = {prim.F16: "float16", prim.BF16: "bfloat16", prim.F32: "float32"}
+
+PREFILL_ARGS = KernelArgs("prefill", (
+    ("header", I32), ("cta_tile_indptr", I32), ("tile_request", I32), ("tile_q_start", I32), ("tile_q_end", I32),
+    ("tile_kv_head", I32), ("tile_kv_start", I32), ("tile_kv_end", I32), ("tile_slot", I32), ("tile_slot_stride", I32),
+    ("qo_indptr", I32), ("kv_indptr", I32), ("kv_indices", I32), ("kv_len", I32),
+    ("q_words", I32), ("q_stride_n", "int64"), ("q_stride_h", "int64"),
+    ("k_words", I32), ("v_words", I32), ("page_stride", "int64"), ("token_stride", "int64"),
+    ("head_stride", "int64"), ("page_size", "int64"),
+    ("out_words", I32), ("lse", F32), ("write_lse", "int32"), ("partial_out", F32), ("partial_lse", F32),
+    ("sm_scale", "float32"), ("num_qo_heads", "int64"), ("params", F32),
+    ("row_qo_pos", I32), ("entry_kv_offset", I32), ("use_positions", "int32"),
+))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,7 @@ class PrefillConfig:
     paged: bool
     causal: bool
     threads: int
-    hooks: DecodeHooks = DEFAULT_HOOKS
+    hooks: AttentionHooks = DEFAULT_HOOKS
 
     def __post_init__(self) -> None:
         unsupported = [name for name in UNSUPPORTED_HOOKS if getattr(self.hooks, name, None) is not None]
@@ -110,9 +124,7 @@ class PrefillConfig:
     @property
     def kv_block(self) -> int:
         """KV tokens per shared-memory block (sq + sk + sv + ss stay under 48 KB of static shared memory)."""
-        if SIMULATOR:
-            return 8
-        return 16 if self.head_dim <= 128 else 8
+        return prefill_kv_block(self.head_dim)
 
     @property
     def block(self) -> tuple[int]:
@@ -120,8 +132,8 @@ class PrefillConfig:
 
 
 def default_threads() -> int:
-    """Threads per CTA: 128 on a GPU; 32 on the simulator (every simulated thread costs)."""
-    return 32 if SIMULATOR else 128
+    """Threads per CTA (kernels.tuning.prefill_threads)."""
+    return prefill_threads()
 
 
 def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
@@ -384,7 +396,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                                 partial_lse[part_row] = lse_value
                 cuda.syncthreads()
 
-    return prefill_kernel
+    return PREFILL_ARGS.check(prefill_kernel)
 
 
 @lru_cache(maxsize=None)
@@ -394,60 +406,17 @@ def prefill_kernel(cfg: PrefillConfig) -> Any:
 
 
 def prefill_signature() -> str:
-    i32, f32 = "int32[::1]", "float32[::1]"
-    tables = ", ".join([i32] * 14)
-    return (
-        f"void({tables}, {i32}, int64, int64, {i32}, {i32}, int64, int64, int64, int64, "
-        f"{i32}, {f32}, int32, {f32}, {f32}, float32, int64, {f32}, {i32}, {i32}, int32)"
-    )
-
-
-@cuda.jit(device=True, inline="always")
-def _check_soft_cap(score, request, qo_pos, kv_pos, qo_head, kv_head, params):
-    cap = params[0]
-    return float32(cap * math.tanh(score / cap))
-
-
-@cuda.jit(device=True, inline="always")
-def _check_window(request, qo_pos, kv_pos, qo_head, kv_head, params):
-    return qo_pos - kv_pos <= int(params[1])
-
-
-@cuda.jit(device=True, inline="always")
-def _check_scale_out(o8, dim0, request, qo_head, qo_pos, params):
-    for k in range(8):
-        o8[k] *= params[2]
-
-
-#: a hooked specialization for the compile check (every hook position the kernel has but the key/query ones)
-CHECK_HOOKS = DecodeHooks(logits_transform=_check_soft_cap, logits_mask=_check_window,
-                          output_transform=_check_scale_out, name="softcap+window+scale")  # fmt: skip
-
-
-def _builtin_variant_cases() -> list[tuple[int, int, int, bool, bool, DecodeHooks]]:
-    """(dtype, head_dim, group, paged, causal, hooks): every built-in variant at least once (offsets in
-    the params buffer are compile-time constants: a sample Settings fixes them)."""
-    from tilegraph import variants as V
-    from tilegraph.settings import Settings
-
-    def hooks(variant: Any, head_dim: int, group: int) -> DecodeHooks:
-        settings = Settings(num_qo_heads=8 * group, num_kv_heads=8, head_dim=head_dim, max_batch_size=64)
-        return variant.decode_hooks(settings)
-
-    cases = [
-        (prim.F16, 128, 1, True, True, V.combine(V.soft_cap(), V.sliding_window(128))),
-        (prim.BF16, 128, 8, True, True, V.combine(V.alibi(), V.attention_sinks())),
-        (prim.F16, 64, 4, False, True, V.rope()),
-        (prim.F32, 128, 2, True, False, V.sigmoid_attention()),
-        (prim.BF16, 96, 6, True, True, V.custom_mask()),
-    ]
-    return [(kind, hd, group, paged, causal, hooks(v, hd, group)) for kind, hd, group, paged, causal, v in cases]
+    """The numba signature of the prefill kernel (from PREFILL_ARGS)."""
+    return PREFILL_ARGS.signature
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
     """Covering set: every dtype, head_dims 64..256, groups 1..8 (and a two-pass 32), paged and ragged,
     causal and not, default and hooked variants, every built-in variant (with its prefill merge kernel
     when the merge applies a hook)."""
+    from .compile_spec import PREFILL_CHECK_HOOKS as CHECK_HOOKS
+    from .compile_spec import CompileSpec
+    from .compile_spec import prefill_variant_cases as _builtin_variant_cases
     from .merge import PARTIAL_MERGE_SIGNATURE, make_partial_merge_kernel
 
     cases = [

@@ -36,7 +36,9 @@ from numba import njit
 
 from tilegraph.errors import InputError, PlanError
 
-from .layout import _SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
+from .validation import as_index_array
+
+from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
 from .anchors import chunk_groups, decode_chunk_tokens, longest_first, lpt_assign, persistent_chunk_tokens
 from .plan import TILE_OVERHEAD_TOKENS, Plan
@@ -46,9 +48,13 @@ INT32_MAX = 2**31 - 1
 # layout parameters passed to the njit core (one int64 array per layout)
 P_PAGE_SIZE, P_KV_HEADS, P_NUM_CTAS, P_MAX_PAGE_REFS, P_CHUNK, P_TILE_CAP, P_MERGE_CAP, P_SLOT_CAP = range(8)
 P_OFFSETS = 8  # then one start offset per section, in layout order
-(S_HEADER, S_CTA_TILE_INDPTR, S_REQUEST, S_KV_HEAD, S_START, S_END, S_SLOT, S_CTA,
- S_MERGE_INDPTR, S_MERGE_REQUEST, S_MERGE_KV_HEAD, S_KV_INDPTR, S_KV_INDICES, S_KV_LEN) = range(14)  # fmt: skip
-assert len(_SECTIONS) == 14
+# section indices (the njit core reads sections by index), looked up by name in the layout's table
+_S = {name: index for index, name in enumerate(DECODE_SECTIONS)}
+S_HEADER, S_CTA_TILE_INDPTR, S_CTA = _S["header"], _S["cta_tile_indptr"], _S["tile_cta"]
+S_REQUEST, S_KV_HEAD, S_SLOT = _S["tile_request"], _S["tile_kv_head"], _S["tile_slot"]
+S_START, S_END = _S["tile_token_start"], _S["tile_token_end"]
+S_MERGE_INDPTR, S_MERGE_REQUEST, S_MERGE_KV_HEAD = _S["merge_slot_indptr"], _S["merge_request"], _S["merge_kv_head"]
+S_KV_INDPTR, S_KV_INDICES, S_KV_LEN = _S["kv_indptr"], _S["kv_indices"], _S["kv_len"]
 
 # result words of the njit core
 R_ERROR, R_INDEX, R_VALUE, R_TILES, R_MERGES, R_SLOTS, R_MAKESPAN, R_MAX_PAGE, R_KV_TOKENS = range(9)
@@ -67,7 +73,7 @@ E_LAST_PAGE_LEN, E_PAGE_INDEX, E_KV_LEN, E_CAPACITY = 5, 6, 7, 8
 
 
 @njit(cache=True, nogil=True)
-def _validate_copy(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, max_page_refs, buf, off, result):
+def validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, max_page_refs, buf, off, result):
     """Check the page table and copy it (and the derived kv_len) into ``buf``. False on an error."""
     batch = kv_last_page_len.shape[0]
     if kv_indptr[0] != 0:
@@ -370,7 +376,7 @@ def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, param
     off = params[P_OFFSETS:]
     page_size, num_kv_heads, num_ctas = params[P_PAGE_SIZE], params[P_KV_HEADS], params[P_NUM_CTAS]
     tile_cap, merge_cap = params[P_TILE_CAP], params[P_MERGE_CAP]
-    if not _validate_copy(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, params[P_MAX_PAGE_REFS], buf, off, result):
+    if not validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, params[P_MAX_PAGE_REFS], buf, off, result):
         return
     batch = kv_last_page_len.shape[0]
     kv_len = buf[off[S_KV_LEN] : off[S_KV_LEN] + batch]
@@ -441,31 +447,15 @@ def _layout_params(layout: DecodeLayout) -> tuple[np.ndarray, int]:
     chunk = DETERMINISTIC_CHUNK_TOKENS if layout.deterministic else 0
     head = [layout.page_size, layout.num_kv_heads, layout.num_ctas, layout.max_page_refs, chunk,
             layout.tile_capacity, layout.merge_capacity, layout.slot_capacity]  # fmt: skip
-    params = np.array(head + [offsets[name][0] for name in _SECTIONS], dtype=np.int64)
+    params = np.array(head + [offsets[name][0] for name in DECODE_SECTIONS], dtype=np.int64)
     params.flags.writeable = False
     return params, layout.plan_words
 
 
-def _as_index_array(value: Any, name: str) -> np.ndarray:
-    """An int32 1-D CPU torch tensor or numpy array as a numpy array (no copy)."""
-    if isinstance(value, torch.Tensor):
-        if value.dtype is not torch.int32:
-            raise InputError(f"{name} must be int32, got {value.dtype}")
-        if not value.is_cpu:
-            raise InputError(f"{name} must be on the CPU (the planner never reads device memory), got {value.device}")
-        array = value.numpy()
-    elif isinstance(value, np.ndarray):
-        array = value
-        if array.dtype != np.int32:
-            raise InputError(f"{name} must be int32, got {array.dtype}")
-    else:
-        raise InputError(f"{name} must be an int32 CPU torch.Tensor or numpy array, got {type(value).__name__}")
-    if array.ndim != 1:
-        raise InputError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
-    return array
+_as_index_array = as_index_array  # former private name
 
 
-def _raise_for(result: np.ndarray, layout: DecodeLayout, num_pages: int, batch: int) -> None:
+def raise_plan_error(result: np.ndarray, layout: DecodeLayout, num_pages: int, batch: int) -> None:
     code, index, value = int(result[R_ERROR]), int(result[R_INDEX]), int(result[R_VALUE])
     if code == E_INDPTR_START:
         raise InputError(f"kv_indptr[0] must be 0, got {value}")
@@ -498,9 +488,9 @@ def plan_decode(
     numpy arrays. A non-empty request has kv_len = (pages - 1) * page_size + last_page_len; a request
     without pages has kv_len 0 (one empty tile per kv_head). ``num_pages``: pages in the KV cache.
     Raises InputError (malformed table) or PlanError (beyond the layout's bounds) before any plan exists."""
-    indptr = _as_index_array(kv_indptr, "kv_indptr")
-    indices = _as_index_array(kv_indices, "kv_indices")
-    last_page_len = _as_index_array(kv_last_page_len, "kv_last_page_len")
+    indptr = as_index_array(kv_indptr, "kv_indptr")
+    indices = as_index_array(kv_indices, "kv_indices")
+    last_page_len = as_index_array(kv_last_page_len, "kv_last_page_len")
     batch = last_page_len.shape[0]
     if indptr.shape[0] != batch + 1:
         raise InputError(f"kv_indptr must have len(kv_last_page_len) + 1 = {batch + 1} entries, got {indptr.shape[0]}")
@@ -514,6 +504,6 @@ def plan_decode(
     _plan_core(indptr, indices, last_page_len, num_pages, serial, params, buffer, result)
     error, _, _, num_tiles, num_merges, num_slots, makespan, max_page, kv_tokens = result.tolist()
     if error:
-        _raise_for(result, layout, num_pages, batch)
+        raise_plan_error(result, layout, num_pages, batch)
     ideal = layout.num_kv_heads * (kv_tokens + batch * TILE_OVERHEAD_TOKENS) / layout.num_ctas
     return Plan(layout, buffer, serial, batch, num_tiles, num_merges, num_slots, makespan, ideal, max_page)

@@ -33,7 +33,8 @@ H_NUM_TILES, H_NUM_MERGES, H_BATCH_SIZE, H_NUM_SLOTS, H_PLAN_SERIAL = 0, 1, 2, 3
 #: chunk length (tokens) of ``deterministic=True`` plans: a request is split by its own length only
 DETERMINISTIC_CHUNK_TOKENS = 512
 
-_SECTIONS = (
+#: the decode plan buffer's sections, in layout order (the planner's section indices come from here)
+DECODE_SECTIONS = (
     "header",
     "cta_tile_indptr",
     "tile_request",
@@ -49,6 +50,7 @@ _SECTIONS = (
     "kv_indices",
     "kv_len",
 )
+_SECTIONS = DECODE_SECTIONS  # former private name
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -138,7 +140,7 @@ class DecodeLayout(SectionedLayout):
 
     def section_sizes(self) -> dict[str, int]:
         t, m, b = self.tile_capacity, self.merge_capacity, self.max_batch_size
-        sizes = dict.fromkeys(_SECTIONS, t)
+        sizes = dict.fromkeys(DECODE_SECTIONS, t)
         sizes.update(
             header=HEADER_WORDS,
             cta_tile_indptr=self.num_ctas + 1,

@@ -32,9 +32,10 @@ from numba import njit
 from tilegraph.errors import InputError, PlanError
 
 from .decode import E_CAPACITY, INT32_MAX, R_ERROR, R_INDEX, R_MAX_PAGE, R_VALUE, S_KV_INDICES, S_KV_INDPTR
-from .decode import S_KV_LEN, _as_index_array, _raise_for, _validate_copy
+from .decode import S_KV_LEN, raise_plan_error, validate_page_table
 from .layout import H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS
 from .plan import TILE_OVERHEAD_TOKENS, balance_of
+from .validation import as_index_array
 from .prefill_layout import H_NUM_TOKENS, PREFILL_SECTIONS, TILE_SECTIONS, PrefillLayout
 
 #: the shortest KV chunk a tile is split into (tokens)
@@ -44,10 +45,14 @@ MIN_CHUNK_TOKENS = 32
 P_PAGE_SIZE, P_KV_HEADS, P_NUM_CTAS, P_MAX_PAGE_REFS, P_Q_TILE, P_TILE_CAP, P_MERGE_CAP, P_SLOT_CAP = range(8)
 P_MAX_TOKENS, P_SPLIT, P_CAUSAL = 8, 9, 10
 P_OFFSETS = 11  # then one start offset per section, in PREFILL_SECTIONS order
-(O_HEADER, O_CTA_TILE_INDPTR, O_REQUEST, O_Q_START, O_Q_END, O_KV_HEAD, O_KV_START, O_KV_END, O_SLOT,
- O_SLOT_STRIDE, O_CTA, O_MERGE_INDPTR, O_MERGE_REQUEST, O_MERGE_KV_HEAD, O_QO_INDPTR, O_KV_INDPTR,
- O_KV_INDICES, O_KV_LEN) = range(18)  # fmt: skip
-assert len(PREFILL_SECTIONS) == 18
+# section indices (the njit core reads sections by index), looked up by name in the layout's table
+_O = {name: index for index, name in enumerate(PREFILL_SECTIONS)}
+O_HEADER, O_CTA_TILE_INDPTR, O_CTA = _O["header"], _O["cta_tile_indptr"], _O["tile_cta"]
+O_REQUEST, O_Q_START, O_Q_END = _O["tile_request"], _O["tile_q_start"], _O["tile_q_end"]
+O_KV_HEAD, O_KV_START, O_KV_END = _O["tile_kv_head"], _O["tile_kv_start"], _O["tile_kv_end"]
+O_SLOT, O_SLOT_STRIDE = _O["tile_slot"], _O["tile_slot_stride"]
+O_MERGE_INDPTR, O_MERGE_REQUEST, O_MERGE_KV_HEAD = _O["merge_slot_indptr"], _O["merge_request"], _O["merge_kv_head"]
+O_QO_INDPTR, O_KV_INDPTR, O_KV_INDICES, O_KV_LEN = _O["qo_indptr"], _O["kv_indptr"], _O["kv_indices"], _O["kv_len"]
 
 # result words (R_ERROR, R_INDEX, R_VALUE, R_MAX_PAGE shared with the decode planner's validation)
 R_TILES, R_MERGES, R_SLOTS, R_MAKESPAN, R_KV_TOKENS, R_NUM_TOKENS, R_IDEAL_TOTAL, R_VALUE2 = range(9, 17)
@@ -243,7 +248,7 @@ def _plan_paged(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_pages, s
     # the decode planner's page-table validation, pointed at this layout's sections
     decode_off = np.zeros(14, np.int64)
     decode_off[S_KV_INDPTR], decode_off[S_KV_INDICES], decode_off[S_KV_LEN] = off[O_KV_INDPTR], off[O_KV_INDICES], off[O_KV_LEN]
-    if not _validate_copy(kv_indptr, kv_indices, kv_last_page_len, num_pages, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, decode_off, result):
+    if not validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, decode_off, result):
         return
     _plan_core(qo_indptr, serial, params, buf, result)
 
@@ -345,7 +350,7 @@ def _raise_prefill(result: np.ndarray, layout: PrefillLayout, num_pages: int, ba
         raise InputError(f"kv_indptr[0] must be 0, got {value}")
     if code == E_KV_DECREASING:
         raise InputError(f"kv_indptr must be non-decreasing, but kv_indptr[{index + 1}] < kv_indptr[{index}]")
-    _raise_for(result, layout, num_pages, batch)  # type: ignore[arg-type]  (page-table codes)
+    raise_plan_error(result, layout, num_pages, batch)  # type: ignore[arg-type]  (page-table codes)
 
 
 def _check_batch(layout: PrefillLayout, qo: np.ndarray, batch: int, name: str, length: int) -> None:
@@ -375,10 +380,10 @@ def plan_prefill(
     ``allow_split`` False: never split a tile's KV (as deterministic settings do)."""
     if not layout.paged:
         raise InputError("plan_prefill needs a paged layout (use plan_prefill_ragged)")
-    qo = _as_index_array(qo_indptr, "qo_indptr")
-    indptr = _as_index_array(kv_indptr, "kv_indptr")
-    indices = _as_index_array(kv_indices, "kv_indices")
-    last = _as_index_array(kv_last_page_len, "kv_last_page_len")
+    qo = as_index_array(qo_indptr, "qo_indptr")
+    indptr = as_index_array(kv_indptr, "kv_indptr")
+    indices = as_index_array(kv_indices, "kv_indices")
+    last = as_index_array(kv_last_page_len, "kv_last_page_len")
     batch = qo.shape[0] - 1
     _check_batch(layout, qo, batch, "kv_indptr", indptr.shape[0])
     if last.shape[0] != batch:
@@ -400,8 +405,8 @@ def plan_prefill_ragged(
     """Validate a ragged prefill batch (kv_indptr [B+1]: KV token offsets) and balance its tiles."""
     if layout.paged:
         raise InputError("plan_prefill_ragged needs a ragged layout (use plan_prefill)")
-    qo = _as_index_array(qo_indptr, "qo_indptr")
-    indptr = _as_index_array(kv_indptr, "kv_indptr")
+    qo = as_index_array(qo_indptr, "qo_indptr")
+    indptr = as_index_array(kv_indptr, "kv_indptr")
     batch = qo.shape[0] - 1
     _check_batch(layout, qo, batch, "kv_indptr", indptr.shape[0])
     params, words = _layout_params(layout, bool(causal), bool(allow_split))

@@ -29,7 +29,7 @@ import torch
 
 from tilegraph._device import resolve_device
 from tilegraph.errors import InputError
-from tilegraph.kernels.append import append_kv_kernel, append_launch, default_threads
+from tilegraph.kernels.append import APPEND_ARGS, append_kv_kernel, append_launch, default_threads
 from tilegraph.kernels.launch import launch
 
 from .kv_cache import KVCache, PagedKV, paged_kv
@@ -196,11 +196,12 @@ def _launch(
         append_kv_kernel(),
         shape.grid,
         shape.block,
-        (
-            k_words, i64(k_token_stride), i64(k_head_stride),
-            v_words, i64(v_token_stride), i64(v_head_stride),
-            batch_indices, positions, kv_indptr, kv_indices,
-            kv.k_words, kv.v_words, i64(kv.page_stride), i64(kv.token_stride), i64(kv.head_stride),
-            i64(settings.page_size), i64(kv.num_pages), i64(settings.num_kv_heads), i64(row_words),
+        APPEND_ARGS.values(
+            k_words=k_words, k_token_stride=i64(k_token_stride), k_head_stride=i64(k_head_stride),
+            v_words=v_words, v_token_stride=i64(v_token_stride), v_head_stride=i64(v_head_stride),
+            batch_indices=batch_indices, positions=positions, kv_indptr=kv_indptr, kv_indices=kv_indices,
+            k_cache_words=kv.k_words, v_cache_words=kv.v_words, page_stride=i64(kv.page_stride),
+            token_stride=i64(kv.token_stride), head_stride=i64(kv.head_stride), page_size=i64(settings.page_size),
+            num_pages=i64(kv.num_pages), num_kv_heads=i64(settings.num_kv_heads), row_words=i64(row_words),
         ),
     )  # fmt: skip

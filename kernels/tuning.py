@@ -1,0 +1,60 @@
+"""Every launch-shape choice that differs between the simulator and a GPU, in one table.
+
+On a GPU the shapes aim at full warps and ~128 threads per CTA; on the simulator every CUDA thread
+is a Python thread and every block runs after the previous one, so blocks and grids stay tiny
+there. The shapes are functions of the kernel's compile-time axes only (never of a batch), so a
+captured CUDA graph's launches keep their shape.
+"""
+
+from __future__ import annotations
+
+from tilegraph._device import SIMULATOR
+
+GPU_THREADS = 128  # target threads per CTA on a GPU
+
+#: fixed grid of the partial-merge kernel after a split decode/prefill (it loops over live merges)
+PARTIAL_MERGE_CTAS = 4
+
+
+def lanes_per_row(head_dim: int) -> int:
+    """Lanes splitting one head_dim row into 8-element vectors, rounded up to a power of two."""
+    lanes = head_dim // 8
+    return 1 << (lanes - 1).bit_length()
+
+
+def decode_rows(head_dim: int) -> int:
+    """Token rows (blockDim.y) of the decode kernel: 128 threads on a GPU, 2 rows on the simulator."""
+    return 2 if SIMULATOR else max(1, GPU_THREADS // lanes_per_row(head_dim))
+
+
+def prefill_threads() -> int:
+    """Threads per prefill CTA: 128 on a GPU, 32 on the simulator."""
+    return 32 if SIMULATOR else GPU_THREADS
+
+
+def prefill_kv_block(head_dim: int) -> int:
+    """KV tokens per prefill shared-memory block (q, k, v and score tiles under 48 KB of static
+    shared memory on a GPU); 8 on the simulator."""
+    if SIMULATOR:
+        return 8
+    return 16 if head_dim <= 128 else 8
+
+
+def append_threads() -> int:
+    """Target threads per append_kv CTA: 128 on a GPU, 16 on the simulator."""
+    return 16 if SIMULATOR else GPU_THREADS
+
+
+MERGE_MAX_LANES = 32  # lanes per merged row (head_dim / 8 beyond this: each lane handles several vectors)
+
+
+def merge_block(head_dim: int) -> tuple[int, int]:
+    """(lanes per row, rows per block) of the merge kernels: 128 threads on a GPU, 2 rows on the simulator."""
+    lanes = min(head_dim // 8, MERGE_MAX_LANES)
+    rows = 2 if SIMULATOR else max(1, GPU_THREADS // lanes)
+    return lanes, rows
+
+
+def merge_max_grid() -> int:
+    """Blocks of the pair/states merge kernels (rows beyond: a persistent loop): 4096 on a GPU, 2 simulated."""
+    return 2 if SIMULATOR else 4096
