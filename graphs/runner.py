@@ -69,11 +69,18 @@ class GraphRunner:
         debug: bool = False,
         buckets: Sequence[int] | None = None,
     ) -> None:
+        if not callable(forward):
+            raise InputError(f"forward must be callable (inputs dict -> Tensor), got {type(forward).__name__}")
+        _check_example_inputs(example_inputs)
         self.forward = forward
-        self.attention: list[GraphAware] = list(attention) if isinstance(attention, (list, tuple)) else [attention]
-        self.settings = settings or getattr(self.attention[0], "settings")
-        self.buckets = tuple(sorted(set(buckets))) if buckets is not None else tuple(self.settings.graph_batch_sizes)
-        self.debug = debug
+        self.attention: list[GraphAware] = _check_attention(attention)
+        if settings is not None and not isinstance(settings, Settings):
+            raise InputError(f"settings must be a tilegraph.Settings or None, got {type(settings).__name__}")
+        self.settings = settings or getattr(self.attention[0], "settings", None)
+        if not isinstance(self.settings, Settings):
+            raise InputError("settings: pass Settings (attention[0] has no .settings to take them from)")
+        self.buckets = _check_buckets(buckets, self.attention, self.settings)
+        self.debug = bool(debug)
         self.device = next(iter(example_inputs.values())).device
         self.simulated = self.device.type != "cuda"
         largest = self.buckets[-1]
@@ -85,7 +92,8 @@ class GraphRunner:
         self._graphs: dict[int, _Bucket] = {}
         self._pool: Any = None
         self._stream = None if self.simulated else torch.cuda.Stream(self.device)
-        self._last_replayed_serial = 0
+        # per attention object: the serial of its plan the last replay ran (each needs a newer one)
+        self._last_replayed_serials = [0] * len(self.attention)
 
     # ---- capture -------------------------------------------------------------------------------
 
@@ -182,6 +190,8 @@ class GraphRunner:
         ``bucket`` rows (``None``: no padding, the step runs eagerly). For prefill the rows are query
         tokens and the buckets token counts: e.g. ``plan = lambda n: prefill.plan(qo_indptr, kv_indptr,
         kv_indices, kv_last_page_len, padded_num_tokens=n)``."""
+        if not callable(plan):
+            raise InputError(f"plan must be callable (bucket rows or None -> plans every attention object), got {type(plan).__name__}")
         batch_size = _batch_of(inputs, self.static_inputs)
         bucket = self.bucket_for(batch_size)
         if bucket is None:
@@ -206,7 +216,7 @@ class GraphRunner:
         serials = []
         for i, att in enumerate(self.attention):
             state = att.graph_plan_state()
-            if state.serial <= self._last_replayed_serial:
+            if state.serial <= self._last_replayed_serials[i]:
                 raise StateError(
                     f"replay of bucket {batch_size} without a new plan (attention object {i}'s plan "
                     f"#{state.serial} was already replayed): call plan() before every replay"
@@ -230,19 +240,89 @@ class GraphRunner:
             att.graph_before_replay()
         with nvtx_ranges.REPLAY:
             entry.graph.replay()
-        self._last_replayed_serial = max(serials)
+        self._last_replayed_serials = serials
         self.stats.replays += 1
 
 
+def _check_example_inputs(example_inputs: Any) -> None:
+    if not isinstance(example_inputs, dict) or not example_inputs:
+        got = type(example_inputs).__name__ if not isinstance(example_inputs, dict) else "an empty dict"
+        raise InputError(f"example_inputs must be a non-empty dict of name -> Tensor (batch first), got {got}")
+    for name, t in example_inputs.items():
+        if not isinstance(name, str):
+            raise InputError(f"example_inputs keys must be str, got {name!r}")
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            what = f"a {t.dim()}-D tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"example_inputs[{name!r}] must be a tensor whose first dimension is the batch, got {what}")
+    devices = {t.device for t in example_inputs.values()}
+    if len(devices) != 1:
+        raise InputError(f"example_inputs are on several devices {sorted(map(str, devices))}: use one")
+    if next(iter(devices)).type == "meta":
+        raise InputError("example_inputs are meta tensors: the static buffers need a real device")
+
+
+def _check_attention(attention: Any) -> list[GraphAware]:
+    items = list(attention) if isinstance(attention, (list, tuple)) else [attention]
+    if not items:
+        raise InputError("attention must be a graph-aware object or a non-empty list of them, got an empty list")
+    for i, att in enumerate(items):
+        if not isinstance(att, GraphAware):
+            raise InputError(
+                f"attention[{i}] is a {type(att).__name__}, not a graph-aware object (BatchDecode, BatchPrefill, "
+                "CascadeAttention, or anything implementing tilegraph.graphs.protocol.GraphAware)"
+            )
+    return items
+
+
+def _max_rows(att: Any) -> tuple[int, str] | None:
+    """The most q/out rows ``att`` plans (its bucket bound), and the Settings field that says so."""
+    settings = getattr(att, "settings", None)
+    if not isinstance(settings, Settings):
+        return None
+    from tilegraph.decode import BatchDecode
+
+    if isinstance(att, BatchDecode):
+        return settings.max_batch_size, "max_batch_size"
+    return settings.max_num_tokens, "max_num_tokens"  # prefill and cascade rows are query tokens
+
+
+def _check_buckets(buckets: Any, attention: list[Any], settings: Settings) -> tuple[int, ...]:
+    if buckets is None:
+        values = tuple(settings.graph_batch_sizes)
+    else:
+        if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__"):
+            raise InputError(f"buckets must be a sequence of positive integers, got {type(buckets).__name__}")
+        values = tuple(buckets)
+        if not values:
+            raise InputError("buckets must hold at least one bucket, got an empty sequence")
+        for b in values:
+            if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+                raise InputError(f"buckets must be positive integers, got {b!r} in {list(values)}")
+        values = tuple(sorted({int(b) for b in values}))
+    for i, att in enumerate(attention):
+        bound = _max_rows(att)
+        if bound is not None and values[-1] > bound[0]:
+            raise InputError(f"buckets: {values[-1]} exceeds attention[{i}]'s Settings.{bound[1]}={bound[0]}")
+    return values
+
+
 def _batch_of(inputs: dict[str, torch.Tensor], static_inputs: dict[str, torch.Tensor]) -> int:
+    if not isinstance(inputs, dict):
+        raise InputError(f"inputs must be a dict of name -> Tensor, got {type(inputs).__name__}")
     if set(inputs) != set(static_inputs):
-        raise InputError(f"inputs has keys {sorted(inputs)}, the runner was built for {sorted(static_inputs)}")
+        raise InputError(f"inputs has keys {sorted(map(repr, inputs))}, the runner was built for {sorted(static_inputs)}")
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            what = "a 0-D tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"inputs[{name!r}] must be a torch.Tensor whose first dimension is the batch, got {what}")
     sizes = {t.shape[0] for t in inputs.values()}
     if len(sizes) != 1:
         raise InputError(f"inputs disagree on the batch size (first dimension): {sorted(sizes)}")
     batch_size = sizes.pop()
     for name, t in inputs.items():
         ref = static_inputs[name]
+        if t.device != ref.device:
+            raise InputError(f"inputs[{name!r}] is on {t.device}, the runner's static buffers are on {ref.device}")
         if t.shape[1:] != ref.shape[1:] or t.dtype != ref.dtype:
             raise InputError(f"inputs[{name!r}] is {tuple(t.shape)} {t.dtype}; expected [B, {', '.join(map(str, ref.shape[1:]))}] {ref.dtype}")
     return int(np.int64(batch_size))

@@ -50,16 +50,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from tilegraph import prefill as prefill_module
 from tilegraph.errors import InputError, PlanError, StateError
 from tilegraph.graphs.protocol import PlanState
 from tilegraph.nvtx_ranges import plan_range
-from tilegraph.planner.decode import _as_index_array
-from tilegraph.planner.prefill import PrefillPlan, plan_prefill
+from tilegraph.planner.prefill import PrefillPlan
 from tilegraph.planner.prefill_layout import H_NUM_TOKENS, PrefillLayout
+from tilegraph.planner.validation import as_index_array
 
 from ._device import resolve_device
-from .decode import resolve_num_ctas
+from .attention import next_plan_serial, padded_rows, resolve_num_ctas
 from .kv_cache import KVCache, paged_kv
 from .merge import merge_state_in_place
 from .prefill import BatchPrefill
@@ -150,7 +149,7 @@ class CascadeAttention:
         self._upload = StagedUpload(self.num_levels * level_words + extra, dev)
         self.levels = [
             BatchPrefill(settings, causal=self.causal and level == last, device=dev, plan_upload=(self._upload, level * level_words),
-                         variant=None if variant is None else (variant if level == last else _without_sink(variant)))  # fmt: skip
+                         variant=None if variant is None else (variant if level == last else variant.without_sink()))  # fmt: skip
             for level in range(self.num_levels)
         ]
         if variant is not None:
@@ -158,7 +157,7 @@ class CascadeAttention:
             row_qo_pos = words[at : at + settings.max_num_tokens]
             for index, level in enumerate(self.levels):
                 start = at + settings.max_num_tokens + index * entries
-                level._use_positions(row_qo_pos, words[start : start + entries])
+                level.bind_positions(row_qo_pos, words[start : start + entries])
         self.device = self.levels[0].device
         # level 0's query-row count as the device sees it (its uploaded plan header): the merge mask
         self._num_tokens_on_device = self.levels[0].workspace.sections["header"][H_NUM_TOKENS]
@@ -190,14 +189,12 @@ class CascadeAttention:
         self._check_bounds(qo)
         if num_tokens > self.settings.max_num_tokens:
             raise PlanError(f"levels[-1].qo_indptr[-1]={num_tokens} query rows exceed max_num_tokens={self.settings.max_num_tokens} (Settings)")
-        rows = num_tokens if padded_num_tokens is None else int(padded_num_tokens)
-        if rows < num_tokens or rows > self.settings.max_num_tokens:
-            raise PlanError(f"padded_num_tokens={padded_num_tokens} must lie in [query rows={num_tokens}, "
-                            f"max_num_tokens={self.settings.max_num_tokens}]")  # fmt: skip
-        serial = next(prefill_module._plan_serials)  # one serial for every level: see graph_plan_state
+        rows = padded_rows(padded_num_tokens, "padded_num_tokens", num_tokens, "query rows",
+                           self.settings.max_num_tokens, "max_num_tokens")  # fmt: skip
+        serial = next_plan_serial()  # one serial for every level: see graph_plan_state
         plans = tuple(self._plan_level(index, table, serial) for index, table in enumerate(tables))
         for level, plan in zip(self.levels, plans):
-            level._accept(plan, rows)
+            level.stage_prefill_plan(plan, rows)
         kv_len = np.stack([_request_kv_len(qo[index], qo[-1], tables[index], self.settings.page_size)
                            for index in range(self.num_levels)])  # fmt: skip
         if self.variant is not None:
@@ -227,14 +224,11 @@ class CascadeAttention:
         """The variant's run-time parameters, written for every level (checked on every level first)."""
         if self.variant is None:
             raise InputError("set_params(): this CascadeAttention has no variant")
-        for level in self.levels:  # check all before writing any
-            if not isinstance(params, dict):
-                break
-            level.variant.encode(params, level._param_context)
-            for name, value in params.items():
-                level.variant.check_value(name, value, self.settings, level.param_layout)
-        for level in self.levels:
-            level.set_params(params)
+        if self._capturing:
+            raise StateError("set_params() (or run(params=...)) during a CUDA graph capture: set them before capturing or replaying")
+        checked = [level.check_params(params) for level in self.levels]  # every level checked before any write
+        for level, values in zip(self.levels, checked):
+            level.write_checked_params(values)
 
     def _check_tables(self, levels: Any) -> list[tuple[np.ndarray, ...]]:
         if not isinstance(levels, (list, tuple)):
@@ -248,7 +242,7 @@ class CascadeAttention:
             if not isinstance(level, LevelTable):
                 raise InputError(f"levels[{index}] must be a LevelTable(qo_indptr, kv_indptr, kv_indices, kv_last_page_len)")
             names = ("qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len")
-            arrays = tuple(_as_index_array(getattr(level, n), f"levels[{index}].{n}") for n in names)
+            arrays = tuple(as_index_array(getattr(level, n), f"levels[{index}].{n}") for n in names)
             qo_indptr, kv_indptr, _, last = arrays
             if qo_indptr.shape[0] < 1:
                 raise InputError(f"levels[{index}].qo_indptr must have G + 1 >= 1 entries")
@@ -277,10 +271,7 @@ class CascadeAttention:
         """Level ``index``'s prefill plan (host only: nothing staged); its errors name the level."""
         level = self.levels[index]
         try:
-            return plan_prefill(
-                level.layout, *table, num_pages=self.settings.max_num_pages, causal=level.causal,
-                serial=serial, allow_split=level.config.splittable,
-            )  # fmt: skip
+            return level.make_plan(*table, serial=serial)
         except (InputError, PlanError) as err:
             hint = " (the causal last level: a request's qo_len must not exceed its suffix)" if level.causal else ""
             raise type(err)(f"levels[{index}]: {err}{hint}") from None
@@ -307,19 +298,19 @@ class CascadeAttention:
             raise InputError(f"return_lse=True: variant {self.variant.name!r} is softmax-free and has no LSE")  # type: ignore[union-attr]
         if params is not None:
             self.set_params(params)
-        missing = sorted({n for level in self.levels for n in level._missing_params})
+        missing = sorted({n for level in self.levels for n in level.missing_params})
         if missing:
             raise InputError(f"variant {self.variant.name!r} needs params {missing}: pass run(..., params={{...}})")  # type: ignore[union-attr]
         first = self.levels[0]
-        first._check_q(q)
+        first.check_q(q)
         kv = paged_kv(kv_cache, self.settings, self.device)
         max_page = max(p.max_page_index for p in self._plan.levels)
         if max_page >= kv.num_pages:
             raise InputError(f"kv_cache has {kv.num_pages} pages but the plan references page {max_page}")
         if out is None:
             s = self.settings
-            out = torch.empty((first._rows, s.num_qo_heads, s.head_dim), dtype=s.torch_dtype, device=self.device)
-        first._check_out(out)
+            out = torch.empty((first.rows, s.num_qo_heads, s.head_dim), dtype=s.torch_dtype, device=self.device)
+        first.check_out(out)
         if not softmax:
             # softmax-free: every level's output is a plain sum over its KV, so the levels add up
             first.run(q, kv_cache, out=out)
@@ -356,11 +347,7 @@ class CascadeAttention:
             level.graph_set_capturing(capturing)
 
     def graph_buffers(self) -> dict[str, torch.Tensor]:
-        buffers = {f"level{i}:{name}": t for i, level in enumerate(self.levels) for name, t in level.graph_buffers().items()}
-        for i, level in enumerate(self.levels):
-            if level._positions is not None:
-                buffers[f"level{i}:row_qo_pos"], buffers[f"level{i}:kv_offset"] = level._positions
-        return buffers
+        return {f"level{i}:{name}": t for i, level in enumerate(self.levels) for name, t in level.graph_buffers().items()}
 
     def graph_plan_state(self) -> PlanState:
         """Fresh only when every level was planned since the last replay: the levels of one cascade
@@ -380,28 +367,16 @@ def _check_cascade_variant(variant: Any) -> None:
     if not isinstance(variant, Variant):
         raise InputError(f"variant must be a tilegraph.Variant, got {type(variant).__name__}")
     label = f"CascadeAttention: variant {variant.name!r}"
-    if variant._hooks.get("output_transform"):
+    if variant.has_hook("output_transform"):
         raise InputError(f"{label} has an output transform, which a cascade cannot apply: it would run on each "
                          "level's output before the merge, not once on the merged row")  # fmt: skip
-    if variant._encoders:
+    if variant.has_encoded_inputs:
         raise InputError(f"{label} takes encoded per-request inputs {list(variant.input_names)} (the custom mask): "
                          "unsupported by CascadeAttention, whose shared levels' entries are groups, not requests")  # fmt: skip
     per_request = [p.name for p in variant.params if p.shape == "request"]
     if per_request:
         raise InputError(f"{label} has per-request parameters {per_request}: unsupported by CascadeAttention "
                          "(a shared level's entries are groups of requests, not requests)")  # fmt: skip
-
-
-def _without_sink(variant: Variant) -> Variant:
-    """``variant`` minus its sink (same parameters, same layout): the levels before the last, so the
-    sink joins each row's softmax denominator once, at the last level."""
-    if not variant.has_sink:
-        return variant
-    hooks = {kind: tuple(fn for fn, _ in entries) for kind, entries in variant._hooks.items() if kind != "sink"}
-    hooks["sink"] = ()
-    bare = Variant.__new__(Variant)
-    bare._init(f"{variant.name}_nosink", hooks, variant.params, variant.softmax, list(variant._encoders))
-    return bare
 
 
 def _check_groups(qo: list[np.ndarray]) -> int:

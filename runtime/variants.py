@@ -41,7 +41,8 @@ import torch
 from tilegraph._device import SIMULATOR
 from tilegraph.errors import InputError
 from tilegraph.kernels import variant_hooks as vh
-from tilegraph.kernels.decode import DEFAULT_HOOKS, DecodeHooks
+from tilegraph.kernels.hooks import DEFAULT_HOOKS
+from tilegraph.kernels.hooks import AttentionHooks as DecodeHooks
 
 from .settings import Settings
 
@@ -288,6 +289,30 @@ class Variant:
     @property
     def has_sink(self) -> bool:
         return bool(self._hooks.get("sink"))
+
+    def has_hook(self, kind: str) -> bool:
+        """Whether this variant sets hook ``kind`` (a name of kernels.hooks.AttentionHooks, e.g.
+        "output_transform")."""
+        if kind not in vh.HOOK_ARGS:
+            raise InputError(f"unknown hook kind {kind!r} (one of {sorted(vh.HOOK_ARGS)})")
+        return bool(self._hooks.get(kind))
+
+    @property
+    def has_encoded_inputs(self) -> bool:
+        """Whether some run-time inputs are encoded into parameters (the custom mask)."""
+        return bool(self._encoders)
+
+    def without_sink(self) -> "Variant":
+        """This variant minus its sink: same hooks otherwise, same parameters and layout (itself when
+        it has no sink). A cascade's levels before the last use it, so a sink joins each row's softmax
+        denominator once."""
+        if not self.has_sink:
+            return self
+        hooks = {kind: tuple(fn for fn, _ in entries) for kind, entries in self._hooks.items() if kind != "sink"}
+        hooks["sink"] = ()
+        bare = Variant.__new__(Variant)
+        bare._init(f"{self.name}_nosink", hooks, self.params, self.softmax, list(self._encoders))
+        return bare
 
     def __repr__(self) -> str:
         kinds = [k for k, v in self._hooks.items() if v]

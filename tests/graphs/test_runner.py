@@ -131,7 +131,7 @@ def test_a_kernel_argument_bypassing_the_fixed_buffers_replays_stale_data(monkey
     """The discipline has teeth: a launch bound to a private copy of the plan (not the fixed
     buffer) keeps running the captured schedule, and the replayed answer is wrong."""
     device = torch.device("cpu" if tilegraph.SIMULATOR else "cuda")
-    original = tilegraph.BatchDecode._launch
+    original = tilegraph.BatchDecode.launch
 
     def broken_launch(self, q, kv, out, lse):
         fixed = self.workspace.sections
@@ -141,7 +141,7 @@ def test_a_kernel_argument_bypassing_the_fixed_buffers_replays_stale_data(monkey
         finally:
             self.workspace.sections = fixed
 
-    monkeypatch.setattr(tilegraph.BatchDecode, "_launch", broken_launch)
+    monkeypatch.setattr(tilegraph.BatchDecode, "launch", broken_launch)
     dec, cache, runner = build(device)
     rng = np.random.default_rng()
     table = page_table([13, 6], rng)

@@ -149,6 +149,6 @@ def test_refused_variants(device, variant, what):
 def test_default_behaviour_without_variant_is_unchanged(device):
     settings = tilegraph.Settings(**{**BASE, "num_ctas": 2})
     cascade = CascadeAttention(settings, num_levels=2, device=device)
-    assert all(level._positions is None for level in cascade.levels)
+    assert all(level.positions is None for level in cascade.levels)
     with pytest.raises(InputError, match="no variant"):
         cascade.set_params({"x": 1.0})
