@@ -7,6 +7,11 @@ exactly those records against the same tensors: an aten op is re-executed and it
 into the tensor it produced at capture (the "fixed address"); a kernel launch re-runs with the very
 buffers and scalars it was captured with. Whatever a step reads must therefore live in those
 buffers -- a kernel argument that bypassed them replays stale data, as it would on a GPU.
+
+Allocations of uninitialized memory (``empty`` and friends) are not replayed: in a CUDA graph an
+allocation is an address in the graph's pool, nothing is written there at replay. So memory a
+captured kernel does not write (the padded rows of a bucket's output) keeps what it held, on the
+simulator as on a GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ class _AtenStep:
                 captured.copy_(new)
 
 
+#: aten ops that only allocate (their contents are undefined): nothing to re-run at replay
+_ALLOCATIONS = frozenset(
+    getattr(torch.ops.aten, name) for name in ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided")
+)
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, steps: list) -> None:
         super().__init__()
@@ -44,6 +55,8 @@ class _Recorder(TorchDispatchMode):
         result = func(*args, **kwargs)
         if func.namespace == "tilegraph":
             return result  # its kernel launches were recorded by the interceptor
+        if func.overloadpacket in _ALLOCATIONS:
+            return result  # an address in the pool: replay writes nothing there
         outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
         self.steps.append(_AtenStep(func, args, kwargs, outputs))
         return result
