@@ -45,3 +45,8 @@ class GraphAware(Protocol):
 
     def graph_before_replay(self) -> None:
         """Upload the staged plan into the fixed buffers on the current stream (no host sync)."""
+
+
+# Optional, outside the protocol (a GraphAware object need not have it): ``graph_max_rows() ->
+# (rows, name)``, the most q/out rows the object can plan and the Settings field that bounds them;
+# GraphRunner then refuses larger buckets up front.

@@ -276,14 +276,8 @@ def _check_attention(attention: Any) -> list[GraphAware]:
 
 def _max_rows(att: Any) -> tuple[int, str] | None:
     """The most q/out rows ``att`` plans (its bucket bound), and the Settings field that says so."""
-    settings = getattr(att, "settings", None)
-    if not isinstance(settings, Settings):
-        return None
-    from tilegraph.decode import BatchDecode
-
-    if isinstance(att, BatchDecode):
-        return settings.max_batch_size, "max_batch_size"
-    return settings.max_num_tokens, "max_num_tokens"  # prefill and cascade rows are query tokens
+    bound = getattr(att, "graph_max_rows", None)  # optional protocol method (graphs/protocol.py)
+    return bound() if callable(bound) else None
 
 
 def _check_buckets(buckets: Any, attention: list[Any], settings: Settings) -> tuple[int, ...]:

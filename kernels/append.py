@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from numba import int64
 
@@ -24,6 +24,9 @@ from tilegraph._device import SIMULATOR, cuda
 from . import primitives as prim
 from .args import I32, KernelArgs
 from .tuning import append_threads
+
+if TYPE_CHECKING:
+    from .compile_spec import CompileSpec
 
 WORDS_PER_CHUNK = 4  # int32 words in one 16-byte load/store
 

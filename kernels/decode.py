@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from numba import float32, int64
 
@@ -44,6 +44,9 @@ from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
 from .tuning import decode_rows, lanes_per_row
+
+if TYPE_CHECKING:
+    from .compile_spec import CompileSpec
 
 #: query heads of a GQA group handled per pass over a tile's K/V (per-thread state: 8 fp32 each)
 MAX_HEADS_PER_PASS = 4

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from .hooks import identity_vec as _identity_vec
 from .hooks import no_sink as _no_sink
 from .launch import as_words, launch
 from .tuning import merge_block, merge_max_grid
+
+if TYPE_CHECKING:
+    from .compile_spec import CompileSpec
 
 LOG2E = float32(1.4426950408889634)
 PAIR_ARGS = KernelArgs("merge_state", (

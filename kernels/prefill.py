@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from numba import float32, int64
 
@@ -65,6 +65,9 @@ from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
 from .tuning import prefill_kv_block, prefill_threads
+
+if TYPE_CHECKING:
+    from .compile_spec import CompileSpec
 
 #: AttentionHooks fields this kernel does not implement (a config naming one is refused): none left
 UNSUPPORTED_HOOKS: tuple[str, ...] = ()

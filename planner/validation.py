@@ -1,4 +1,5 @@
-"""Input validation every planner shares: page-table and indptr arrays as int32 host arrays."""
+"""Input validation every planner shares: index arrays as int32 host arrays, the page-table check
+(njit, folded into the planners' cores) and its error codes turned into typed errors."""
 
 from __future__ import annotations
 
@@ -6,8 +7,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 
-from tilegraph.errors import InputError
+from tilegraph.errors import InputError, PlanError
+
+from .layout import DECODE_SECTIONS, DecodeLayout
+
+INT32_MAX = 2**31 - 1
+
+# result words of the njit core
+R_ERROR, R_INDEX, R_VALUE, R_TILES, R_MERGES, R_SLOTS, R_MAKESPAN, R_MAX_PAGE, R_KV_TOKENS = range(9)
+R_WORDS = 9
+
+# validation error codes
+E_INDPTR_START, E_INDPTR_DECREASING, E_INDPTR_END, E_PAGE_REFS = 1, 2, 3, 4
+E_LAST_PAGE_LEN, E_PAGE_INDEX, E_KV_LEN, E_CAPACITY = 5, 6, 7, 8
+
+
+# the page-table sections validate_page_table writes (indices into the planner's offsets array)
+S_KV_INDPTR, S_KV_INDICES, S_KV_LEN = (DECODE_SECTIONS.index(n) for n in ("kv_indptr", "kv_indices", "kv_len"))
 
 
 def as_index_array(value: Any, name: str) -> np.ndarray:
@@ -28,3 +46,72 @@ def as_index_array(value: Any, name: str) -> np.ndarray:
     if array.ndim != 1:
         raise InputError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
     return array
+
+
+@njit(cache=True, nogil=True)
+def validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, max_page_refs, buf, off, result):
+    """Check the page table and copy it (and the derived kv_len) into ``buf``. False on an error."""
+    batch = kv_last_page_len.shape[0]
+    if kv_indptr[0] != 0:
+        result[R_ERROR], result[R_VALUE] = E_INDPTR_START, kv_indptr[0]
+        return False
+    for i in range(batch):
+        if kv_indptr[i + 1] < kv_indptr[i]:
+            result[R_ERROR], result[R_INDEX] = E_INDPTR_DECREASING, i
+            return False
+    nnz = np.int64(kv_indptr[batch])
+    if nnz > kv_indices.shape[0]:
+        result[R_ERROR], result[R_VALUE] = E_INDPTR_END, nnz
+        return False
+    if nnz > max_page_refs:
+        result[R_ERROR], result[R_VALUE] = E_PAGE_REFS, nnz
+        return False
+    kv_len = buf[off[S_KV_LEN] : off[S_KV_LEN] + batch]
+    for i in range(batch):
+        pages = np.int64(kv_indptr[i + 1]) - kv_indptr[i]
+        last = np.int64(kv_last_page_len[i])
+        if pages == 0:
+            kv_len[i] = 0
+            continue
+        if last < 1 or last > page_size:
+            result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_LAST_PAGE_LEN, i, last
+            return False
+        tokens = (pages - 1) * page_size + last
+        if tokens > INT32_MAX:
+            result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_KV_LEN, i, tokens
+            return False
+        kv_len[i] = tokens
+    indices = buf[off[S_KV_INDICES] : off[S_KV_INDICES] + nnz]
+    top, bottom = np.int32(-1), np.int32(0)
+    for j in range(nnz):  # branch-free body: vectorizes
+        page = kv_indices[j]
+        indices[j] = page
+        top = max(top, page)
+        bottom = min(bottom, page)
+    if bottom < 0 or top >= num_pages:
+        for j in range(nnz):
+            if kv_indices[j] < 0 or kv_indices[j] >= num_pages:
+                result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_PAGE_INDEX, j, kv_indices[j]
+                return False
+    buf[off[S_KV_INDPTR] : off[S_KV_INDPTR] + batch + 1] = kv_indptr
+    result[R_MAX_PAGE] = top
+    return True
+
+
+def raise_plan_error(result: np.ndarray, layout: DecodeLayout, num_pages: int, batch: int) -> None:
+    code, index, value = int(result[R_ERROR]), int(result[R_INDEX]), int(result[R_VALUE])
+    if code == E_INDPTR_START:
+        raise InputError(f"kv_indptr[0] must be 0, got {value}")
+    if code == E_INDPTR_DECREASING:
+        raise InputError(f"kv_indptr must be non-decreasing, but kv_indptr[{index + 1}] < kv_indptr[{index}]")
+    if code == E_INDPTR_END:
+        raise InputError(f"kv_indptr[-1]={value} exceeds len(kv_indices)")
+    if code == E_PAGE_REFS:
+        raise PlanError(f"kv_indptr[-1]={value} page references exceed max_page_refs={layout.max_page_refs} (Settings)")
+    if code == E_LAST_PAGE_LEN:
+        raise InputError(f"kv_last_page_len[{index}]={value} is outside [1, page_size={layout.page_size}] for a non-empty request")
+    if code == E_PAGE_INDEX:
+        raise InputError(f"kv_indices[{index}]={value} is outside [0, num_pages={num_pages})")
+    if code == E_KV_LEN:
+        raise PlanError(f"request {index} has kv_len {value} > {INT32_MAX} (int32 token positions)")
+    raise PlanError(f"internal: the schedule of {batch} requests exceeds the plan capacities (a planner bug)")

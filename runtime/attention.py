@@ -213,6 +213,12 @@ class AttentionBase:
     def graph_before_replay(self) -> None:
         self.workspace.flush()
 
+    def graph_max_rows(self) -> tuple[int, str]:
+        """The most q/out rows a plan of this object has, and the Settings field bounding them."""
+        if self.kind == "decode":
+            return self.settings.max_batch_size, "max_batch_size"
+        return self.settings.max_num_tokens, "max_num_tokens"  # prefill rows are query tokens
+
     @property
     def plan_key(self) -> str:
         """Identifies the kind, Settings and variant a plan was made under (a replay compares it)."""
