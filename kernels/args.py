@@ -20,6 +20,16 @@ F32 = "float32[::1]"
 U8 = "uint8[::1]"
 
 
+#: the arguments decode and prefill kernels share after their q strides: K/V views and strides,
+#: outputs, split partials, scale, heads, variant params (AttentionBase.shared_launch_values fills them)
+ATTENTION_KV_OUT_ARGS: tuple[tuple[str, str], ...] = (
+    ("k_words", I32), ("v_words", I32), ("page_stride", "int64"), ("token_stride", "int64"),
+    ("head_stride", "int64"), ("page_size", "int64"),
+    ("out_words", I32), ("lse", F32), ("write_lse", "int32"), ("partial_out", F32), ("partial_lse", F32),
+    ("sm_scale", "float32"), ("num_qo_heads", "int64"), ("params", F32),
+)  # fmt: skip
+
+
 class KernelArgumentError(TypeError):
     """A launch named an argument the kernel does not have, or left one out (a library bug)."""
 

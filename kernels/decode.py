@@ -36,7 +36,7 @@ from tilegraph._device import SIMULATOR, cuda
 from tilegraph.planner.layout import H_NUM_TILES
 
 from . import primitives as prim
-from .args import F32, I32, KernelArgs
+from .args import ATTENTION_KV_OUT_ARGS, I32, KernelArgs
 from .hooks import DEFAULT_HOOKS, LOG2E, LN2, NEG_INF, DTYPE_NAMES, AttentionHooks
 from .hooks import identity_logit as _identity_logit
 from .hooks import identity_pair as _identity_pair
@@ -57,10 +57,7 @@ DECODE_ARGS = KernelArgs("decode", (
     ("tile_token_start", I32), ("tile_token_end", I32), ("tile_slot", I32),
     ("kv_indptr", I32), ("kv_indices", I32), ("kv_len", I32),
     ("q_words", I32), ("q_stride_b", "int64"), ("q_stride_h", "int64"),
-    ("k_words", I32), ("v_words", I32), ("page_stride", "int64"), ("token_stride", "int64"),
-    ("head_stride", "int64"), ("page_size", "int64"),
-    ("out_words", I32), ("lse", F32), ("write_lse", "int32"), ("partial_out", F32), ("partial_lse", F32),
-    ("sm_scale", "float32"), ("num_qo_heads", "int64"), ("params", F32),
+    *ATTENTION_KV_OUT_ARGS,
 ))  # fmt: skip
 
 

@@ -57,7 +57,7 @@ from tilegraph.planner.layout import H_NUM_TILES
 from tilegraph.planner.prefill_layout import ROWS_PER_TILE, query_tile_tokens
 
 from . import primitives as prim
-from .args import F32, I32, KernelArgs
+from .args import ATTENTION_KV_OUT_ARGS, I32, KernelArgs
 from .hooks import DEFAULT_HOOKS, DTYPE_NAMES, LN2, LOG2E, NEG_INF, AttentionHooks
 from .hooks import identity_logit as _identity_logit
 from .hooks import identity_pair as _identity_pair
@@ -77,10 +77,7 @@ PREFILL_ARGS = KernelArgs("prefill", (
     ("tile_kv_head", I32), ("tile_kv_start", I32), ("tile_kv_end", I32), ("tile_slot", I32), ("tile_slot_stride", I32),
     ("qo_indptr", I32), ("kv_indptr", I32), ("kv_indices", I32), ("kv_len", I32),
     ("q_words", I32), ("q_stride_n", "int64"), ("q_stride_h", "int64"),
-    ("k_words", I32), ("v_words", I32), ("page_stride", "int64"), ("token_stride", "int64"),
-    ("head_stride", "int64"), ("page_size", "int64"),
-    ("out_words", I32), ("lse", F32), ("write_lse", "int32"), ("partial_out", F32), ("partial_lse", F32),
-    ("sm_scale", "float32"), ("num_qo_heads", "int64"), ("params", F32),
+    *ATTENTION_KV_OUT_ARGS,
     ("row_qo_pos", I32), ("entry_kv_offset", I32), ("use_positions", "int32"),
 ))  # fmt: skip
 

@@ -33,7 +33,8 @@ from tilegraph.planner.plan import Plan
 from .attention import AttentionBase, define_attention_op, next_plan_serial, padded_rows, resolve_num_ctas
 from .kv_cache import KVCache, PagedKV, paged_kv
 from .settings import Settings
-from .variants import ParamContext, Variant, compile_with_progress
+from .compiling import compile_with_progress
+from .variants import ParamContext, Variant
 
 
 def workspace_nbytes(settings: Settings, device: str | torch.device | None = None) -> int:

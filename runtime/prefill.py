@@ -46,7 +46,8 @@ from .attention import AttentionBase, define_attention_op, next_plan_serial, pad
 from .decode import check_paged_kv, split_kv_cache
 from .kv_cache import KVCache, PagedKV
 from .settings import Settings
-from .variants import ParamContext, Variant, compile_with_progress
+from .compiling import compile_with_progress
+from .variants import ParamContext, Variant
 from .workspace import StagedUpload
 
 

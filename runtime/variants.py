@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from tilegraph._device import SIMULATOR
 from tilegraph.errors import InputError
 from tilegraph.kernels import variant_hooks as vh
 from tilegraph.kernels.hooks import DEFAULT_HOOKS
@@ -63,6 +61,8 @@ class Param:
     name: str
     shape: ParamShape = "scalar"
     default: Any = None
+    #: optional value check: values (float32 array) -> None, or a message saying what is wrong
+    check: Callable[[np.ndarray], str | None] | None = None
 
     def size(self, settings: Settings) -> int:
         shape = self.shape
@@ -153,8 +153,14 @@ class Variant:
         if dupes:
             raise VariantError(f"variant {self.name!r}: parameter(s) {dupes} declared twice")
         for p in params:
-            if not p.name.isidentifier():
+            if not isinstance(p, Param):
+                raise VariantError(f"variant {self.name!r}: params must be Param objects or a name -> shape mapping, got {p!r}")
+            if not isinstance(p.name, str) or not p.name.isidentifier():
                 raise VariantError(f"variant {self.name!r}: parameter name {p.name!r} is not an identifier")
+            if p.check is not None and p.default is not None and not callable(p.default):
+                problem = p.check(np.asarray(p.default, np.float32).reshape(-1))
+                if problem:
+                    raise VariantError(f"variant {self.name!r}: parameter {p.name!r} default {p.default!r} {problem}")
         if not softmax and hooks.get("sink"):
             raise VariantError(f"variant {self.name!r}: a sink needs softmax (softmax=False has no denominator)")
         if len(hooks.get("sink", ())) > 1:
@@ -263,6 +269,10 @@ class Variant:
             raise InputError(f"params[{name!r}] must hold {what}, got {t.numel()}")
         if bool(torch.isnan(t).any()):
             raise InputError(f"params[{name!r}] has NaN values")
+        if param.check is not None:
+            problem = param.check(t.cpu().numpy())
+            if problem:
+                raise InputError(f"params[{name!r}] {problem}")
         return t
 
     # ---- kernel side --------------------------------------------------------------------------
@@ -345,9 +355,20 @@ DEFAULT = Variant("default")
 # ---- built-ins ------------------------------------------------------------------------------------
 
 
+def _finite_non_negative(values: np.ndarray) -> str | None:
+    bad = values[~np.isfinite(values) | (values < 0)]
+    return f"must be finite and >= 0 (0: no soft-cap), got {bad[0]}" if bad.size else None
+
+
 def soft_cap(cap: float = 30.0) -> Variant:
-    """Logits soft-capping: score -> cap * tanh(score / cap) (parameter ``logits_soft_cap``)."""
-    return Variant("soft_cap", logits_transform=vh.soft_cap_logits, params=[Param("logits_soft_cap", "scalar", float(cap))])
+    """Logits soft-capping: score -> cap * tanh(score / cap) (parameter ``logits_soft_cap``); cap 0
+    means no soft-cap (FlashInfer's convention); a negative, infinite or NaN cap is refused."""
+    try:
+        value = float(cap)
+    except (TypeError, ValueError):
+        raise VariantError(f"soft_cap: cap must be a number, got {cap!r}") from None
+    return Variant("soft_cap", logits_transform=vh.soft_cap_logits,
+                   params=[Param("logits_soft_cap", "scalar", value, check=_finite_non_negative)])  # fmt: skip
 
 
 def sliding_window(window_left: int) -> Variant:
@@ -456,32 +477,7 @@ def custom_mask() -> Variant:
     )
 
 
-# ---- compile reporting ----------------------------------------------------------------------------
-
-COMPILE_SECONDS: dict[str, float] = {}
-
-
-def compile_with_progress(label: str, kernels: Sequence[tuple[Any, str]]) -> float:
-    """Compile ``(dispatcher, signature)`` pairs now, under a spinner; record and log the time.
-    On the simulator there is nothing to compile (hooks were checked at Variant construction)."""
-    if label in COMPILE_SECONDS:
-        return COMPILE_SECONDS[label]
-    start = time.perf_counter()
-    if not SIMULATOR:
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        with console.status(f"[bold]tilegraph[/]: compiling {label} (first use; ~1 s per kernel)", spinner="dots"):
-            for kernel, signature in kernels:
-                kernel.compile(signature)
-        seconds = time.perf_counter() - start
-        if console.is_terminal:
-            console.print(f"tilegraph: compiled {label} in {seconds:.2f} s")
-    else:
-        seconds = 0.0
-    COMPILE_SECONDS[label] = seconds
-    log.info("compiled %s in %.2f s", label, seconds)
-    return seconds
+from .compiling import COMPILE_SECONDS, compile_with_progress  # noqa: E402,F401  (moved; re-exported)
 
 
 __all__ = [
