@@ -1,41 +1,50 @@
 """What a transformers attention call asks for, in tilegraph's terms (transformers is not imported here).
 
-``batch_layout`` reads the 4-D mask of one call once per forward: which KV positions of each row are
-real (not padding), which queries are real, and the ragged offsets of both. ``AttentionObjects``
-keeps one tilegraph attention object per (kind, shape, scale, dtype, device), grows its Settings
-bounds when a batch needs more, and plans it only when the plan's key changes -- once per forward,
-shared by every layer.
+``read_mask`` reads a call's 4-D mask once (one device-to-host copy): which queries are real and at
+which KV position the call's queries start (``offset``: the end of the KV for dynamic caches,
+``cache_position`` inside ``max_cache_len`` for static ones -- read off the mask's diagonal).
+``batch_layout`` then picks each row's real KV positions, compacts them in order, and checks that
+tilegraph's mask over the compacted rows -- causal, aligned to the end, optionally a sliding window
+of ``window_left`` keys before each query -- is exactly the mask's own on every real query.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import pydantic
 import torch
 
-from tilegraph.decode import BatchDecode
 from tilegraph.errors import InputError
-from tilegraph.prefill import BatchPrefill, BatchPrefillRagged
-from tilegraph.settings import Settings
+
+
+@dataclass(frozen=True)
+class MaskView:
+    """A call's mask on the host: allowed [B, q_len, kv_len], real queries [B, q_len], query offset."""
+
+    allowed: np.ndarray
+    real_q: np.ndarray
+    offset: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.allowed.shape  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
 class BatchLayout:
     """The real tokens of one attention call over a [B, q_len] query and a [B, kv_len] KV window.
 
-    Query j of a row sits at KV position kv_len - q_len + j. The real KV positions of a row are
-    compacted in order; its real queries are the real KV positions among the last q_len, so
-    tilegraph's causal mask (aligned to the end of each row's compacted KV) is the mask's own."""
+    Query j of a row sits at KV position offset + j. The real KV positions of a row are compacted
+    in order and its real queries are the last of them, so tilegraph's causal mask (aligned to the
+    end of each row's compacted KV) and its window (counted in compacted positions) are the mask's."""
 
     key: tuple[Any, ...]  # everything a plan depends on
     batch_size: int
     q_len: int
     kv_len: int
+    offset: int
     q_rows: torch.Tensor  # int64 [nnz_q]: row of each real query, rows in order
     q_cols: torch.Tensor  # int64 [nnz_q]: its index among the call's q_len queries
     kv_rows: torch.Tensor  # int64 [nnz_kv]: row of each real KV position
@@ -54,43 +63,22 @@ class BatchLayout:
         return int(self.kv_indptr[-1])
 
 
-_last_mask: list[Any] = [None, None, None]  # weakref to the last mask, its version, its layout
-
-
-def batch_layout(mask: torch.Tensor | None, batch_size: int, q_len: int, kv_len: int, device: torch.device) -> BatchLayout:
-    """The layout the mask describes; the same mask object (every layer of a forward) is read once."""
-    if mask is not None:
-        ref, version, layout = _last_mask
-        if ref is not None and ref() is mask and version == mask._version and layout.key[:3] == (batch_size, q_len, kv_len):
-            return layout
-    valid = _valid_kv(mask, batch_size, q_len, kv_len)
-    layout = _layout_from_valid(valid.cpu(), q_len, device)
-    if mask is not None:
-        _last_mask[:] = [weakref.ref(mask), mask._version, layout]
-    return layout
-
-
-def _valid_kv(mask: torch.Tensor | None, batch_size: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """bool [B, kv_len]: the real KV positions, after checking the mask is causal plus padding."""
+def read_mask(mask: torch.Tensor | None, batch_size: int, q_len: int, kv_len: int) -> MaskView:
+    """The mask on the host, its query offset and real queries (InputError for what is not a mask)."""
     if q_len > kv_len:
         raise InputError(f"the call has {q_len} queries but only {kv_len} key/value positions")
     if mask is None:
-        return torch.ones(batch_size, kv_len, dtype=torch.bool)
+        causal = np.tril(np.ones((q_len, kv_len), dtype=bool), kv_len - q_len)
+        return MaskView(np.broadcast_to(causal, (batch_size, q_len, kv_len)), np.ones((batch_size, q_len), bool), kv_len - q_len)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise InputError(f"attention_mask must be a 4-D [B, 1, q_len, kv_len] tensor (what register()'s mask function builds), got {shape}")
     if mask.shape[0] not in (1, batch_size) or tuple(mask.shape[1:]) != (1, q_len, kv_len):
         raise InputError(f"attention_mask has shape {tuple(mask.shape)}, expected [{batch_size}, 1, {q_len}, {kv_len}]")
-    allowed = _allowed(mask)[:, 0].expand(batch_size, q_len, kv_len)
-    valid = allowed[:, -1, :]  # the last query sees every real position under causal + padding
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
-    if not torch.equal(allowed, valid[:, None, :] & causal):
-        raise InputError(
-            "attention_mask is not a causal mask with padding (e.g. packed sequences, a sliding window, "
-            "bidirectional blocks or a custom 4-D mask): the tilegraph backend serves causal attention over "
-            "padded rows only"
-        )
-    return valid
+    allowed = np.broadcast_to(_allowed(mask)[:, 0].cpu().numpy(), (batch_size, q_len, kv_len))
+    offset = _query_offset(allowed)
+    real_q = allowed[:, np.arange(q_len), offset + np.arange(q_len)]  # a real query sees its own position
+    return MaskView(allowed, np.ascontiguousarray(real_q), offset)
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
@@ -106,22 +94,52 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return allowed
 
 
-def _layout_from_valid(valid: torch.Tensor, q_len: int, device: torch.device) -> BatchLayout:
-    batch_size, kv_len = valid.shape
-    q_valid = valid[:, kv_len - q_len :]
-    new_counts = q_valid.sum(1).numpy()
-    kv_counts = valid.sum(1).numpy()
-    q_rows, q_cols = q_valid.nonzero(as_tuple=True)
-    kv_rows, kv_cols = valid.nonzero(as_tuple=True)
+def _query_offset(allowed: np.ndarray) -> int:
+    """Where query 0 sits: a real query's last allowed position is its own, a padded one's is earlier."""
+    _, q_len, kv_len = allowed.shape
+    seen = allowed.any(axis=2)
+    if not seen.any():
+        return kv_len - q_len
+    last = kv_len - 1 - np.argmax(allowed[:, :, ::-1], axis=2)
+    offset = int((last - np.arange(q_len))[seen].max())
+    if offset + q_len > kv_len:
+        raise InputError(
+            f"attention_mask lets a query see KV positions past the last query's ({offset} + {q_len} queries > {kv_len} "
+            "positions): not a causal mask"
+        )
+    return offset
+
+
+def batch_layout(view: MaskView, window_left: int, device: torch.device, stored: np.ndarray | None = None) -> BatchLayout:
+    """The layout of a call whose mask is ``view``; ``window_left`` < 0: no window. ``stored``: bool
+    [B, kv_len], the KV positions a paged cache holds (None: the positions some real query sees)."""
+    allowed, real_q, offset = view.allowed, view.real_q, view.offset
+    batch_size, q_len, kv_len = allowed.shape
+    q_pos = offset + np.arange(q_len)
+    if stored is None:
+        valid = (allowed & real_q[:, :, None]).any(axis=1)
+    else:
+        valid = stored.copy()
+        valid[:, offset : offset + q_len] |= real_q
+    _check(allowed, real_q, valid, q_pos, window_left)
+    new_counts = real_q.sum(1)
+    kv_counts = valid.sum(1)
+    q_rows, q_cols = np.nonzero(real_q)
+    kv_rows, kv_cols = np.nonzero(valid)
+
+    def on_device(index: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(index.astype(np.int64)).to(device)
+
     return BatchLayout(
-        key=(batch_size, q_len, kv_len, np.packbits(valid.numpy()).tobytes()),
+        key=(batch_size, q_len, kv_len, offset, np.packbits(valid).tobytes(), np.packbits(real_q).tobytes()),
         batch_size=batch_size,
         q_len=q_len,
         kv_len=kv_len,
-        q_rows=q_rows.to(device),
-        q_cols=q_cols.to(device),
-        kv_rows=kv_rows.to(device),
-        kv_cols=kv_cols.to(device),
+        offset=offset,
+        q_rows=on_device(q_rows),
+        q_cols=on_device(q_cols),
+        kv_rows=on_device(kv_rows),
+        kv_cols=on_device(kv_cols),
         qo_indptr=_offsets(new_counts),
         kv_indptr=_offsets(kv_counts),
         new_counts=new_counts.astype(np.int64),
@@ -129,102 +147,35 @@ def _layout_from_valid(valid: torch.Tensor, q_len: int, device: torch.device) ->
     )
 
 
+def _check(allowed: np.ndarray, real_q: np.ndarray, valid: np.ndarray, q_pos: np.ndarray, window_left: int) -> None:
+    """The mask of every real query equals tilegraph's over the compacted row (InputError otherwise)."""
+    rows, cols = np.nonzero(real_q)
+    if rows.size == 0:
+        return
+    compact = np.cumsum(valid, axis=1) - 1  # compacted index of each real KV position
+    kv_counts = valid.sum(1)
+    new_counts = real_q.sum(1)
+    rank = np.cumsum(real_q, axis=1)[rows, cols] - 1  # k-th real query of its row
+    kernel_pos = (kv_counts - new_counts)[rows] + rank  # where tilegraph places it
+    if not np.array_equal(compact[rows, q_pos[cols]], kernel_pos):
+        raise InputError(
+            "attention_mask: a row's real queries are not its last real key/value positions (keys after a query, "
+            "or a cache that holds tokens the mask calls padding)"
+        )
+    distance = kernel_pos[:, None] - compact[rows]
+    expected = valid[rows] & (distance >= 0)
+    if window_left >= 0:
+        expected &= distance <= window_left
+    if not np.array_equal(expected, allowed[rows, cols]):
+        window = f" and a sliding window of {window_left + 1} (sliding_window)" if window_left >= 0 else ""
+        raise InputError(
+            f"attention_mask is not a causal mask with padding{window} (e.g. packed sequences, bidirectional "
+            "blocks, a custom 4-D mask, or a window over a row with padding inside it): the tilegraph backend "
+            "serves causal attention over padded rows only"
+        )
+
+
 def _offsets(counts: np.ndarray) -> np.ndarray:
     indptr = np.zeros(len(counts) + 1, dtype=np.int32)
     np.cumsum(counts, out=indptr[1:])
     return indptr
-
-
-class Shape(NamedTuple):
-    """What fixes an attention object's kernels: heads, head_dim, pages, scale, dtype, device."""
-
-    num_qo_heads: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int
-    sm_scale: float
-    dtype: torch.dtype
-    device: torch.device
-
-
-class Bounds(NamedTuple):
-    """Settings capacities a batch needs (requests, query tokens, page indices, page references)."""
-
-    batch: int
-    tokens: int
-    pages: int
-    page_refs: int
-
-    def covers(self, need: "Bounds") -> bool:
-        return all(have >= want for have, want in zip(self, need))
-
-    def grown_to(self, need: "Bounds") -> "Bounds":
-        """Each field raised to the next power of two that covers the need (few workspace rebuilds)."""
-        return Bounds(*(max(have, _power_of_two(want)) for have, want in zip(self, need)))
-
-
-def _power_of_two(value: int) -> int:
-    return max(16, 1 << (int(value) - 1).bit_length())
-
-
-@dataclass
-class _Held:
-    attention: Any
-    bounds: Bounds
-    plan_key: tuple[Any, ...] | None = None
-
-
-class AttentionObjects:
-    """One tilegraph attention object per (kind, Shape), planned only when its plan key changes."""
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, Shape], _Held] = {}
-
-    def clear(self) -> None:
-        self._held.clear()
-
-    def get(self, kind: str, shape: Shape, need: Bounds) -> _Held:
-        held = self._held.get((kind, shape))
-        if held is None or not held.bounds.covers(need):
-            bounds = (held.bounds if held is not None else Bounds(16, 16, 16, 16)).grown_to(need)
-            held = _Held(_build(kind, _settings(shape, bounds), shape.device), bounds)
-            self._held[(kind, shape)] = held
-        return held
-
-    @staticmethod
-    def plan(held: _Held, key: tuple[Any, ...], make_plan: Callable[[Any], object]) -> Any:
-        """Plan ``held`` with ``make_plan(attention)`` unless its current plan has this key."""
-        if held.plan_key != key:
-            held.plan_key = None
-            make_plan(held.attention)
-            held.plan_key = key
-        return held.attention
-
-
-def _settings(shape: Shape, bounds: Bounds) -> Settings:
-    try:
-        return Settings(
-            num_qo_heads=shape.num_qo_heads,
-            num_kv_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim,
-            page_size=shape.page_size,
-            kv_layout="NHD",
-            dtype=shape.dtype,
-            sm_scale=shape.sm_scale,
-            max_batch_size=bounds.batch,
-            max_num_tokens=bounds.tokens,
-            max_num_pages=bounds.pages,
-            max_page_refs=bounds.page_refs,
-        )
-    except pydantic.ValidationError as error:
-        raise InputError(f"the attention call does not fit tilegraph: {error}") from error
-
-
-def _build(kind: str, settings: Settings, device: torch.device) -> Any:
-    if kind == "decode":
-        return BatchDecode(settings, device=device)
-    if kind == "ragged":
-        return BatchPrefillRagged(settings, causal=True, device=device)
-    if kind == "paged":
-        return BatchPrefill(settings, causal=True, device=device)
-    raise ValueError(f"unknown attention kind {kind!r}")

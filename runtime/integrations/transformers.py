@@ -4,61 +4,59 @@
     name = register()                                     # "tilegraph"
     model.set_attn_implementation(name)                   # or from_pretrained(..., attn_implementation=name)
     model.generate(ids, attention_mask=mask)              # default DynamicCache: dense K/V
+    model.generate(ids, attention_mask=mask, cache_implementation="static")       # StaticCache
     model.generate(ids, attention_mask=mask, cache=TilegraphCache(model.config))   # paged K/V
     # (cache= is generate's current name for past_key_values=, which still works)
 
-Every attention call of the model runs on tilegraph: causal prefill (``BatchPrefillRagged``, or
+Every attention call of the model runs on tilegraph, as one torch custom op per layer (so
+``torch.compile`` traces it without graph breaks): causal prefill (``BatchPrefillRagged``, or
 ``BatchPrefill`` over the paged cache) and decode (``BatchDecode``), with the module's GQA
-(``num_key_value_groups``) and ``scaling``. Padding, left or right, comes from the 4-D mask that
-the registered mask function builds (transformers' own ``sdpa_mask``, always materialized): each
-row's real KV positions and real queries are read from it once per forward, and anything other
-than causal-plus-padding is refused. Padded query rows get zeros.
+(``num_key_value_groups``) and ``scaling``, and the variants the layer asks for: ``softcap`` ->
+``variants.soft_cap``, ``sliding_window=w`` -> ``variants.sliding_window(w - 1)`` (transformers keeps
+keys j with i - w < j <= i), ``s_aux`` (GPT-OSS) -> ``variants.attention_sinks`` with the layer's
+own values; their values are run-time parameters, with one attention object per (variant, layer
+kind), so alternating full and windowed layers each keep their plan.
 
-With transformers' default ``DynamicCache`` the keys/values arrive dense ``[B, H_kv, kv_len, D]``:
-each call gathers the real positions into ragged ``[nnz_kv, H_kv, D]`` rows -- ONE copy of the KV
-per call (per layer). Decode calls view those rows as one-token pages for ``BatchDecode``.
-``TilegraphCache`` instead keeps the KV in tilegraph pages (``PagePool`` + ``append_kv``, padding
-never stored): each call copies only its new tokens in, and decode reads the pages in place.
+Padding, left or right, and where the queries sit (the end of the KV, or ``cache_position`` in a
+static cache) come from the 4-D mask that the registered mask function builds (transformers' own
+``sdpa_mask``, always materialized): it is read once per forward and checked to be exactly causal
+plus padding (plus the layer's window) over each row's real tokens -- anything else is refused.
+Padded query rows get zeros. Dense K/V (dynamic, static, sliding-window caches) are gathered into
+ragged rows -- ONE copy of the KV per call; ``TilegraphCache`` keeps them in tilegraph pages and
+each call copies only its new tokens in. Plans are cached by what determines them and shared by
+every layer of a kind, so each forward plans once per kind.
 
-Plans are cached by what determines them (lengths, padding, the cache step) and shared by every
-layer, so each forward plans once. Reading the mask costs one device-to-host copy per forward.
-What it cannot serve raises ``tilegraph.InputError``: dropout > 0, attention weights
-(``output_attentions``), non-causal attention, soft-capping, sliding windows, sinks, position
-biases, masks other than causal plus padding, and gradients (there is no backward).
+What it cannot serve raises ``tilegraph.InputError`` before any kernel runs: dropout > 0, attention
+weights (``output_attentions``), non-causal attention, position biases, masks other than causal
+plus padding (plus a window), query/key and value heads of different sizes, gradients (there is no
+backward), and -- with ``TilegraphCache`` -- multi-head latent attention (use the dynamic cache).
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 try:
     import transformers
     from transformers import AttentionInterface
-    from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError('tilegraph.integrations.transformers needs transformers: pip install "tilegraph[transformers]"') from error
 
-from tilegraph.append import append_kv
-from tilegraph.errors import InputError, StateError
-from tilegraph.page_pool import PagePool
-from tilegraph.settings import TORCH_DTYPES, Settings
+from tilegraph.errors import InputError
+from tilegraph.settings import TORCH_DTYPES
 
-from ._hf_batch import AttentionObjects, BatchLayout, Bounds, Shape, batch_layout
+from ._hf_cache import LINK, TilegraphCache, TilegraphLayer, registered_names
+from ._hf_ops import ATTENTION_OBJECTS, FORWARD_LAYOUTS, dense_attention, paged_attention
 
 SUPPORTED = ((5, 24), (6, 0))  # [from, to): the cache-layer API this module implements
 if not SUPPORTED[0] <= tuple(int(part) for part in transformers.__version__.split(".")[:2]) < SUPPORTED[1]:
     raise ImportError(f"tilegraph.integrations.transformers needs transformers >=5.24,<6, found {transformers.__version__}")
 
-ATTENTION_OBJECTS = AttentionObjects()  # shared by every model that uses the backend
-_registered: set[str] = set()
-_step_serials = itertools.count(1)
-_REFUSED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
+__all__ = ["register", "TilegraphCache", "TilegraphLayer", "tilegraph_attention", "tilegraph_mask", "clear_attention_objects"]
+_REFUSED_KWARGS = ("position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
 
 
 def register(name: str = "tilegraph") -> str:
@@ -68,13 +66,14 @@ def register(name: str = "tilegraph") -> str:
         raise InputError(f"name={name!r}: transformers treats names with {reserved} or 'eager' specially; choose another")
     AttentionInterface.register(name, tilegraph_attention)
     AttentionMaskInterface.register(name, tilegraph_mask)
-    _registered.add(name)
+    registered_names.add(name)
     return name
 
 
 def clear_attention_objects() -> None:
     """Release the cached tilegraph attention objects (their workspaces); the next call rebuilds them."""
     ATTENTION_OBJECTS.clear()
+    FORWARD_LAYOUTS.clear()
 
 
 def tilegraph_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -95,19 +94,33 @@ def tilegraph_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The attention function transformers calls: query [B, Hq, q_len, D] (RoPE applied), key/value
-    [B, H_kv, kv_len, D] -> (output [B, q_len, Hq, D], None)."""
-    layer = _take_paged_layer(key)
+    [B, H_kv, kv_len, D] (a TilegraphCache: the call's new tokens) -> (output [B, q_len, Hq, D], None)."""
+    layer_ref = kwargs.pop(LINK, None)
+    if layer_ref is None and not torch.compiler.is_compiling():
+        layer_ref = _take_marked_layer(key)
     _refuse_unsupported(module, query, key, value, dropout, kwargs)
-    shape = _shape(module, query, key, scaling)
-    batch_size, _, q_len, _ = query.shape
-    kv_len = key.shape[2] if layer is None else layer.seen
-    layout = batch_layout(attention_mask, batch_size, q_len, kv_len, query.device)
-    if layer is None:
-        return _dense_attention(query, key, value, layout, shape), None
-    return _paged_attention(query, key, value, layout, shape, layer), None
+    scale = float(scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5))
+    window_left = _window_left(kwargs.get("sliding_window"))
+    soft_cap = _soft_cap(kwargs.get("softcap"))
+    sinks = _sinks(kwargs.get("s_aux"), query.shape[1])
+    if layer_ref is None:
+        layer_idx = getattr(module, "layer_idx", None)
+        layer_idx = layer_idx if isinstance(layer_idx, int) else -1
+        return dense_attention(query, key, value, attention_mask, sinks, scale, window_left, soft_cap, layer_idx), None
+    if attention_mask is None:
+        raise InputError("TilegraphCache needs the 4-D attention mask of register()'s mask function, got attention_mask=None")
+    return paged_attention(query, key, value, attention_mask, sinks, layer_ref, scale, window_left, soft_cap), None
 
 
-# ---- checks ------------------------------------------------------------------------------------
+def _take_marked_layer(key: torch.Tensor) -> torch.Tensor | None:
+    """The layer id a TilegraphCache put on ``key`` (models that call update() without kwargs)."""
+    ref = getattr(key, "_tilegraph_layer", None)
+    if ref is not None:
+        del key._tilegraph_layer
+    return ref
+
+
+# ---- checks (all on shapes, dtypes and Python values: nothing here reads a tensor) ----------------
 
 
 def _refuse_unsupported(
@@ -117,9 +130,9 @@ def _refuse_unsupported(
         raise InputError(f"dropout={dropout}: the tilegraph backend has no attention dropout (call model.eval())")
     if kwargs.get("output_attentions"):
         raise InputError("output_attentions=True: the tilegraph backend never forms attention weights (use attn_implementation='eager')")
-    refused = [name for name in _REFUSED_KWARGS if kwargs.get(name) is not None]
-    if refused:
-        raise InputError(f"{refused[0]}={kwargs[refused[0]]!r}: not supported by the tilegraph backend")
+    refused = next((name for name in _REFUSED_KWARGS if kwargs.get(name) is not None), None)
+    if refused is not None:
+        raise InputError(f"{refused}={_describe(kwargs[refused])}: not supported by the tilegraph backend")
     is_causal = kwargs.get("is_causal")
     if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
         raise InputError("non-causal attention: the tilegraph backend serves causal (decoder) attention only")
@@ -129,254 +142,56 @@ def _refuse_unsupported(
         raise InputError(f"query, key and value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
     if query.dtype not in TORCH_DTYPES.values():
         raise InputError(f"dtype {query.dtype}: the tilegraph backend runs float16, bfloat16 and float32")
-
-
-def _shape(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> Shape:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise InputError(f"query, key and value must be 4-D [B, heads, len, head_dim], got {_describe(query)}, {_describe(key)}, {_describe(value)}")
     num_qo_heads, head_dim = query.shape[1], query.shape[3]
+    if key.shape[3] != head_dim or value.shape[3] != head_dim:
+        raise InputError(
+            f"query/key head_dim {head_dim} (key {_describe(key)}) and value head_dim {value.shape[3]} "
+            f"(value {_describe(value)}) differ: tilegraph's kernels take one head_dim for q, k and v "
+            "(a model with qk_head_dim != v_head_dim needs another attn_implementation)"
+        )
     num_kv_heads = key.shape[1]
     groups = getattr(module, "num_key_value_groups", num_qo_heads // max(num_kv_heads, 1))
-    if num_kv_heads * groups != num_qo_heads or key.shape[3] != head_dim:
+    if num_kv_heads * groups != num_qo_heads or value.shape[1] != num_kv_heads:
         raise InputError(
-            f"query has {num_qo_heads} heads of {head_dim}, key {num_kv_heads} heads of {key.shape[3]}, "
+            f"query has {num_qo_heads} heads ({_describe(query)}), key {_describe(key)}, value {_describe(value)}, "
             f"but the module declares num_key_value_groups={groups}"
         )
-    scale = scaling if scaling is not None else getattr(module, "scaling", head_dim**-0.5)
-    return Shape(num_qo_heads, num_kv_heads, head_dim, 1, float(scale), query.dtype, query.device)
 
 
-# ---- dense K/V (DynamicCache, StaticCache, no cache) ----------------------------------------------
-
-
-def _dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, shape: Shape) -> torch.Tensor:
-    """Gather the real KV positions (the one copy), then ragged prefill or one-token-page decode."""
-    batch_size, num_qo_heads, q_len, head_dim = query.shape
-    out = query.new_zeros(batch_size, q_len, num_qo_heads, head_dim)
-    if layout.num_kv == 0:
-        return out
-    k = key.transpose(1, 2)[layout.kv_rows, layout.kv_cols]  # [nnz_kv, H_kv, D], contiguous
-    v = value.transpose(1, 2)[layout.kv_rows, layout.kv_cols]
-    plan_key = ("dense", layout.key)
-    if q_len == 1:
-        need = Bounds(batch_size, batch_size, layout.num_kv, layout.num_kv)
-        held = ATTENTION_OBJECTS.get("decode", shape, need)
-        pages = np.arange(layout.num_kv, dtype=np.int32)
-        last = np.ones(batch_size, dtype=np.int32)
-        decode = ATTENTION_OBJECTS.plan(held, plan_key, lambda obj: obj.plan(layout.kv_indptr, pages, last))
-        one_token_pages = (k.unsqueeze(1), v.unsqueeze(1))  # NHD pages of one token: [nnz_kv, 1, H_kv, D]
-        return decode.run(query[:, :, 0, :], one_token_pages).unsqueeze(1)
-    held = ATTENTION_OBJECTS.get("ragged", shape, Bounds(batch_size, max(layout.num_queries, 1), 1, 1))
-    ragged = ATTENTION_OBJECTS.plan(held, plan_key, lambda obj: obj.plan(layout.qo_indptr, layout.kv_indptr))
-    q = query.transpose(1, 2)[layout.q_rows, layout.q_cols]
-    out[layout.q_rows, layout.q_cols] = ragged.run(q, k, v)
-    return out
-
-
-# ---- paged K/V (TilegraphCache) -----------------------------------------------------------------
-
-
-def _paged_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BatchLayout, shape: Shape, layer: "TilegraphLayer"
-) -> torch.Tensor:
-    """Append the call's real tokens to the layer's pages, then paged prefill or decode in place."""
-    cache = layer.cache
-    step = cache.step_for_layer(layer, layout)
-    pages = layer.kv_pages
-    assert pages is not None and cache.settings is not None
-    if layout.num_queries:
-        k_new = key.transpose(1, 2)[layout.q_rows, layout.q_cols]  # the new tokens only
-        v_new = value.transpose(1, 2)[layout.q_rows, layout.q_cols]
-        append_kv(k_new, v_new, pages, step.batch_indices, step.positions, step.kv_indptr, step.kv_indices, cache.settings)
-    batch_size, num_qo_heads, q_len, head_dim = query.shape
-    shape = shape._replace(page_size=cache.page_size)
-    refs = max(len(step.table.kv_indices), 1)
-    table = step.table
-    if q_len == 1:
-        held = ATTENTION_OBJECTS.get("decode", shape, Bounds(batch_size, batch_size, cache.max_num_pages, refs))
-        decode = ATTENTION_OBJECTS.plan(held, step.key, lambda obj: obj.plan(*table))
-        return decode.run(query[:, :, 0, :], pages).unsqueeze(1)
-    out = query.new_zeros(batch_size, q_len, num_qo_heads, head_dim)
-    need = Bounds(batch_size, max(layout.num_queries, 1), cache.max_num_pages, refs)
-    held = ATTENTION_OBJECTS.get("paged", shape, need)
-    prefill = ATTENTION_OBJECTS.plan(held, step.key, lambda obj: obj.plan(layout.qo_indptr, *table))
-    q = query.transpose(1, 2)[layout.q_rows, layout.q_cols]
-    out[layout.q_rows, layout.q_cols] = prefill.run(q, pages)
-    return out
-
-
-def _take_paged_layer(key: torch.Tensor) -> "TilegraphLayer | None":
-    """The TilegraphCache layer whose update() returned ``key`` (it marks the tensor), if any."""
-    layer = getattr(key, "_tilegraph_layer", None)
-    if layer is not None:
-        del key._tilegraph_layer
-        layer.pending = False
-    return layer
-
-
-@dataclass(frozen=True)
-class _Step:
-    """One forward's page bookkeeping, shared by every layer: where the new tokens go, the page table."""
-
-    key: tuple[Any, ...]
-    layout_key: tuple[Any, ...]
-    batch_indices: torch.Tensor  # int32 [nnz_new] on the device
-    positions: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    table: Any  # tilegraph.PageTable (numpy) for the planners
-
-
-class TilegraphLayer(CacheLayerMixin):
-    """One layer's K/V pages: NHD ``[max_num_pages, 2, page_size, H_kv, D]``, allocated on first use.
-
-    ``update`` stores nothing itself: it marks the new key states so the attention call (which knows
-    the padding) appends the real tokens. ``seen`` counts positions as transformers does (padding too)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, cache: "TilegraphCache", layer_idx: int) -> None:
-        super().__init__()
-        self.cache = cache
-        self.layer_idx = layer_idx
-        self.kv_pages: torch.Tensor | None = None
-        self.seen = 0
-        self.steps = 0  # forwards whose tokens this layer has appended
-        self.pending = False
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        cache = self.cache
-        _, num_kv_heads, _, head_dim = key_states.shape
-        shape = (cache.max_num_pages, 2, cache.page_size, num_kv_heads, head_dim)
-        self.kv_pages = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
-        self.keys, self.values = self.kv_pages[:, 0], self.kv_pages[:, 1]
-        self.device = key_states.device
-        self.is_initialized = True
-        cache.ensure_pool(num_kv_heads, head_dim, key_states.dtype)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pending:
-            raise StateError(
-                f"TilegraphCache layer {self.layer_idx} was updated twice without an attention call in between: "
-                "the model must run with the attn_implementation returned by register()"
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.seen += key_states.shape[-2]
-        self.pending = True
-        key_states._tilegraph_layer = self
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
+def _window_left(sliding_window: Any) -> int:
+    """transformers' window w keeps keys j with i - w < j <= i: tilegraph's window_left is w - 1."""
+    if sliding_window is None:
         return -1
-
-    def reset(self) -> None:
-        self.seen, self.steps, self.pending = 0, 0, False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise InputError("TilegraphCache does not reorder rows (beam search): use num_beams=1")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise InputError("TilegraphCache cannot crop (assisted decoding): use the default cache")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise InputError("TilegraphCache cannot repeat rows (num_return_sequences > 1, beams): use the default cache")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise InputError("TilegraphCache cannot select rows: use the default cache")
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise InputError(f"sliding_window={_describe(sliding_window)}: expected a positive int (keys per query, itself included)")
+    return sliding_window - 1
 
 
-class TilegraphCache(Cache):
-    """A transformers cache whose K/V live in tilegraph pages: one ``PagePool`` for the batch's rows
-    (shared by the layers), one page tensor per layer. Padding is never stored. Serves one batch:
-    start a new cache for the next ``generate()``.
+def _soft_cap(softcap: Any) -> float:
+    """The attention logits soft-cap; None or 0: none."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap < 0:
+        raise InputError(f"softcap={_describe(softcap)}: expected a non-negative number (0 or None: no soft-cap)")
+    return float(softcap)
 
-    ``max_num_pages`` x ``page_size`` tokens fit (all rows together); a step beyond raises
-    ``tilegraph.PoolExhaustedError`` before writing anything."""
 
-    def __init__(self, config: Any, max_num_pages: int = 1024, page_size: int = 16) -> None:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        implementation = getattr(text_config, "_attn_implementation", None)
-        if implementation not in _registered:
-            raise InputError(
-                f"TilegraphCache needs a model running the tilegraph attention (attn_implementation in "
-                f"{sorted(_registered)}), but its config says {implementation!r}: call register() and set it first"
-            )
-        self.max_num_pages = int(max_num_pages)
-        self.page_size = int(page_size)
-        self.num_qo_heads = int(text_config.num_attention_heads)
-        self.settings: Settings | None = None
-        self.pool: Any = None
-        self._steps = 0
-        self._step: _Step | None = None
-        layers = [TilegraphLayer(self, i) for i in range(text_config.num_hidden_layers)]
-        super().__init__(layers=layers)
+def _sinks(s_aux: Any, num_qo_heads: int) -> torch.Tensor | None:
+    """GPT-OSS's per-head sink logits, [num_qo_heads]."""
+    if s_aux is None:
+        return None
+    if not isinstance(s_aux, torch.Tensor) or s_aux.numel() != num_qo_heads or s_aux.dim() > 1:
+        raise InputError(f"s_aux: expected one sink logit per query head, [{num_qo_heads}], got {_describe(s_aux)}")
+    if not s_aux.is_floating_point():
+        raise InputError(f"s_aux: expected a floating-point tensor, got {_describe(s_aux)}")
+    return s_aux.detach()
 
-    def ensure_pool(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        """Settings and PagePool for append_kv, made when the first layer sees its first keys."""
-        if self.settings is not None:
-            if (self.settings.num_kv_heads, self.settings.head_dim, self.settings.torch_dtype) != (num_kv_heads, head_dim, dtype):
-                raise InputError("TilegraphCache layers disagree on K/V heads, head_dim or dtype")
-            return
-        self.settings = Settings(
-            num_qo_heads=self.num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=self.page_size,
-            kv_layout="NHD", dtype=dtype, max_num_pages=self.max_num_pages,
-        )  # fmt: skip
-        self.pool = PagePool(self.settings)
 
-    def step_for_layer(self, layer: TilegraphLayer, layout: BatchLayout) -> _Step:
-        """The forward's step: allocated by the first layer to get here, reused by the others."""
-        if layer.steps == self._steps:
-            self._step = self._allocate(layout)
-            self._steps += 1
-        elif layer.steps != self._steps - 1 or self._step is None or self._step.layout_key != layout.key:
-            raise StateError(
-                f"TilegraphCache layer {layer.layer_idx} is out of step with the others "
-                "(every layer must see the same batch each forward)"
-            )
-        layer.steps += 1
-        return self._step
-
-    def _allocate(self, layout: BatchLayout) -> _Step:
-        pool = self.pool
-        rows = list(range(layout.batch_size))
-        held = pool.request_ids
-        if held and held != rows:
-            raise InputError(f"the batch changed from {len(held)} to {layout.batch_size} rows: a TilegraphCache serves one batch")
-        for row in rows:
-            stored = pool.kv_len(row) if row in pool else 0
-            if stored != layout.past_counts[row]:
-                raise InputError(
-                    f"row {row}: the mask marks {layout.past_counts[row]} earlier positions real but the cache "
-                    f"holds {stored} tokens (earlier padding must stay padding, and real tokens real)"
-                )
-        append = pool.allocate_step(rows, [int(n) for n in layout.new_counts])
-        table = pool.page_table(rows)
-        device = self.layers[0].device
-
-        def on_device(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32)).to(device)
-
-        return _Step(
-            key=("paged", next(_step_serials)),
-            layout_key=layout.key,
-            batch_indices=on_device(append.batch_indices),
-            positions=on_device(append.positions),
-            kv_indptr=on_device(table.kv_indptr),
-            kv_indices=on_device(table.kv_indices),
-            table=table,
-        )
-
-    def reset(self) -> None:
-        for layer in self.layers:
-            layer.reset()
-        if self.pool is not None:
-            for row in self.pool.request_ids:
-                self.pool.free(row)
-        self._steps, self._step = 0, None
+def _describe(value: Any) -> str:
+    """A short description: a tensor's shape and dtype (never its values), or a short repr."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor(shape={list(value.shape)}, dtype={value.dtype})"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{type(value).__name__} ({text[:40]}...)"
