@@ -21,6 +21,7 @@ import re
 import types
 from typing import Any, Callable, Sequence
 
+import numba
 import numpy as np
 from numba import float32, int64
 from numba.core import types as numba_types
@@ -163,9 +164,69 @@ def _device_signature(kind: str, num_offsets: int) -> tuple[Any, ...]:
     return (*base, *[i64] * num_offsets)
 
 
+def _typing_copy(fn: types.FunctionType, seen: dict[int, Any]) -> types.FunctionType:
+    """``fn`` with every device function it reaches (globals and closure cells holding a numba or
+    simulator dispatcher) replaced by an ``njit`` copy of its ``py_func``, recursively: what numba's
+    nopython typing can check on a machine whose CUDA target is the simulator."""
+    if id(fn) in seen:
+        return seen[id(fn)]
+
+    def swap(value: Any) -> Any:
+        inner = getattr(value, "py_func", None)
+        if isinstance(inner, types.FunctionType):
+            return numba.njit(inline="always")(_typing_copy(inner, seen))
+        return value
+
+    names = _code_names(fn.__code__)
+    new_globals = dict(fn.__globals__)
+    for name in names:
+        if name in new_globals:
+            new_globals[name] = swap(new_globals[name])
+    closure = tuple(types.CellType(swap(c.cell_contents)) for c in fn.__closure__ or ())
+    copy = types.FunctionType(fn.__code__, new_globals, fn.__name__, fn.__defaults__, closure or None)
+    seen[id(fn)] = copy
+    return copy
+
+
+_TYPE_CHECKED: dict[tuple[Any, ...], str | None] = {}
+
+
+def type_check(kind: str, hook: Any, num_offsets: int) -> None:
+    """Numba nopython typing of ``hook`` with the argument types the kernels call it with, in both
+    modes (on the simulator hooks otherwise run as plain Python, which accepts anything): the CPU
+    target's typing where the CUDA target is the simulator. A hook that uses ``numba.cuda`` itself
+    (intrinsics, local arrays) is left to the simulated run. HookError naming the cause."""
+    fn = py_function(hook)
+    if "cuda" in _code_names(fn.__code__) and SIMULATOR:
+        return
+    names = sorted(_code_names(fn.__code__) & set(fn.__globals__))
+    kinds = tuple((n, type(fn.__globals__[n]).__qualname__) for n in names)  # a helper's kind matters
+    key = (kind, fingerprint(fn), num_offsets, kinds)
+    if key not in _TYPE_CHECKED:
+        error = None
+        try:
+            sig = _device_signature(kind, num_offsets)
+            dispatcher = numba.njit(sig, cache=False, _nrt=False)(_typing_copy(fn, {}))  # no NRT: as on a GPU
+            result = dispatcher.nopython_signatures[0].return_type
+            if kind in ("logits_transform", "sink") and not isinstance(result, (numba_types.Number, numba_types.Boolean)):
+                error = f"returns {result}, a {kind} hook must return a number"
+            if kind == "logits_mask" and not isinstance(result, (numba_types.Number, numba_types.Boolean)):
+                error = f"returns {result}, a logits_mask hook must return a bool"
+        except Exception as exc:  # numba's typing errors
+            lines = [line for line in _ANSI.sub("", str(exc)).strip().splitlines() if line.strip()]
+            detail = "\n".join(lines[:14]) if lines else type(exc).__name__
+            error = f"does not compile as a device function (numba typing, {type(exc).__name__}): {detail}"
+        _TYPE_CHECKED[key] = error
+    if _TYPE_CHECKED[key] is not None:
+        raise HookError(_TYPE_CHECKED[key])
+
+
 def check_hook(kind: str, hook: Any, offsets: tuple[int, ...], sample_params: np.ndarray) -> None:
     """GPU build: compile ``hook`` alone, then a tiny kernel calling it, for sm_80 (``compile_ptx``
-    needs no driver). Simulator: run that kernel once on one thread. HookError with the cause."""
+    needs no driver). Simulator: numba's nopython typing of the hook (``type_check``), then that
+    kernel run once on one thread. HookError with the cause."""
+    if SIMULATOR:
+        type_check(kind, hook, len(offsets))
     try:
         kernel = _check_kernel(kind, compose(kind, [(hook, offsets)], cast=not SIMULATOR))
         if SIMULATOR:
@@ -253,6 +314,8 @@ def fingerprint(*items: Any) -> str:
 
 def soft_cap_logits(score, request, qo_pos, kv_pos, qo_head, kv_head, params, logits_soft_cap):
     cap = params[logits_soft_cap]
+    if cap == float32(0.0):  # FlashInfer's convention: 0 = no soft-cap
+        return float32(score)
     return float32(cap * math.tanh(score / cap))
 
 

@@ -148,13 +148,14 @@ class Variant:
         self.softmax = softmax
         self.params: tuple[Param, ...] = params
         self._encoders: list[tuple[Encoder, tuple[str, ...]]] = encoders
+        for p in params:
+            if not isinstance(p, Param):
+                raise VariantError(f"variant {self.name!r}: params must be Param objects or a name -> shape mapping, got {p!r}")
         names = [p.name for p in params]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise VariantError(f"variant {self.name!r}: parameter(s) {dupes} declared twice")
         for p in params:
-            if not isinstance(p, Param):
-                raise VariantError(f"variant {self.name!r}: params must be Param objects or a name -> shape mapping, got {p!r}")
             if not isinstance(p.name, str) or not p.name.isidentifier():
                 raise VariantError(f"variant {self.name!r}: parameter name {p.name!r} is not an identifier")
             if p.check is not None and p.default is not None and not callable(p.default):
