@@ -51,6 +51,8 @@ class PagePool:
     """Allocates the ``settings.max_num_pages`` pages of ``settings.page_size`` tokens to requests."""
 
     def __init__(self, settings: Settings) -> None:
+        if not isinstance(settings, Settings):
+            raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
         self.page_size = settings.page_size
         self.max_num_pages = settings.max_num_pages
         self._free: list[int] = list(range(self.max_num_pages - 1, -1, -1))  # pop() hands out page 0 first
@@ -69,7 +71,7 @@ class PagePool:
         return list(self._pages)
 
     def __contains__(self, request_id: Hashable) -> bool:
-        return request_id in self._pages
+        return _hashable(request_id) in self._pages
 
     def kv_len(self, request_id: Hashable) -> int:
         """Tokens the request holds."""
@@ -83,7 +85,7 @@ class PagePool:
 
     def pages_needed(self, request_id: Hashable, num_tokens: int) -> int:
         """New pages that growing the request (a new one if unknown) by num_tokens would take."""
-        held = len(self._pages.get(request_id, ()))
+        held = len(self._pages.get(_hashable(request_id), ()))
         total = self._kv_len.get(request_id, 0) + _count("num_tokens", num_tokens)
         return -(-total // self.page_size) - held
 
@@ -113,9 +115,17 @@ class PagePool:
         decoding one). Row order: request 0's tokens, then request 1's ... ; ``pad_to`` appends
         padding rows (batch index -1) up to that many rows (a CUDA-graph bucket)."""
         ids = _distinct(request_ids)
-        counts = [num_tokens] * len(ids) if isinstance(num_tokens, (int, np.integer)) else list(num_tokens)
+        if isinstance(num_tokens, (int, np.integer)):
+            counts = [num_tokens] * len(ids)
+        elif isinstance(num_tokens, (list, tuple, np.ndarray)):
+            counts = list(num_tokens)
+        else:
+            raise InputError(f"num_tokens must be an integer or a sequence of them, got {type(num_tokens).__name__}")
         if len(counts) != len(ids):
             raise InputError(f"num_tokens has {len(counts)} entries for {len(ids)} request ids")
+        counts = [_count("num_tokens", n) for n in counts]
+        if pad_to is not None:
+            pad_to = _count("pad_to", pad_to)
         needed = [self.pages_needed(rid, n) for rid, n in zip(ids, counts)]
         nnz = sum(counts)
         if pad_to is not None and pad_to < nnz:
@@ -169,7 +179,7 @@ class PagePool:
         return np.arange(start, start + num_tokens, dtype=np.int32)
 
     def _require(self, request_id: Hashable) -> None:
-        if request_id not in self._pages:
+        if _hashable(request_id) not in self._pages:
             raise UnknownRequestError(f"request {request_id!r} is not in the pool (never allocated, or already freed)")
 
 
@@ -179,11 +189,21 @@ def _count(name: str, value: object) -> int:
     return int(value)
 
 
+def _hashable(request_id: object) -> Hashable:
+    try:
+        hash(request_id)
+    except TypeError:
+        raise InputError(f"request id {request_id!r} is not hashable (use an int, str or tuple)") from None
+    return request_id
+
+
 def _distinct(request_ids: Sequence[Hashable]) -> list[Hashable]:
-    ids = list(request_ids)
+    if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, (Sequence, np.ndarray)):
+        raise InputError(f"request_ids must be a sequence (list or tuple) of request ids, got {type(request_ids).__name__}")
+    ids = [rid.item() if isinstance(rid, np.generic) else rid for rid in request_ids]
     seen: set[Hashable] = set()
     for rid in ids:
-        if rid in seen:
+        if _hashable(rid) in seen:
             raise InputError(f"request id {rid!r} appears twice in one batch")
         seen.add(rid)
     return ids

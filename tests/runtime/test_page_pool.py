@@ -189,3 +189,46 @@ def test_bad_arguments():
     with pytest.raises(StateError, match="never allocated, or already freed"):
         pool.free(2)
     assert snapshot(pool) == (14, ((1, 5, (0, 1)),))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p: p.allocate(["x"], 1), "not hashable"),
+        (lambda p: p.allocate({"a": 1}, 1), "not hashable"),
+        (lambda p: p.free([1]), "not hashable"),
+        (lambda p: p.kv_len([1]), "not hashable"),
+        (lambda p: p.pages({1}), "not hashable"),
+        (lambda p: [1] in p, "not hashable"),
+        (lambda p: p.pages_needed([1], 2), "not hashable"),
+        (lambda p: p.allocate_step([[1], 2], 1), "not hashable"),
+        (lambda p: p.allocate_step("ab", 1), "request_ids must be a sequence"),
+        (lambda p: p.allocate_step(5, 1), "request_ids must be a sequence"),
+        (lambda p: p.allocate_step([1, 2], 1.5), "num_tokens must be an integer or a sequence"),
+        (lambda p: p.allocate_step([1, 2], [1, "2"]), "num_tokens must be a non-negative integer"),
+        (lambda p: p.allocate_step([1], [-1]), "num_tokens must be a non-negative integer"),
+        (lambda p: p.allocate_step([1], 1, pad_to=2.5), "pad_to must be a non-negative integer"),
+        (lambda p: p.allocate(1, 2.0), "num_tokens must be a non-negative integer"),
+        (lambda p: p.allocate(1, True), "num_tokens must be a non-negative integer"),
+        (lambda p: p.page_table([[1]]), "not hashable"),
+        (lambda p: p.page_table(7), "request_ids must be a sequence"),
+    ],
+)
+def test_malformed_arguments_are_input_errors_and_change_nothing(call, match):
+    pool = make_pool()
+    pool.allocate(1, 5)
+    before = snapshot(pool)
+    with pytest.raises(InputError, match=match):
+        call(pool)
+    assert snapshot(pool) == before
+
+
+def test_settings_must_be_settings():
+    with pytest.raises(InputError, match="settings must be a tilegraph.Settings"):
+        PagePool({"page_size": 4})
+
+
+def test_numpy_integer_ids_are_plain_ids():
+    pool = make_pool()
+    pool.allocate_step(np.array([3, 4]), 2)
+    assert pool.kv_len(3) == 2 and pool.page_table([np.int64(4)]).kv_last_page_len.tolist() == [2]
