@@ -3,7 +3,10 @@
 Tiles. Each request with qo_len q > 0 is cut into query tiles of ``q_tile`` tokens; query tile
 [t0, t1) of kv_head h needs the KV tokens [0, extent): all kv_len of them, or under causal masking
 (aligned to the end of the KV: query i sees positions <= kv_len - q + i) only the first
-``kv_len - q + t1``. A request with kv_len 0 (non-causal) still gets its tiles: they write zeros / -inf.
+``max(0, kv_len - q + t1)``. A request with kv_len 0 still gets its tiles: they write zeros / -inf.
+Causal qo_len > kv_len is allowed (FlashInfer's semantics; it arises with padding and chunked
+prefill): query rows i < q - kv_len see no key and get output 0 and LSE -inf, the rest attend
+normally; a query tile whose rows all see nothing has an empty KV range.
 
 Split-KV. With E = the sum of all tile extents, the chunk length is ``c = max(MIN_CHUNK_TOKENS,
 ceil(E / num_ctas))``; a tile with extent e > c becomes n = ceil(e / c) near-equal chunks, each
@@ -104,7 +107,7 @@ def _validate_ragged_kv(kv_indptr, buf, o_kv_indptr, o_kv_len, result):
 def _extent(kv_len, qo_len, t1, causal):
     """KV tokens the query tile ending at request-local token t1 needs."""
     if causal:
-        return kv_len - qo_len + t1
+        return max(np.int64(0), kv_len - qo_len + t1)  # rows before kv_len - qo_len + 1 see no key
     return kv_len
 
 
@@ -135,7 +138,7 @@ def _plan_core(qo_indptr, serial, params, buf, result):
     batch = qo_indptr.shape[0] - 1
     kv_len = buf[off[O_KV_LEN] : off[O_KV_LEN] + batch]
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
-    # pass 1: causal check, extents, totals
+    # pass 1: extents, totals
     extent_sum = np.int64(0)
     num_query_tiles = np.int64(0)
     kv_tokens = np.int64(0)
@@ -143,9 +146,6 @@ def _plan_core(qo_indptr, serial, params, buf, result):
         qo_len = np.int64(qo_indptr[r + 1]) - qo_indptr[r]
         length = np.int64(kv_len[r])
         kv_tokens += length
-        if causal and qo_len > length:
-            result[R_ERROR], result[R_INDEX], result[R_VALUE], result[R_VALUE2] = E_CAUSAL, r, qo_len, length
-            return
         for t0 in range(0, qo_len, q_tile):
             extent_sum += _extent(length, qo_len, min(qo_len, t0 + q_tile), causal)
             num_query_tiles += 1
@@ -341,11 +341,6 @@ def _raise_prefill(result: np.ndarray, layout: PrefillLayout, num_pages: int, ba
         raise InputError(f"qo_indptr must be non-decreasing, but qo_indptr[{index + 1}] < qo_indptr[{index}]")
     if code == E_QO_TOKENS:
         raise PlanError(f"qo_indptr[-1]={value} query tokens exceed max_num_tokens={layout.max_num_tokens} (Settings)")
-    if code == E_CAUSAL:
-        raise InputError(
-            f"request {index} has qo_len {value} > kv_len {int(result[R_VALUE2])}: causal attention needs "
-            "qo_len <= kv_len (the queries are the last qo_len KV positions)"
-        )
     if code == E_KV_START:
         raise InputError(f"kv_indptr[0] must be 0, got {value}")
     if code == E_KV_DECREASING:

@@ -154,14 +154,13 @@ def test_bad_out(planned, make_out, match):
         ([0, 3, 4], [0, 2, 3], [5, -1, 7], [3, 4], InputError, "kv_indices"),
         ([0, 3, 4], [0, 2, 3], [5, 1, 7], [0, 4], InputError, "kv_last_page_len"),
         ([0, 3, 4], [0, 2, 3], [5, 1, 7], [3, 5], InputError, "kv_last_page_len"),
-        ([0, 3, 9], [0, 2, 3], [5, 1, 7], [3, 4], InputError, "request 1 has qo_len 6 > kv_len 4"),
         ([0, 3, 11], [0, 2, 5], [5, 1, 7, 2, 3], [3, 4], PlanError, "max_num_tokens"),
         ([0, 1, 2, 3, 4], [0, 1, 2, 3, 3], [5, 1, 7], [3, 4, 1, 1], PlanError, "max_batch_size"),
         ([0, 1], [0, 7], [0, 1, 2, 3, 4, 5, 6], [1], PlanError, "max_page_refs"),
     ],
     ids=["indices-int64", "qo-int64", "indptr-int64", "last-length", "indptr-length", "qo-start", "qo-decreasing",
          "indptr-start", "indptr-decreasing", "indptr-beyond", "page-outside-pool", "page-negative", "last-zero",
-         "last-above-page-size", "causal-qo-beyond-kv", "tokens-too-many", "batch-too-big", "refs-too-many"],
+         "last-above-page-size", "tokens-too-many", "batch-too-big", "refs-too-many"],
 )  # fmt: skip
 def test_bad_tables(device, qo, indptr, indices, last, error, match):
     pre = tilegraph.BatchPrefill(SETTINGS, causal=True, device=device)
