@@ -1,4 +1,4 @@
-"""A small Llama-style decoder whose attention runs through tilegraph (random weights, any size).
+"""A small Llama-style model whose attention runs through tilegraph (random weights, any size).
 
     config = LlamaConfig.tiny()                                 # or LlamaConfig() (~1B, bf16)
     settings = config.attention_settings(page_size=16, max_batch_size=64, max_num_pages=4096)
@@ -6,10 +6,13 @@
     logits = model.forward({"token_ids": ids, "positions": pos}, paged)   # [B] int32 x2 -> [B, vocab] fp32
     # paged: the PagedAttention the step reads (tilegraph.serving.DecodeRunner builds and refreshes it)
 
-One call is one decode step: token ``i`` sits at ``positions[i]`` of request ``i``. Per layer: RMSNorm,
+One call is one serving step over n token rows: a decode step (row ``i`` is request ``i``'s next
+token, at ``positions[i]``; ``paged.decode`` plans it) or a mixed step of prompt chunks and decode
+tokens (``paged.prefill`` plans it: request r's rows are qo_indptr[r]:qo_indptr[r+1]; with
+``inputs["last_rows"]`` the logits are those of the rows it lists, each request's last). Per layer: RMSNorm,
 one fused QKV matmul, RoPE applied in place on the q and k slices (q, k, v stay strided views of the
 QKV output), ``append_kv`` of the new k/v into the paged cache, ``BatchDecode.run``, output
-projection; then RMSNorm and a SwiGLU MLP. Everything the step reads besides ``inputs`` lives in
+projection (``BatchDecode.run`` or ``BatchPrefill.run``); then RMSNorm and a SwiGLU MLP. Everything the step reads besides ``inputs`` lives in
 ``PagedAttention`` -- fixed tensors refreshed in place before each step -- so the step can be
 captured by ``tilegraph.GraphRunner``. No ``.item()``, no host sync, no shape that depends on data.
 """
@@ -26,6 +29,7 @@ from tilegraph._device import resolve_device
 from tilegraph.append import append_kv
 from tilegraph.decode import BatchDecode
 from tilegraph.errors import InputError
+from tilegraph.prefill import BatchPrefill
 from tilegraph.settings import TORCH_DTYPES, DTypeName, Settings
 
 
@@ -136,12 +140,21 @@ class PagedAttention:
     the life of the object (CUDA graphs replay against them); the serving loop refreshes the int32
     tables in place and plans ``decode`` before each step."""
 
-    decode: BatchDecode  # one for all layers: planned once per step
+    decode: BatchDecode | None  # one for all layers: planned once per step (decode steps)
     kv_cache: torch.Tensor  # [num_layers, ...] (allocate_kv_cache)
-    batch_indices: torch.Tensor  # [max_batch_size] int32: append row -> request of the batch; -1 = padding
+    batch_indices: torch.Tensor  # [rows] int32: append row -> request of the batch; -1 = padding
     kv_indptr: torch.Tensor  # [max_batch_size + 1] int32 (past the batch: repeats its last value)
     kv_indices: torch.Tensor  # [max_page_refs] int32
     check_values: bool = False  # host-validate append indices (CPU eager only; never under a graph)
+    prefill: BatchPrefill | None = None  # instead of decode: mixed steps (prompt chunks + decode tokens)
+
+    @property
+    def attention(self) -> BatchDecode | BatchPrefill:
+        """The attention object every layer runs this step."""
+        attention = self.prefill if self.prefill is not None else self.decode
+        if attention is None:
+            raise InputError("PagedAttention needs decode= or prefill=")
+        return attention
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,7 +179,8 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 
 class LlamaDecoder:
-    """The decode step of a Llama-style model; holds weights and RoPE tables, no per-request state."""
+    """One serving step of a Llama-style model (decode or mixed prefill/decode); holds weights and
+    RoPE tables, no per-request state."""
 
     def __init__(self, config: LlamaConfig, device: str | torch.device | None = None, weights: LlamaWeights | None = None):
         self.config = config
@@ -177,7 +191,9 @@ class LlamaDecoder:
     def forward(self, inputs: dict[str, torch.Tensor], paged: PagedAttention) -> torch.Tensor:
         """inputs: ``token_ids`` and ``positions``, int32 [n] on the model's device -> logits float32 [n, vocab].
 
-        ``paged.decode`` must hold a plan for this batch (n rows, or n = its padded bucket)."""
+        ``paged.attention`` must hold a plan for these n rows (or n = its padded bucket). With
+        ``inputs["last_rows"]`` (int32 [n]) the logits are those of rows ``last_rows`` (row j of the
+        result is row last_rows[j]'s): a mixed step keeps each request's last token."""
         cfg, w = self.config, self.weights
         positions = inputs["positions"]
         cos, sin = self._rope(positions)
@@ -187,6 +203,8 @@ class LlamaDecoder:
             out = self._attend(index, q, k, v, positions, paged)
             h = h + F.linear(out.view(out.shape[0], -1), layer.wo)
             h = h + self._mlp(layer, rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps))
+        if "last_rows" in inputs:
+            h = h.index_select(0, inputs["last_rows"])
         return F.linear(rms_norm(h, w.final_norm, cfg.rms_norm_eps), w.lm_head).float()
 
     def first_layer_attention(self, inputs: dict[str, torch.Tensor], paged: PagedAttention) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,10 +238,10 @@ class LlamaDecoder:
     def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 paged: PagedAttention) -> torch.Tensor:  # fmt: skip
         cache = paged.kv_cache[index]
-        settings = paged.decode.settings
+        attention = paged.attention
         append_kv(k, v, cache, paged.batch_indices[: k.shape[0]], positions, paged.kv_indptr, paged.kv_indices,
-                  settings, check_values=paged.check_values)  # fmt: skip
-        return paged.decode.run(q, cache)
+                  attention.settings, check_values=paged.check_values)  # fmt: skip
+        return attention.run(q, cache)
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)

@@ -2,13 +2,17 @@
 one plan plus one forward (eager) or one graph replay.
 
     settings = config.attention_settings(page_size=16, max_batch_size=64, max_num_pages=4096)
-    runner = DecodeRunner(LlamaDecoder(config, device), settings, mode="graphs")   # captures here
+    runner = ChunkedRunner(LlamaDecoder(config, device), settings, mode="graphs")  # captures here
     result = serve(runner, [Request(0, prompt=(1, 2, 3), max_new_tokens=8), ...])
     result.tokens[0]        # the greedy tokens of request 0
+    result.ttft_s(0), result.itl_s(0)   # its time to first token and mean inter-token latency
 
-The loop does not use BatchPrefill (yet): a prompt is fed one token per step through the same decode step as
-generated tokens (its K/V is appended like theirs); the logits of every prompt token but the last
-are ignored. Sampling is greedy.
+Two runners: ``ChunkedRunner`` (tilegraph.serving.chunked) sends prompts through ``BatchPrefill`` in
+chunks alongside the running decodes, up to ``max_step_tokens`` token rows per step (decoding
+requests first, one row each, then prompt chunks first come first served), the way serving
+engines schedule chunked prefill; ``DecodeRunner`` feeds a prompt one token per step through the
+decode step, like the generated tokens. Either way a request's logits are those of its last row of
+the step, and only a step that reaches the end of its prompt samples a token. Sampling is greedy.
 
 Modes of ``DecodeRunner``:
   * ``eager``: plan B requests, run the forward on B rows.
@@ -25,7 +29,7 @@ import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 import torch
@@ -38,22 +42,26 @@ from tilegraph.page_pool import AppendIndices, PagePool, PageTable, PoolExhauste
 from tilegraph.serving.reference import decode_reference, relative_error
 from tilegraph.settings import Settings
 
+if TYPE_CHECKING:
+    from .chunked import ChunkedRunner
+
 Mode = Literal["eager", "eager_padded", "graphs"]
 MODES: tuple[Mode, ...] = ("eager", "eager_padded", "graphs")
 
 
 class StepBuffers:
-    """The int32 arrays one decode step reads on the device, at fixed addresses: token ids,
-    positions, append rows (batch index; -1 past the batch) and the page table.
+    """The int32 arrays one step reads on the device, at fixed addresses: token ids, positions,
+    append rows (batch index; -1 past the batch), each request's last row, and the page table.
+    ``rows``: token rows per step (default max_batch_size: one per request).
 
     ``load()`` fills a host staging buffer (two alternate; pinned on a GPU, an event keeps each
     from being rewritten while its copy is in flight) and issues ONE async host-to-device copy on
     the current stream -- the stream the following plan upload and replay run on."""
 
-    def __init__(self, settings: Settings, device: torch.device) -> None:
-        rows = settings.max_batch_size
-        sizes = {"token_ids": rows, "positions": rows, "batch_indices": rows,
-                 "kv_indptr": rows + 1, "kv_indices": settings.max_page_refs}  # fmt: skip
+    def __init__(self, settings: Settings, device: torch.device, rows: int | None = None) -> None:
+        rows = settings.max_batch_size if rows is None else int(rows)
+        sizes = {"token_ids": rows, "positions": rows, "batch_indices": rows, "last_rows": rows,
+                 "kv_indptr": settings.max_batch_size + 1, "kv_indices": settings.max_page_refs}  # fmt: skip
         self.offsets: dict[str, tuple[int, int]] = {}
         start = 0
         for name, size in sizes.items():
@@ -66,17 +74,21 @@ class StepBuffers:
         self._staging = [torch.zeros(start, dtype=torch.int32, pin_memory=on_gpu) for _ in range(2)]
         self._copy_done = [torch.cuda.Event() if on_gpu else None for _ in range(2)]
         self._next = 0
-        self.max_batch_size, self.max_page_refs = rows, settings.max_page_refs
+        self.rows, self.max_batch_size, self.max_page_refs = rows, settings.max_batch_size, settings.max_page_refs
 
-    def inputs(self, rows: int) -> dict[str, torch.Tensor]:
-        """The forward's inputs: views of the first ``rows`` token ids and positions."""
-        return {"token_ids": self.views["token_ids"][:rows], "positions": self.views["positions"][:rows]}
+    def inputs(self, rows: int, last_rows: bool = False) -> dict[str, torch.Tensor]:
+        """The forward's inputs: views of the first ``rows`` token ids and positions (and, with
+        ``last_rows``, of the rows whose logits the step keeps)."""
+        names = ("token_ids", "positions", "last_rows") if last_rows else ("token_ids", "positions")
+        return {name: self.views[name][:rows] for name in names}
 
-    def load(self, token_ids: np.ndarray, append: AppendIndices, table: PageTable) -> None:
-        batch_size, num_refs = len(token_ids), len(table.kv_indices)
-        if batch_size > self.max_batch_size or num_refs > self.max_page_refs:
-            raise PlanError(f"a step of {batch_size} requests over {num_refs} pages exceeds max_batch_size="
-                            f"{self.max_batch_size} or max_page_refs={self.max_page_refs}")  # fmt: skip
+    def load(self, token_ids: np.ndarray, append: AppendIndices, table: PageTable, last_rows: np.ndarray | None = None) -> None:
+        """Stage one step's arrays and copy them to the device (ONE async copy). ``last_rows``: each
+        request's last token row (default: row i is request i's only row)."""
+        num_rows, num_refs, batch_size = len(token_ids), len(table.kv_indices), len(table.kv_last_page_len)
+        if num_rows > self.rows or batch_size > self.max_batch_size or num_refs > self.max_page_refs:
+            raise PlanError(f"a step of {num_rows} token rows of {batch_size} requests over {num_refs} pages exceeds "
+                            f"rows={self.rows}, max_batch_size={self.max_batch_size} or max_page_refs={self.max_page_refs}")  # fmt: skip
         index, self._next = self._next, self._next ^ 1
         done = self._copy_done[index]
         if done is not None:
@@ -85,6 +97,7 @@ class StepBuffers:
         self._put(host, "token_ids", token_ids, 0)
         self._put(host, "positions", append.positions, 0)
         self._put(host, "batch_indices", append.batch_indices, -1)
+        self._put(host, "last_rows", np.arange(num_rows, dtype=np.int32) if last_rows is None else last_rows, 0)
         self._put(host, "kv_indptr", table.kv_indptr, int(table.kv_indptr[-1]))
         used = self.offsets["kv_indices"][0] + num_refs
         host[self.offsets["kv_indices"][0] : used] = table.kv_indices
@@ -118,6 +131,7 @@ class DecodeRunner:
             check_values=device.type == "cpu" and mode != "graphs",
         )
         self.buckets = settings.graph_batch_sizes
+        self.max_step_tokens: int | None = None  # one token row per request per step
         self.graphs: GraphRunner | None = None
         if mode == "graphs":
             example = self.buffers.inputs(1)
@@ -135,20 +149,27 @@ class DecodeRunner:
         index = bisect.bisect_left(self.buckets, batch_size)
         return self.buckets[index] if index < len(self.buckets) else None
 
-    def step(self, token_ids: np.ndarray, append: AppendIndices, table: PageTable) -> torch.Tensor:
+    def step(self, token_ids: np.ndarray, append: AppendIndices, table: PageTable, qo_lens: Sequence[int] | None = None) -> torch.Tensor:
         """Logits float32 [B, vocab] of one step (a view the next step overwrites in mode graphs).
 
         token_ids int32 [B]: each request's token at ``append.positions``; ``append`` and ``table``
-        from ``PagePool.allocate_step`` / ``page_table`` (one new token per request)."""
+        from ``PagePool.allocate_step`` / ``page_table`` (one new token per request; ``qo_lens``, if
+        given, must be all ones)."""
         batch_size = len(token_ids)
+        if qo_lens is not None and any(n != 1 for n in qo_lens):
+            raise InputError("DecodeRunner takes one token per request per step (use ChunkedRunner for prompt chunks)")
         self.buffers.load(token_ids, append, table)
         if self.graphs is not None:
             return self.graphs.run(self.buffers.inputs(batch_size), *table)
         rows = batch_size
         if self.mode == "eager_padded":
             rows = self.bucket_for(batch_size) or batch_size
-        self.decode.plan(*table, padded_batch_size=rows)
+        self.plan(table, [1] * batch_size, rows)
         return self.forward(self.buffers.inputs(rows))[:batch_size]
+
+    def plan(self, table: PageTable, qo_lens: Sequence[int], rows: int | None = None) -> None:
+        """Plan the attention of one step (``rows``: the padded row count; None: no padding)."""
+        self.decode.plan(*table, padded_batch_size=rows)
 
 
 @dataclass(frozen=True)
@@ -171,9 +192,15 @@ class _Running:
     output: list[int] = field(default_factory=list)
 
     @property
-    def next_token(self) -> int:
+    def prompt_left(self) -> int:
+        return max(0, len(self.request.prompt) - self.num_fed)
+
+    def next_tokens(self, n: int) -> list[int]:
+        """The n tokens it feeds next: the rest of its prompt, or its last generated token."""
         prompt = self.request.prompt
-        return prompt[self.num_fed] if self.num_fed < len(prompt) else self.output[-1]
+        if self.num_fed < len(prompt):
+            return list(prompt[self.num_fed : self.num_fed + n])
+        return [self.output[-1]]
 
 
 @dataclass
@@ -183,13 +210,33 @@ class LoopResult:
     batch_sizes: list[int]
     joined_at: dict[int, int]  # request id -> step it joined
     finished_at: dict[int, int]  # request id -> step it produced its last token
+    token_steps: dict[int, list[int]] = field(default_factory=dict)  # request id -> step of each of its tokens
+    step_tokens: list[int] = field(default_factory=list)  # token rows of each step
 
     @property
     def num_steps(self) -> int:
         return len(self.step_s)
 
+    def _end_s(self, step: int) -> float:
+        return float(np.sum(self.step_s[: step + 1]))
 
-def serve(runner: DecodeRunner, requests: Sequence[Request], pool: PagePool | None = None,
+    def ttft_s(self, request_id: int) -> float:
+        """Time to first token: loop seconds from the start of the step the request joined to the end
+        of the step that sampled its first token (idle gaps between arrivals are not counted)."""
+        steps = self.token_steps[request_id]
+        joined = self.joined_at[request_id]
+        return self._end_s(steps[0]) - (self._end_s(joined - 1) if joined else 0.0)
+
+    def itl_s(self, request_id: int) -> float | None:
+        """Mean inter-token latency: seconds between its first and last token over the gaps (None
+        for a request with a single token)."""
+        steps = self.token_steps[request_id]
+        if len(steps) < 2:
+            return None
+        return (self._end_s(steps[-1]) - self._end_s(steps[0])) / (len(steps) - 1)
+
+
+def serve(runner: "DecodeRunner | ChunkedRunner", requests: Sequence[Request], pool: PagePool | None = None,
           max_steps: int | None = None) -> LoopResult:  # fmt: skip
     """Run ``requests`` to completion (or ``max_steps`` steps, leaving the rest live in ``pool``).
 
@@ -200,7 +247,7 @@ def serve(runner: DecodeRunner, requests: Sequence[Request], pool: PagePool | No
     _check_requests(requests, runner)
     waiting = deque(sorted(requests, key=lambda r: r.arrival_step))
     running: list[_Running] = []
-    result = LoopResult({r.request_id: [] for r in requests}, [], [], {}, {})
+    result = LoopResult({r.request_id: [] for r in requests}, [], [], {}, {}, {r.request_id: [] for r in requests})
     step = 0
     while (waiting or running) and (max_steps is None or result.num_steps < max_steps):
         _admit(waiting, running, pool, runner.settings, step, result.joined_at)
@@ -211,17 +258,20 @@ def serve(runner: DecodeRunner, requests: Sequence[Request], pool: PagePool | No
             step = waiting[0].arrival_step  # idle until the next arrival
             continue
         start = time.perf_counter()
-        ids = [r.request.request_id for r in running]
-        append = pool.allocate_step(ids)
+        batch, counts = _schedule(running, runner.max_step_tokens)
+        ids = [r.request.request_id for r in batch]
+        append = pool.allocate_step(ids, counts)
         table = pool.page_table(ids)
-        token_ids = np.array([r.next_token for r in running], dtype=np.int32)
-        next_tokens = runner.step(token_ids, append, table).argmax(dim=-1).tolist()
+        token_ids = np.array([t for r, n in zip(batch, counts) for t in r.next_tokens(n)], dtype=np.int32)
+        next_tokens = runner.step(token_ids, append, table, counts).argmax(dim=-1).tolist()
         result.step_s.append(time.perf_counter() - start)
-        result.batch_sizes.append(len(running))
-        for r, token in zip(running, next_tokens):
-            r.num_fed += 1
-            if r.num_fed >= len(r.request.prompt):  # earlier prompt tokens: logits ignored
+        result.batch_sizes.append(len(batch))
+        result.step_tokens.append(len(token_ids))
+        for r, n, token in zip(batch, counts, next_tokens):
+            r.num_fed += n
+            if r.num_fed >= len(r.request.prompt):  # a step inside the prompt: its logits are ignored
                 r.output.append(token)
+                result.token_steps[r.request.request_id].append(step)
         for r in [r for r in running if len(r.output) == r.request.max_new_tokens]:
             running.remove(r)
             pool.free(r.request.request_id)
@@ -231,6 +281,22 @@ def serve(runner: DecodeRunner, requests: Sequence[Request], pool: PagePool | No
     for r in running:  # cut by max_steps: what they have so far
         result.tokens[r.request.request_id] = r.output
     return result
+
+
+def _schedule(running: list[_Running], max_step_tokens: int | None) -> tuple[list[_Running], list[int]]:
+    """Who feeds how many token rows this step: with no token budget, every running request one;
+    else decoding requests one each, then prompt chunks in arrival order until the budget is spent
+    (a request left with 0 rows sits the step out)."""
+    if max_step_tokens is None:
+        return running, [1] * len(running)
+    counts = {id(r): 1 for r in running if r.prompt_left == 0}
+    budget = max_step_tokens - len(counts)
+    for r in running:
+        if r.prompt_left and budget > 0:
+            counts[id(r)] = min(r.prompt_left, budget)
+            budget -= counts[id(r)]
+    batch = [r for r in running if id(r) in counts]
+    return batch, [counts[id(r)] for r in batch]
 
 
 def _check_requests(requests: Sequence[Request], runner: DecodeRunner) -> None:
@@ -271,7 +337,7 @@ def _admit(waiting: deque[Request], running: list[_Running], pool: PagePool, set
         still_needed += need
 
 
-def attention_error(runner: DecodeRunner, pool: PagePool, token_ids: Sequence[int]) -> float:
+def attention_error(runner: "DecodeRunner | ChunkedRunner", pool: PagePool, token_ids: Sequence[int]) -> float:
     """One more eager step for the pool's live requests that stops at layer 0's attention output and
     compares it with the float64 reference over the cache gathered from the page table (the step's
     own k/v included). ``token_ids``: any tokens, in pool order (the check ends their decoding).
@@ -282,7 +348,7 @@ def attention_error(runner: DecodeRunner, pool: PagePool, token_ids: Sequence[in
     append = pool.allocate_step(ids)
     table = pool.page_table(ids)
     runner.buffers.load(np.asarray(token_ids, dtype=np.int32), append, table)
-    runner.decode.plan(*table)
+    runner.plan(table, [1] * len(ids))
     q, out = runner.model.first_layer_attention(runner.buffers.inputs(len(ids)), runner.paged)
     expected, _ = decode_reference(q, runner.paged.kv_cache[0], runner.settings, *table)
     return relative_error(out, expected)

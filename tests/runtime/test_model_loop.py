@@ -12,7 +12,8 @@ import tilegraph
 from tilegraph.errors import InputError
 from tilegraph.serving.llama import LlamaConfig, LlamaDecoder, allocate_kv_cache, rms_norm
 from tilegraph.page_pool import PagePool
-from tilegraph.serving.reference import attention_reference, decode_reference, relative_error
+from tilegraph.serving.reference import dense_llama_logits as dense_logits
+from tilegraph.serving.reference import decode_reference, relative_error
 from tilegraph.serving import DecodeRunner, Request, attention_error, serve
 
 DEVICE = torch.device("cpu" if tilegraph.SIMULATOR else "cuda")
@@ -40,33 +41,6 @@ def run(model, settings, requests, mode):
     result = serve(runner, requests, pool)
     assert pool.request_ids == [] and pool.num_free_pages == settings.max_num_pages, "pages leaked"
     return runner, result
-
-
-def dense_logits(model: LlamaDecoder, tokens: list[int]) -> torch.Tensor:
-    """The same model in float64 over a whole sequence, dense causal attention: logits [T, vocab]."""
-    cfg, w = model.config, model.weights
-    hq, hkv, d = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim
-    n = len(tokens)
-    h = w.embed.double().cpu()[torch.tensor(tokens)]
-    cos, sin = (t.double().cpu()[:n, None, :] for t in (model.rope_cos, model.rope_sin))
-
-    def rope(x):
-        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-    def norm(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * weight.double().cpu()
-
-    for layer in w.layers:
-        qkv = norm(h, layer.attn_norm) @ layer.wqkv.double().cpu().T
-        q = rope(qkv[:, : hq * d].view(n, hq, d))
-        k = rope(qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d))
-        v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
-        out, _ = attention_reference(q, k, v, d**-0.5, causal_offset=0)
-        h = h + out.reshape(n, -1) @ layer.wo.double().cpu().T
-        gate, up = (norm(h, layer.mlp_norm) @ layer.w_gate_up.double().cpu().T).chunk(2, dim=-1)
-        h = h + (torch.nn.functional.silu(gate) * up) @ layer.w_down.double().cpu().T
-    return norm(h, w.final_norm) @ w.lm_head.double().cpu().T
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_softmax_free_has_no_lse(device):
 
 
 def test_variant_and_hooks_exclusive(device):
-    from tilegraph.kernels.decode_variants_for_check import CHECK_HOOKS
+    from tilegraph.kernels.compile_spec import DECODE_CHECK_HOOKS as CHECK_HOOKS
 
     with pytest.raises(InputError, match="either variant= or hooks="):
         tilegraph.BatchDecode(SETTINGS, variant=V.soft_cap(), hooks=CHECK_HOOKS, device=device)
