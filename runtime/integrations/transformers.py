@@ -79,8 +79,19 @@ def clear_attention_objects() -> None:
 def tilegraph_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """transformers' ``sdpa_mask`` (boolean [B, 1, q_len, kv_len]), never skipped for ``is_causal``:
     a skipped mask would leave the causal alignment ambiguous (static caches align it to the start)."""
+    _refuse_config(kwargs.get("config"))
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
+
+
+def _refuse_config(config: Any) -> None:
+    """What the model's config already rules out, before its first attention call."""
+    qk, v = getattr(config, "qk_head_dim", None), getattr(config, "v_head_dim", None)
+    if isinstance(qk, int) and isinstance(v, int) and qk != v:
+        raise InputError(
+            f"{type(config).__name__}: qk_head_dim={qk} != v_head_dim={v}: tilegraph's kernels take one head_dim "
+            "for q, k and v (this model needs another attn_implementation)"
+        )
 
 
 def tilegraph_attention(
