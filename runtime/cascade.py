@@ -18,8 +18,10 @@ concatenation, level 0 first, of the KV of every entry containing it.
 Each level runs as one BatchPrefill (a group's rows form one prefill request over the group's
 prefix), and the levels' (out, LSE) states are merged in place with ``merge_state_in_place``
 (an empty level gives LSE -inf and contributes nothing). ``causal``: the last level is causally
-masked (aligned to the end of the suffix; every prefix level is fully visible), so a request's
-qo_len may not exceed its suffix length.
+masked (aligned to the end of the suffix; every prefix level is fully visible). A request with
+more query rows than suffix tokens is allowed (FlashInfer's semantics, per level): its first
+qo_len - suffix_len rows see no suffix key, the last level gives them LSE -inf, and they attend the
+shared levels only.
 
 All levels are planned by one ``plan()`` call, all or nothing: every error is raised before any
 level's plan is staged, and the previous plan then stays in force. Variants (``variant=``, a ``tilegraph.Variant``): the result is flat attention with that variant
@@ -193,8 +195,7 @@ class CascadeAttention:
         try:
             return level.make_plan(*table, serial=serial)
         except (InputError, PlanError) as err:
-            hint = " (the causal last level: a request's qo_len must not exceed its suffix)" if level.causal else ""
-            raise type(err)(f"levels[{index}]: {err}{hint}") from None
+            raise type(err)(f"levels[{index}]: {err}") from None
 
     # ---- run -------------------------------------------------------------------------------------
 

@@ -144,12 +144,19 @@ def check_groups(qo: list[np.ndarray]) -> int:
 
 
 def request_kv_len(group_qo: np.ndarray, request_qo: np.ndarray, table: tuple[np.ndarray, ...], page_size: int) -> np.ndarray:
-    """int64 [num_requests]: the KV tokens of the group (of one level) each request belongs to."""
+    """int64 [num_requests]: the KV tokens each request attends at one level -- its group's (the last
+    level: its own entry's). A request with no query rows attends nothing: 0 (its group is not
+    defined by rows, and flat attention would read nothing for it either)."""
     _, kv_indptr, _, last = table
     pages = np.diff(kv_indptr.astype(np.int64))
-    entry_len = np.where(pages > 0, (pages - 1) * page_size + last, 0)
+    entry_len = np.where(pages > 0, (pages - 1) * page_size + last, 0).astype(np.int64)
+    request_qo = request_qo.astype(np.int64)
     num_requests = len(request_qo) - 1
-    if len(entry_len) == 0:
+    if len(entry_len) == 0 or num_requests == 0:
         return np.zeros(num_requests, np.int64)
-    entry = np.searchsorted(group_qo, request_qo[:-1], side="right") - 1
-    return entry_len[np.clip(entry, 0, len(entry_len) - 1)].astype(np.int64)
+    if len(group_qo) == len(request_qo) and np.array_equal(group_qo, request_qo):
+        lengths = entry_len  # the last level: entry r is request r
+    else:
+        entry = np.searchsorted(group_qo, request_qo[:-1], side="right") - 1
+        lengths = entry_len[np.clip(entry, 0, len(entry_len) - 1)]
+    return np.where(np.diff(request_qo) > 0, lengths, 0).astype(np.int64)

@@ -199,8 +199,7 @@ def test_bounds_and_order(device):
     with pytest.raises(tilegraph.PlanError, match="max_num_tokens"):
         cascade.plan(good_tables(), padded_num_tokens=33)
     causal = CascadeAttention(SETTINGS, num_levels=2, causal=True, device=device)
-    with pytest.raises(tilegraph.InputError, match=r"levels\[1\]: request 1 has qo_len 1 > kv_len 0.*suffix"):
-        causal.plan(good_tables())
+    causal.plan(good_tables())  # request 1 has 1 row over an empty suffix: allowed (tests/runtime/test_cascade_reliability.py)
     cascade.graph_set_capturing(True)
     with pytest.raises(tilegraph.StateError, match="capture"):
         cascade.plan(good_tables())
