@@ -163,3 +163,69 @@ def _mma(ab_type):
 
 mma_f16_16816 = _mma("f16")
 mma_bf16_16816 = _mma("bf16")
+
+
+# ---- cp.async: 16-byte global -> shared copies, completed by commit/wait groups (sm_80+) --------
+
+
+def _element_pointer(context, builder, ary_ty, ary, idx, idx_ty):
+    ary_struct = context.make_array(ary_ty)(context, builder, value=ary)
+    idx64 = context.cast(builder, idx, idx_ty, types.int64)
+    return cgutils.get_item_pointer(context, builder, ary_ty, ary_struct, [idx64], wraparound=False)
+
+
+@intrinsic
+def cp_async_16(typingctx, dst, dst_index, src, src_index, valid):
+    """cp.async.cg.shared.global 16 B: src[src_index:+4] -> dst[dst_index:+4] (int32 word arrays;
+    dst in shared memory, 16-byte aligned); ``valid`` false: src-size 0, the 16 bytes are zero-filled
+    and nothing is read."""
+    for ary in (dst, src):
+        if not (isinstance(ary, types.Array) and ary.ndim == 1 and ary.dtype == types.int32):
+            return None
+    if not all(isinstance(t, (types.Integer, types.Boolean)) for t in (dst_index, src_index, valid)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst_ty, di_ty, src_ty, si_ty, valid_ty = sig.args
+        dst_v, di, src_v, si, ok = args
+        dptr = _element_pointer(context, builder, dst_ty, dst_v, di, di_ty)
+        sptr = _element_pointer(context, builder, src_ty, src_v, si, si_ty)
+        shared_ptr = builder.addrspacecast(dptr, ir.PointerType(_I32, 3))
+        saddr = builder.ptrtoint(shared_ptr, _I32)
+        ok32 = context.cast(builder, ok, valid_ty, types.int32)
+        size = builder.select(builder.icmp_signed("!=", ok32, ir.Constant(_I32, 0)), ir.Constant(_I32, 16), ir.Constant(_I32, 0))
+        fn_type = ir.FunctionType(ir.VoidType(), [_I32, sptr.type, _I32])
+        text = "{.reg .u64 g; cvta.to.global.u64 g, $1; cp.async.cg.shared.global [$0], [g], 16, $2;}"
+        builder.call(ir.InlineAsm(fn_type, text, "r,l,r,~{memory}", side_effect=True), [saddr, sptr, size])
+        return context.get_dummy_value()
+
+    return types.none(dst, dst_index, src, src_index, valid), codegen
+
+
+@intrinsic
+def cp_async_commit(typingctx):
+    """cp.async.commit_group: close the thread's open group of copies."""
+
+    def codegen(context, builder, sig, args):
+        fn_type = ir.FunctionType(ir.VoidType(), [])
+        builder.call(ir.InlineAsm(fn_type, "cp.async.commit_group;", "~{memory}", side_effect=True), [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+def cp_async_wait_group(pending: int):
+    """An intrinsic ``wait()``: cp.async.wait_group ``pending`` (a compile-time count)."""
+    n = int(pending)
+
+    @intrinsic
+    def wait(typingctx):
+        def codegen(context, builder, sig, args):
+            fn_type = ir.FunctionType(ir.VoidType(), [])
+            asm = ir.InlineAsm(fn_type, f"cp.async.wait_group {n};", "~{memory}", side_effect=True)
+            builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return types.none(), codegen
+
+    return wait

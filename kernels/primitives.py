@@ -15,6 +15,11 @@ Data convention: every tensor a kernel reads or writes arrives as a flat **int32
     ex2(x) -> 2**x                                                          (ex2.approx.ftz.f32)
     shfl_xor_sync(mask, value, lane_mask), shfl_sync(mask, value, src_lane) (shfl.sync)
     mma_f16_16816 / mma_bf16_16816(a0..a3, b0, b1, c0..c3) -> (d0..d3)      (mma.sync m16n8k16)
+    cp_async_16(dst_shared, di, src, si, valid)  16 B global -> shared, zeros if not valid
+                                                                            (cp.async.cg, src-size 0/16)
+    cp_async_commit(); cp_async_wait_group(n)() -> a wait for all but n groups (commit/wait_group)
+        simulator: copies land LATE, only at the wait that covers them (kernels._sim_async)
+    load_shared_row8(words, w0, kind, dst)   8 elements from a shared word array, widened
 """
 
 from __future__ import annotations
@@ -31,7 +36,22 @@ F16, BF16, F32 = 0, 1, 2
 DTYPE_CODES = {"float16": F16, "bfloat16": BF16, "float32": F32}
 
 if SIMULATOR:
+    from . import _sim_async
     from ._sim_warp import exchange as _exchange
+
+    def cp_async_16(dst, dst_index, src, src_index, valid):
+        _sim_async.copy(dst, dst_index, src, src_index, valid)
+
+    def cp_async_commit():
+        _sim_async.commit()
+
+    def cp_async_wait_group(pending):
+        n = int(pending)
+
+        def wait():
+            _sim_async.wait(n)
+
+        return wait
 
     def load_16b(words, i):
         if i % 4:
@@ -119,6 +139,9 @@ if SIMULATOR:
 else:
     from ._ptx import (  # noqa: F401  (re-exported)
         bits_to_f32,
+        cp_async_16,
+        cp_async_commit,
+        cp_async_wait_group,
         ex2,
         f32_to_bits,
         load_16b,
@@ -188,6 +211,20 @@ def load_row8(words, w0, kind, dst):
 
 
 @cuda.jit(device=True, inline="always")
+def load_shared_row8(words, w0, kind, dst):
+    """Widen 8 consecutive elements starting at word ``w0`` of a (shared) word array into ``dst[0:8]``."""
+    if kind == F32:
+        for k in range(8):
+            dst[k] = bits_to_f32(words[w0 + k])
+    elif kind == F16:
+        for k in range(4):
+            dst[2 * k], dst[2 * k + 1] = unpack_f16x2(words[w0 + k])
+    else:
+        for k in range(4):
+            dst[2 * k], dst[2 * k + 1] = unpack_bf16x2(words[w0 + k])
+
+
+@cuda.jit(device=True, inline="always")
 def store_row8(words, w0, kind, src):
     """Narrow ``src[0:8]`` (fp32) to ``kind`` and store at word ``w0`` of a word view."""
     if kind == F32:
@@ -225,6 +262,10 @@ __all__ = [
     "shfl_sync",
     "mma_f16_16816",
     "mma_bf16_16816",
+    "cp_async_16",
+    "cp_async_commit",
+    "cp_async_wait_group",
+    "load_shared_row8",
     "warp_sum",
     "warp_max",
     "load_row8",

@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from numba import float32
+from numba import float32, int32
 
-from tilegraph._device import cuda, resolve_device
+from tilegraph._device import SIMULATOR, cuda, resolve_device
 
 from .compile_spec import CompileSpec
 from .launch import launch
@@ -24,6 +24,9 @@ from .primitives import (
     F32,
     FULL_MASK,
     bits_to_f32,
+    cp_async_16,
+    cp_async_commit,
+    cp_async_wait_group,
     ex2,
     f32_to_bits,
     load_16b,
@@ -141,6 +144,46 @@ def make_mma_kernel(kind: int) -> Callable[..., Any]:
     return mma_kernel
 
 
+#: cp.async self-test modes: which waits run after the two commit groups (A then B)
+CP_ASYNC_WAITS = ("all", "first", "none")  # wait_group 0 / wait_group 1 (A only) / no wait (a bug)
+
+
+def make_cp_async_kernel(waits: str, block: int) -> Callable[..., Any]:
+    """One block of ``block`` threads; thread i poisons its two shared slots (-1), then copies group A
+    (src[4i:4i+4], zero-filled when i % 3 == 0) and group B (src[4*block + 4i:+4]) by cp.async, runs
+    the ``waits`` mode, a barrier, and writes its NEIGHBOUR's slots (i + 1) % block to out[A | B]."""
+    if waits not in CP_ASYNC_WAITS:
+        raise ValueError(f"waits={waits!r}: one of {CP_ASYNC_WAITS}")
+    WAIT_ALL, WAIT_FIRST, B, SIM, WORDS = waits == "all", waits == "first", block, SIMULATOR, 8 * block
+    wait_0, wait_1 = cp_async_wait_group(0), cp_async_wait_group(1)
+
+    def cp_async_kernel(src, out):
+        i = cuda.threadIdx.x
+        if SIM:
+            sh = cuda.shared.array(WORDS, int32)
+        else:
+            sh = cuda.shared.array(WORDS, int32, alignment=16)
+        for w in range(4):
+            sh[4 * i + w] = -1
+            sh[4 * B + 4 * i + w] = -1
+        cuda.syncthreads()
+        cp_async_16(sh, 4 * i, src, 4 * i, i % 3 != 0)
+        cp_async_commit()
+        cp_async_16(sh, 4 * B + 4 * i, src, 4 * B + 4 * i, True)
+        cp_async_commit()
+        if WAIT_ALL:
+            wait_0()
+        if WAIT_FIRST:
+            wait_1()
+        cuda.syncthreads()
+        j = (i + 1) % B
+        for w in range(4):
+            out[4 * i + w] = sh[4 * j + w]
+            out[4 * B + 4 * i + w] = sh[4 * B + 4 * j + w]
+
+    return cp_async_kernel
+
+
 _PLAIN = {
     "unpack": unpack_kernel,
     "pack": pack_kernel,
@@ -157,6 +200,9 @@ def _jitted(name: str, kind: int = -1) -> Any:
         return cuda.jit(make_row8_kernel(kind))
     if name == "mma":
         return cuda.jit(make_mma_kernel(kind))
+    if name.startswith("cp_async."):
+        _, waits, block = name.split(".")
+        return cuda.jit(make_cp_async_kernel(waits, int(block)))
     return cuda.jit(_PLAIN[name])
 
 
@@ -233,6 +279,22 @@ def run_mma(
     args = (a_words.reshape(-1), b_words.reshape(-1), c.reshape(-1), d)
     _launch("mma", _jitted("mma", kind), lanes, lanes, args)
     return d.view(32, 4)
+
+
+def run_cp_async(src: torch.Tensor, waits: str = "all", block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 src [8 * block] -> (group A words [block, 4], group B words [block, 4]) as thread i saw
+    its neighbour's slots after ``waits`` (see make_cp_async_kernel; -1 = a copy that had not landed)."""
+    out = torch.zeros(8 * block, dtype=torch.int32, device=src.device)
+    launch(f"selftest.cp_async.{waits}", _jitted(f"cp_async.{waits}.{block}"), (1,), (block,), (src, out))
+    return out[: 4 * block].view(block, 4), out[4 * block :].view(block, 4)
+
+
+def cp_async_expected(src: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ``run_cp_async(src, "all")`` returns: neighbour j = (i + 1) % block, A zero-filled where j % 3 == 0."""
+    j = (np.arange(block) + 1) % block
+    a = src[: 4 * block].reshape(block, 4)[j].copy()
+    a[j % 3 == 0] = 0
+    return a, src[4 * block :].reshape(block, 4)[j]
 
 
 # ---- numpy side: references and the m16n8k16 fragment layout (PTX ISA) --------------------------
@@ -385,12 +447,21 @@ def _check_mma(dev: torch.device, rng: np.random.Generator) -> list[Check]:
     return checks
 
 
+def _check_cp_async(dev: torch.device, rng: np.random.Generator) -> list[Check]:
+    block = 32
+    src = rng.integers(-(2**31), 2**31, 8 * block, dtype=np.int64).astype(np.int32)
+    got_a, got_b = (t.cpu().numpy() for t in run_cp_async(torch.from_numpy(src).to(dev), "all", block))
+    want_a, want_b = cp_async_expected(src, block)
+    ok = np.array_equal(got_a, want_a) and np.array_equal(got_b, want_b)
+    return [("cp_async_16 / commit / wait_group", ok, "32 lanes, 2 groups, zero-fill every 3rd, read by a neighbour")]
+
+
 def run_selfcheck(device: str | torch.device | None = None) -> list[Check]:
     """Launch every primitive's kernel once on ``device``; (name, ok, detail) per check."""
     dev = resolve_device(device)
     rng = np.random.default_rng(2024)
     results: list[Check] = []
-    for part in (_check_convert, _check_load16, _check_ex2, _check_shuffles, _check_row8, _check_mma):
+    for part in (_check_convert, _check_load16, _check_ex2, _check_shuffles, _check_row8, _check_mma, _check_cp_async):
         try:
             results.extend(part(dev, rng))
         except Exception as exc:  # a crashing primitive is a failed check, not a crashed self-check
@@ -437,6 +508,15 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 make_mma_kernel(kind),
                 f"void({I32}, {I32}, {F32A}, {F32A})",
                 (f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32",),
+            )
+        )
+    for waits in ("all", "first"):
+        specs.append(
+            CompileSpec(
+                f"selftest.cp_async[{waits}]",
+                make_cp_async_kernel(waits, 32),
+                f"void({I32}, {I32})",
+                ("cp.async.cg.shared.global", "cp.async.commit_group", f"cp.async.wait_group {0 if waits == 'all' else 1}"),
             )
         )
     return specs
