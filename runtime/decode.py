@@ -31,7 +31,7 @@ from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import Plan
 
 from .attention import AttentionBase, define_attention_op, next_plan_serial, padded_rows, resolve_num_ctas
-from .kv_cache import KVCache, PagedKV, paged_kv
+from .kv_cache import PagedKV, paged_kv
 from .settings import Settings
 from .compiling import compile_with_progress
 from .variants import ParamContext, Variant
@@ -106,24 +106,6 @@ class BatchDecode(AttentionBase):
             return super().param_context()
         return ParamContext(self.settings, plan.section("kv_len")[: plan.batch_size].copy())
 
-    def run(
-        self,
-        q: torch.Tensor,
-        kv_cache: KVCache,
-        out: torch.Tensor | None = None,
-        return_lse: bool = False,
-        params: dict[str, Any] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Decode attention of ``q`` [B, num_qo_heads, head_dim] over the planned pages of ``kv_cache``.
-
-        q may be a strided view (e.g. sliced from a fused QKV projection) whose last dim is contiguous
-        and whose pointer and strides are 16-byte aligned. Returns ``out`` [B, num_qo_heads, head_dim]
-        (Settings dtype) and, with ``return_lse``, the natural-log LSE float32 [B, num_qo_heads].
-        Runs as the custom op ``torch.ops.tilegraph.batch_decode`` (torch.compile traces it whole).
-        ``params``: the variant's run-time parameters (``set_params``; they persist)."""
-        k, v, paired = split_kv_cache(kv_cache)
-        return self.dispatch(q, k, v, paired, out, return_lse, params, ("q", "kv_cache", "kv_cache"))
-
     def check_kv(self, k: Any, v: Any, paired: bool) -> PagedKV:
         return check_paged_kv(k, v, paired, self.settings, self.device, self._plan.max_page_index)
 
@@ -143,13 +125,6 @@ class BatchDecode(AttentionBase):
         self.launch_partial_merge(out_words, lse, prefill=False)
 
 
-def split_kv_cache(kv_cache: Any) -> tuple[Any, Any, bool]:
-    """(k, v, paired): a (k_cache, v_cache) pair apart, or one packed cache twice."""
-    if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2:
-        return kv_cache[0], kv_cache[1], True
-    return kv_cache, kv_cache, False
-
-
 def check_paged_kv(k: Any, v: Any, paired: bool, settings: Settings, device: torch.device, max_page_index: int) -> PagedKV:
     """A paged KV cache (packed, or a pair) checked for Settings and for the plan's highest page."""
     kv = paged_kv((k, v) if paired else k, settings, device)
@@ -158,4 +133,4 @@ def check_paged_kv(k: Any, v: Any, paired: bool, settings: Settings, device: tor
     return kv
 
 
-__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "split_kv_cache", "check_paged_kv"]
+__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "check_paged_kv"]
