@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tilegraph.errors import StateError
 from tilegraph.kernels import launch as launch_mod
 
 
@@ -75,12 +76,12 @@ class SimulatedGraph:
 
     def capture(self) -> "_Capture":
         if self._captured:
-            raise RuntimeError("this graph was already captured")
+            raise StateError("this graph was already captured: capture() once per SimulatedGraph")
         return _Capture(self)
 
     def replay(self) -> None:
         if not self._captured:
-            raise RuntimeError("replay() before capture")
+            raise StateError("replay() before capture: capture the graph first")
         for step in self.steps:
             step.run()
 

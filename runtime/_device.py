@@ -105,7 +105,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """Check that kernels can run on ``device`` in this process and return it as a torch.device."""
     if device is None:
         device = "cpu" if SIMULATOR else "cuda"
-    dev = torch.device(device)
+    if not isinstance(device, (str, torch.device)):
+        raise DeviceError(f"device must be 'cuda', 'cpu', a torch.device or None, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device={device!r} is not a device: use 'cuda' (a GPU) or 'cpu' (the simulator)") from None
     if dev.type == "cuda":
         if SIMULATOR:
             raise DeviceError(

@@ -61,6 +61,8 @@ def append_kv(
     capturing into the simulator's graph stand-in, whose fixed buffers hold placeholder values at
     capture time; the kernel still skips out-of-range rows). Ignored on a GPU.
     """
+    if not isinstance(settings, Settings):
+        raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
     if not isinstance(k, torch.Tensor):
         raise InputError(f"k must be a torch.Tensor, got {type(k).__name__}")
     dev = resolve_device(device if device is not None else k.device)

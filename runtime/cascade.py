@@ -86,6 +86,8 @@ class CascadeAttention:
             raise PlanError(f"num_levels={num_levels} exceeds max_cascade_levels={settings.max_cascade_levels} (Settings)")
         self.settings = settings
         self.num_levels = int(num_levels)
+        if not isinstance(causal, (bool, np.bool_)):
+            raise InputError(f"causal must be a bool, got {causal!r}")
         self.causal = bool(causal)
         last = self.num_levels - 1
         dev = resolve_device(device)

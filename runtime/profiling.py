@@ -281,6 +281,10 @@ def profile(use_cuda_events: bool | None = None) -> ProfileSession:
     """A profiling session: ``with tilegraph.profile() as prof: ...``, then ``prof.summary()``.
 
     ``use_cuda_events`` (default: on when kernels run on a GPU) times device phases with CUDA events."""
+    if use_cuda_events is not None and not isinstance(use_cuda_events, bool):
+        from .errors import InputError
+
+        raise InputError(f"use_cuda_events must be a bool or None, got {use_cuda_events!r}")
     return ProfileSession(use_cuda_events)
 
 

@@ -74,6 +74,8 @@ class Param:
             return settings.max_batch_size
         if callable(shape):
             return int(shape(settings))
+        if isinstance(shape, bool) or not isinstance(shape, (int, np.integer)):
+            raise VariantError(f"parameter {self.name!r}: shape {shape!r} is not 'scalar', 'qo_head', 'request', an int or a function of Settings")
         return int(shape)
 
 
@@ -144,7 +146,9 @@ class Variant:
         self._init(name, hooks, _params_tuple(params), bool(softmax), [(encode, tuple(encode_inputs))] if encode else [])
 
     def _init(self, name, hooks, params, softmax, encoders) -> None:
-        self.name = str(name)
+        if not isinstance(name, str) or not name:
+            raise VariantError(f"a variant's name must be a non-empty str, got {name!r}")
+        self.name = name
         self.softmax = softmax
         self.params: tuple[Param, ...] = params
         self._encoders: list[tuple[Encoder, tuple[str, ...]]] = encoders
