@@ -1,12 +1,18 @@
 """``python -m tilegraph bench hf``: transformers ``generate()`` on the tilegraph backend vs ``sdpa``.
 
-A random-weight ``LlamaForCausalLM`` (nothing downloaded; default 8 layers, hidden 2048, 32 query /
+A random-weight ``LlamaForCausalLM`` (or Mistral / Gemma2, below; nothing downloaded; default 8 layers, hidden 2048, 32 query /
 8 KV heads of 64, bf16) generates ``--new-tokens`` greedy tokens for a batch of left-padded random
 prompts (ShareGPT-like log-normal lengths), with
 
   sdpa             attn_implementation="sdpa" (transformers' own), the default dynamic cache
   tilegraph        attn_implementation="tilegraph", the default dynamic cache (one KV copy per call)
   tilegraph-paged  attn_implementation="tilegraph", ``TilegraphCache`` (paged KV, decode reads in place)
+  tilegraph-static attn_implementation="tilegraph", ``cache_implementation="static"`` (queries at
+                   cache_position inside max_cache_len; the path torch.compile users take)
+
+``--sliding-window W`` builds a Mistral (every layer windowed: tilegraph's sliding-window variant)
+instead of a Llama; ``--soft-cap C`` a Gemma2 (soft-capped logits, alternating window / full layers,
+window ``W`` or 4096).
 
 Per batch size and implementation: ``generate_ms`` (median of CUDA-event-timed generate() calls of
 ``--new-tokens`` after warm-up), ``prefill_ms`` (the same with one new token: the prompt's forward
@@ -34,7 +40,9 @@ import torch
 from .common import Reporter, choice_list, int_list, on_gpu, plot_lines, run_meta, stats_us, time_calls_us
 
 NEEDS_GPU = True
-IMPLS = ("sdpa", "tilegraph", "tilegraph-paged")
+IMPLS = ("sdpa", "tilegraph", "tilegraph-paged", "tilegraph-static")
+DEFAULT_IMPLS = IMPLS[:3]
+CACHES = {"tilegraph-paged": "paged", "tilegraph-static": "static"}
 COLUMNS = [
     ("batch_size", "B", ""), ("impl", "impl", ""), ("prompt_tokens", "prompt tokens", ""), ("new_tokens", "new", ""),
     ("generate_ms", "generate ms", ".1f"), ("prefill_ms", "prefill ms", ".1f"), ("decode_ms_per_token", "ms/decode step", ".2f"),
@@ -45,7 +53,8 @@ COLUMNS = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 8], help="comma-separated (default 1,8)")
-    parser.add_argument("--impls", type=choice_list(IMPLS), default=list(IMPLS), help=f"comma-separated of {','.join(IMPLS)}")
+    parser.add_argument("--impls", type=choice_list(IMPLS), default=list(DEFAULT_IMPLS),
+                        help=f"comma-separated of {','.join(IMPLS)} (default {','.join(DEFAULT_IMPLS)})")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-median", type=int, default=256, help="median prompt length (log-normal, sigma 1)")
     parser.add_argument("--prompt-max", type=int, default=1024, help="prompt lengths are clipped to [8, this]")
@@ -59,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=16, help="TilegraphCache page size")
     parser.add_argument("--reps", type=int, default=3, help="timed generate() calls per implementation")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--sliding-window", type=int, default=None, help="build a Mistral with this window (default: a Llama)")
+    parser.add_argument("--soft-cap", type=float, default=None, help="build a Gemma2 with this attention soft-cap")
 
 
 def _smoke_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -68,15 +79,23 @@ def _smoke_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.num_qo_heads,
-                         num_key_value_heads=args.num_kv_heads, max_position_embeddings=args.prompt_max + args.new_tokens + 16,
-                         pad_token_id=0, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    fields = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                  num_hidden_layers=args.layers, num_attention_heads=args.num_qo_heads, num_key_value_heads=args.num_kv_heads,
+                  head_dim=args.hidden // args.num_qo_heads, max_position_embeddings=args.prompt_max + args.new_tokens + 16,
+                  pad_token_id=0, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    if args.soft_cap is not None:
+        names = ("Gemma2Config", "Gemma2ForCausalLM")
+        fields |= dict(attn_logit_softcapping=args.soft_cap, sliding_window=args.sliding_window or 4096)
+    elif args.sliding_window is not None:
+        names, fields = ("MistralConfig", "MistralForCausalLM"), fields | dict(sliding_window=args.sliding_window)
+    else:
+        names = ("LlamaConfig", "LlamaForCausalLM")
+    config = getattr(transformers, names[0])(**fields)
     torch.manual_seed(args.seed)
     with torch.device(device):  # initialize the weights where they will live
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, names[1])(config)
     model = model.to(getattr(torch, args.dtype)).eval()
     model.generation_config.eos_token_id = None  # every row generates exactly new_tokens
     model.generation_config.pad_token_id = 0
@@ -104,7 +123,11 @@ def prompt_sets(batch_size: int, args: argparse.Namespace, device: torch.device,
 def _generate(model: Any, impl: str, name: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pages: int, page_size: int) -> torch.Tensor:
     from tilegraph.integrations.transformers import TilegraphCache
 
-    extra = {"cache": TilegraphCache(model.config, max_num_pages=pages, page_size=page_size)} if impl == "tilegraph-paged" else {}
+    extra: dict[str, Any] = {}
+    if CACHES.get(impl) == "paged":
+        extra["cache"] = TilegraphCache(model.config, max_num_pages=pages, page_size=page_size)
+    elif CACHES.get(impl) == "static":
+        extra["cache_implementation"] = "static"
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, **extra)  # fmt: skip
@@ -165,10 +188,10 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             return report.payload
         report.payload["versions_transformers"] = transformers.__version__
         name = register()
-        report.step("building the random-weight Llama")
+        report.step("building the random-weight model")
         model = build_model(args, device)
         report.payload["model"] = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "num_qo_heads", "num_kv_heads",
-                                                                  "vocab", "dtype")}  # fmt: skip
+                                                                  "vocab", "dtype", "sliding_window", "soft_cap")}  # fmt: skip
         report.payload["generate"] = {"new_tokens": args.new_tokens, "prompt_median": args.prompt_median,
                                       "prompt_max": args.prompt_max, "page_size": args.page_size, "greedy": True}  # fmt: skip
         for batch_size in batch_sizes:
@@ -178,7 +201,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             expected: torch.Tensor | None = None
             sdpa_ms: float | None = None
             for impl in impls:
-                row = {**base, "impl": impl, "cache": "paged" if impl == "tilegraph-paged" else "dynamic"}
+                row = {**base, "impl": impl, "cache": CACHES.get(impl, "dynamic")}
                 if deadline is not None and time.perf_counter() > deadline:
                     report.add({**row, "skipped": "time budget spent"})
                     continue
