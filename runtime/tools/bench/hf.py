@@ -1,7 +1,7 @@
 """``python -m tilegraph bench hf``: transformers ``generate()`` on the tilegraph backend vs ``sdpa``.
 
-A random-weight ``LlamaForCausalLM`` (or Mistral / Gemma2, below; nothing downloaded; default 8 layers, hidden 2048, 32 query /
-8 KV heads of 64, bf16) generates ``--new-tokens`` greedy tokens for a batch of left-padded random
+A random-weight ``LlamaForCausalLM`` (or a Mistral / Gemma2, see below; nothing downloaded; default
+8 layers, hidden 2048, 32 query / 8 KV heads of 64, bf16) generates ``--new-tokens`` greedy tokens for a batch of left-padded random
 prompts (ShareGPT-like log-normal lengths), with
 
   sdpa             attn_implementation="sdpa" (transformers' own), the default dynamic cache
