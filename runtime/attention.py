@@ -30,7 +30,7 @@ from tilegraph.kernels.launch import as_words
 from tilegraph.kernels.tuning import PARTIAL_MERGE_CTAS
 
 from .checks import check_on_device, check_out, check_q, span_words
-from .kv_cache import PagedKV
+from .kv_cache import KVCache, PagedKV
 from .settings import Settings
 from .variants import DEFAULT, ParamContext, Variant
 from .workspace import StagedUpload, Workspace
@@ -69,6 +69,13 @@ def padded_rows(value: Any, arg: str, real_rows: int, real_label: str, max_rows:
     if value < real_rows or value > max_rows:
         raise PlanError(f"{arg}={value} must lie in [{real_label}={real_rows}, {max_label}={max_rows}]")
     return int(value)
+
+
+def split_kv_cache(kv_cache: Any) -> tuple[Any, Any, bool]:
+    """(k, v, paired): a (k_cache, v_cache) pair apart, or one packed cache twice."""
+    if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2:
+        return kv_cache[0], kv_cache[1], True
+    return kv_cache, kv_cache, False
 
 
 def define_attention_op(name: str, with_paired: bool = True) -> Callable[..., None]:
@@ -293,6 +300,27 @@ class AttentionBase:
     def check_out(self, out: Any) -> torch.Tensor:
         """out [rows, num_qo_heads, head_dim], contiguous and 16-byte aligned, for the current plan."""
         return check_out(out, self.settings, self.device, self._rows)
+
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache: KVCache,
+        out: torch.Tensor | None = None,
+        return_lse: bool = False,
+        params: dict[str, Any] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``q`` [rows, num_qo_heads, head_dim] over the planned pages of ``kv_cache``
+        (rows: the plan's requests for decode, its query tokens for prefill, or its padded bucket).
+
+        q may be a strided view (e.g. sliced from a fused QKV projection) whose last dim is contiguous
+        and whose pointer and strides are 16-byte aligned. ``kv_cache``: NHD/HND 5-D or a (k, v) pair
+        (tilegraph.kv_cache). Returns ``out`` [rows, num_qo_heads, head_dim] (Settings dtype; written
+        in place when given) and, with ``return_lse``, the natural-log LSE float32 [rows,
+        num_qo_heads]. Runs as the class's custom op (``torch.ops.tilegraph.batch_decode`` /
+        ``batch_prefill``; torch.compile traces it whole). ``params``: the variant's run-time
+        parameters (``set_params``; they persist)."""
+        k, v, paired = split_kv_cache(kv_cache)
+        return self.dispatch(q, k, v, paired, out, return_lse, params, ("q", "kv_cache", "kv_cache"))
 
     def dispatch(self, q: Any, k: Any, v: Any, paired: bool, out: Any, return_lse: bool,
                  params: dict[str, Any] | None, names: tuple[str, str, str]) -> Any:  # fmt: skip

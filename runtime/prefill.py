@@ -35,7 +35,7 @@ import torch
 from tilegraph._device import resolve_device
 from tilegraph.errors import InputError
 from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
-from tilegraph.kernels.launch import as_words, launch
+from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.kernels.prefill import PREFILL_ARGS, PrefillConfig, default_threads, prefill_kernel, prefill_signature
 from tilegraph.nvtx_ranges import plan_range
@@ -43,8 +43,8 @@ from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_ra
 from tilegraph.planner.prefill_layout import PrefillLayout
 
 from .attention import AttentionBase, define_attention_op, next_plan_serial, padded_rows, resolve_num_ctas
-from .decode import check_paged_kv, split_kv_cache
-from .kv_cache import KVCache, PagedKV
+from .decode import check_paged_kv
+from .kv_cache import PagedKV, strided_words
 from .settings import Settings
 from .compiling import compile_with_progress
 from .variants import ParamContext, Variant
@@ -225,24 +225,6 @@ class BatchPrefill(PrefillAttention):
             np.array([last], np.int32), padded_num_tokens=num_tokens,
         )  # fmt: skip
 
-    def run(
-        self,
-        q: torch.Tensor,
-        kv_cache: KVCache,
-        out: torch.Tensor | None = None,
-        return_lse: bool = False,
-        params: dict[str, Any] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Attention of ``q`` [nnz_q, num_qo_heads, head_dim] over the planned pages of ``kv_cache``.
-
-        q may be a strided view whose last dim is contiguous and whose pointer and strides are 16-byte
-        aligned. Returns ``out`` [nnz_q, num_qo_heads, head_dim] (Settings dtype) and, with
-        ``return_lse``, the natural-log LSE float32 [nnz_q, num_qo_heads]. Runs as the custom op
-        ``torch.ops.tilegraph.batch_prefill``. ``params``: the variant's run-time parameters
-        (``set_params``; they persist)."""
-        k, v, paired = split_kv_cache(kv_cache)
-        return self.dispatch(q, k, v, paired, out, return_lse, params, ("q", "kv_cache", "kv_cache"))
-
     def check_kv(self, k: Any, v: Any, paired: bool) -> PagedKV:
         return check_paged_kv(k, v, paired, self.settings, self.device, self._plan.max_page_index)
 
@@ -287,11 +269,16 @@ class BatchPrefillRagged(PrefillAttention):
     def check_kv(self, k: Any, v: Any, paired: bool) -> PagedKV:
         self._check_rows("k", k)
         self._check_rows("v", v)
-        row_words = self.settings.head_dim * k.element_size() // 4
-        token_stride = self.settings.num_kv_heads * row_words
-        return PagedKV(as_words(k), as_words(v), 0, token_stride, row_words, k.shape[0])
+        if v.stride() != k.stride():
+            raise InputError(f"v strides {v.stride()} differ from k strides {k.stride()}: the kernel addresses both with one "
+                             "set, so k and v must share a layout (both slices of one fused QKV output, or both contiguous)")  # fmt: skip
+        per_word = k.element_size() / 4
+        token_stride, head_stride = int(k.stride(0) * per_word), int(k.stride(1) * per_word)
+        return PagedKV(strided_words(k), strided_words(v), 0, token_stride, head_stride, k.shape[0])
 
     def _check_rows(self, name: str, t: torch.Tensor) -> None:
+        """k / v [nnz_kv, num_kv_heads, head_dim]: any strided view (e.g. of a fused QKV output) with
+        a contiguous last dim and 16-byte aligned pointer and strides."""
         s = self.settings
         if t.dtype != s.torch_dtype:
             raise InputError(f"{name} has dtype {t.dtype}, Settings.dtype is {s.dtype}")
@@ -299,8 +286,10 @@ class BatchPrefillRagged(PrefillAttention):
             raise InputError(f"{name} is on {t.device}, the attention object runs on {self.device}")
         if t.dim() != 3 or tuple(t.shape[1:]) != (s.num_kv_heads, s.head_dim):
             raise InputError(f"{name} must be [nnz_kv, num_kv_heads={s.num_kv_heads}, head_dim={s.head_dim}], got {tuple(t.shape)}")
-        if not t.is_contiguous() or t.data_ptr() % 16:
-            raise InputError(f"{name} must be contiguous and 16-byte aligned")
+        item = t.element_size()
+        if t.stride(2) != 1 or t.data_ptr() % 16 or (t.stride(0) * item) % 16 or (t.stride(1) * item) % 16:
+            raise InputError(f"{name} must have a contiguous last dimension and a 16-byte aligned data pointer and "
+                             f"strides of dims 0 and 1 (in bytes), got strides {t.stride()}")  # fmt: skip
         if t.shape[0] < self._plan.kv_tokens:
             raise InputError(f"{name} has {t.shape[0]} rows but kv_indptr[-1] = {self._plan.kv_tokens}")
 
