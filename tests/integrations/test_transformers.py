@@ -100,16 +100,22 @@ def test_greedy_tokens_match_sdpa_paged_cache(plan_calls):
     assert cache.get_seq_length() == 5 + 2
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["dynamic", "paged"])
-def test_chunked_prefill_over_a_cache_matches_one_pass(paged):
-    """3 prompt tokens, then 2 more over the cache (prefill with a past), with an all-padding row."""
-    from transformers import DynamicCache
+@pytest.mark.parametrize("kind", ["dynamic", "paged", "static"])
+def test_chunked_prefill_over_a_cache_matches_one_pass(kind):
+    """3 prompt tokens, then 2 more over the cache (prefill with a past), with an all-padding row;
+    the static cache's queries sit at cache_position inside max_cache_len, not at the end."""
+    from transformers import DynamicCache, StaticCache
 
     model = tiny_llama(seed=4)
     ids, mask = batch(([[0, 5, 6, 7, 8], [3, 4, 5, 6, 9], [0, 0, 0, 0, 0]], [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
     expected = logits(model, "sdpa", ids, mask)
     model.set_attn_implementation(NAME)
-    cache = hf.TilegraphCache(model.config, max_num_pages=16, page_size=4) if paged else DynamicCache(config=model.config)
+    caches = {
+        "dynamic": lambda: DynamicCache(config=model.config),
+        "paged": lambda: hf.TilegraphCache(model.config, max_num_pages=16, page_size=4),
+        "static": lambda: StaticCache(config=model.config, max_cache_len=9),
+    }
+    cache = caches[kind]()
     with torch.no_grad():
         first = model(input_ids=ids[:, :3], attention_mask=mask[:, :3], cache=cache).logits
         second = model(input_ids=ids[:, 3:], attention_mask=mask, cache=cache).logits
