@@ -38,6 +38,15 @@ APPEND_ARGS = KernelArgs("append_kv", (
     ("head_stride", "int64"), ("page_size", "int64"), ("num_pages", "int64"), ("num_kv_heads", "int64"),
     ("row_words", "int64"),
 ))  # fmt: skip
+#: vLLM's reshape_and_cache addressing: row i goes to flat slot slot_mapping[i] = page * page_size + offset
+SLOT_APPEND_ARGS = KernelArgs("append_kv_slots", (
+    ("k_words", I32), ("k_token_stride", "int64"), ("k_head_stride", "int64"),
+    ("v_words", I32), ("v_token_stride", "int64"), ("v_head_stride", "int64"),
+    ("slot_mapping", "int64[::1]"),
+    ("k_cache_words", I32), ("v_cache_words", I32), ("page_stride", "int64"), ("token_stride", "int64"),
+    ("head_stride", "int64"), ("page_size", "int64"), ("num_pages", "int64"), ("num_kv_heads", "int64"),
+    ("row_words", "int64"),
+))  # fmt: skip
 
 if SIMULATOR:
 
@@ -100,6 +109,57 @@ def default_threads() -> int:
     return append_threads()
 
 
+def make_copy_token() -> Callable[..., Any]:
+    """Device function: copy token ``token``'s K and V rows (every head) to cache words at ``slot``
+    (the word offset of its (page, position-in-page)), 16 bytes per thread per step."""
+    load_16b = prim.load_16b
+    CHUNK = WORDS_PER_CHUNK
+
+    @cuda.jit(device=True, inline="always")
+    def copy_token(k_words, k_token_stride, k_head_stride, v_words, v_token_stride, v_head_stride,
+                   k_cache_words, v_cache_words, slot, head_stride, num_kv_heads, row_words, token):  # fmt: skip
+        w_start = int64(cuda.threadIdx.x) * CHUNK
+        w_step = int64(cuda.blockDim.x) * CHUNK
+        for head in range(int64(cuda.threadIdx.y), num_kv_heads, int64(cuda.blockDim.y)):
+            dst = slot + head * head_stride
+            k_src = token * k_token_stride + head * k_head_stride
+            v_src = token * v_token_stride + head * v_head_stride
+            for w in range(w_start, row_words, w_step):
+                store_16b(k_cache_words, dst + w, load_16b(k_words, k_src + w))
+                store_16b(v_cache_words, dst + w, load_16b(v_words, v_src + w))
+
+    return copy_token
+
+
+def make_slot_append_kernel() -> Callable[..., Any]:
+    """The plain Python kernel of ``append_kv_slots`` (same launch shape and copy as append_kv):
+    row i goes to page ``slot_mapping[i] // page_size``, position ``slot_mapping[i] % page_size``; a
+    negative slot (padding) or a page outside the cache is skipped."""
+    copy_token = make_copy_token()
+
+    def append_kv_slots_kernel(
+        k_words, k_token_stride, k_head_stride,
+        v_words, v_token_stride, v_head_stride,
+        slot_mapping,
+        k_cache_words, v_cache_words, page_stride, token_stride, head_stride,
+        page_size, num_pages, num_kv_heads, row_words,
+    ):  # fmt: skip
+        token = int64(cuda.blockIdx.x) * int64(cuda.blockDim.z) + int64(cuda.threadIdx.z)
+        if token >= slot_mapping.shape[0]:
+            return
+        flat = int64(slot_mapping[token])
+        if flat < 0:
+            return
+        page = flat // page_size
+        if page >= num_pages:
+            return
+        slot = page * page_stride + (flat - page * page_size) * token_stride
+        copy_token(k_words, k_token_stride, k_head_stride, v_words, v_token_stride, v_head_stride,
+                   k_cache_words, v_cache_words, slot, head_stride, num_kv_heads, row_words, token)  # fmt: skip
+
+    return SLOT_APPEND_ARGS.check(append_kv_slots_kernel)
+
+
 def make_append_kernel() -> Callable[..., Any]:
     """The plain Python kernel function (cuda.jit it to launch, compile_ptx to check).
 
@@ -112,8 +172,7 @@ def make_append_kernel() -> Callable[..., Any]:
         page_stride, token_stride, head_stride       of the cache
         page_size, num_pages, num_kv_heads, row_words
     """
-    load_16b = prim.load_16b
-    CHUNK = WORDS_PER_CHUNK
+    copy_token = make_copy_token()
 
     def append_kv_kernel(
         k_words, k_token_stride, k_head_stride,
@@ -137,15 +196,8 @@ def make_append_kernel() -> Callable[..., Any]:
         if page < 0 or page >= num_pages:
             return
         slot = page * page_stride + (pos % page_size) * token_stride
-        w_start = int64(cuda.threadIdx.x) * CHUNK
-        w_step = int64(cuda.blockDim.x) * CHUNK
-        for head in range(int64(cuda.threadIdx.y), num_kv_heads, int64(cuda.blockDim.y)):
-            dst = slot + head * head_stride
-            k_src = token * k_token_stride + head * k_head_stride
-            v_src = token * v_token_stride + head * v_head_stride
-            for w in range(w_start, row_words, w_step):
-                store_16b(k_cache_words, dst + w, load_16b(k_words, k_src + w))
-                store_16b(v_cache_words, dst + w, load_16b(v_words, v_src + w))
+        copy_token(k_words, k_token_stride, k_head_stride, v_words, v_token_stride, v_head_stride,
+                   k_cache_words, v_cache_words, slot, head_stride, num_kv_heads, row_words, token)  # fmt: skip
 
     return APPEND_ARGS.check(append_kv_kernel)
 
@@ -154,6 +206,12 @@ def make_append_kernel() -> Callable[..., Any]:
 def append_kv_kernel() -> Any:
     """The launchable kernel: compiled once per process (on first launch)."""
     return cuda.jit(make_append_kernel())
+
+
+@lru_cache(maxsize=None)
+def append_kv_slots_kernel() -> Any:
+    """The launchable slot-mapped kernel: compiled once per process (on first launch)."""
+    return cuda.jit(make_slot_append_kernel())
 
 
 def append_signature() -> str:
@@ -172,5 +230,11 @@ def gpu_compile_specs() -> list[CompileSpec]:
             pyfunc=make_append_kernel(),
             signature=append_signature(),
             expect=("ld.global.nc.v4.u32", "st.global.v4.u32"),
-        )
+        ),
+        CompileSpec(
+            name="append_kv_slots[any dtype, any head_dim, NHD|HND|pair|packed views]",
+            pyfunc=make_slot_append_kernel(),
+            signature=SLOT_APPEND_ARGS.signature,
+            expect=("ld.global.nc.v4.u32", "st.global.v4.u32"),
+        ),
     ]

@@ -2,6 +2,7 @@
 ``append_paged_kv_cache`` semantics).
 
     append_kv(k, v, kv_cache, batch_indices, positions, kv_indptr, kv_indices, settings)
+    append_kv_slots(k, v, kv_cache, slot_mapping, settings)   # vLLM's reshape_and_cache addressing
 
 Row i of k/v (token i of the step) goes to request ``b = batch_indices[i]`` at position
 ``p = positions[i]`` of its KV: page ``kv_indices[kv_indptr[b] + p // page_size]``, slot
@@ -12,6 +13,11 @@ CUDA graphs: the launch shape depends only on nnz (k's first dimension), no host
 the index arrays are read on the device, so a captured append replays with whatever the fixed
 index buffers hold. Pad a bucket with rows whose batch index is **-1**: every row with a negative
 batch index is skipped.
+
+``append_kv_slots`` addresses rows by flat slot instead: row i goes to page ``slot_mapping[i] //
+page_size``, position ``slot_mapping[i] % page_size`` (``slot_mapping`` int64 [nnz], vLLM's;
+**-1** = padding, skipped). Same launch shape, same copy, same layouts (any cache form
+``tilegraph.kv_cache`` accepts, strided views included), graph-capturable the same way.
 
 Bad input discipline: shapes, dtypes, devices, strides and alignment are checked before any launch
 (``InputError`` naming the argument). Index *contents* live on the device, and reading them there
@@ -29,7 +35,7 @@ import torch
 
 from tilegraph._device import resolve_device
 from tilegraph.errors import InputError
-from tilegraph.kernels.append import APPEND_ARGS, append_kv_kernel, append_launch, default_threads
+from tilegraph.kernels.append import APPEND_ARGS, SLOT_APPEND_ARGS, append_kv_kernel, append_kv_slots_kernel, append_launch, default_threads
 from tilegraph.kernels.launch import launch
 
 from .kv_cache import KVCache, PagedKV, paged_kv
@@ -83,6 +89,76 @@ def append_kv(
     if nnz == 0:
         return
     _launch(k, v, kv, batch_indices, positions, kv_indptr, kv_indices, settings)
+
+
+def append_kv_slots(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: KVCache,
+    slot_mapping: torch.Tensor,
+    settings: Settings,
+    *,
+    device: str | torch.device | None = None,
+    check_values: bool = True,
+) -> None:
+    """Copy k/v ``[nnz, num_kv_heads, head_dim]`` into ``kv_cache`` at flat slots ``slot_mapping``
+    (int64 [nnz] on the kernel's device; slot = page * page_size + position in page; -1 skips the
+    row), vLLM's ``reshape_and_cache`` semantics. k, v and the cache as for ``append_kv``.
+    check_values: on CPU tensors, also check on the host that every slot is -1 or inside the cache
+    and that no two rows share one (on a GPU the kernel skips slots outside the cache)."""
+    if not isinstance(k, torch.Tensor):
+        raise InputError(f"k must be a torch.Tensor, got {type(k).__name__}")
+    dev = resolve_device(device if device is not None else k.device)
+    _check_rows("k", k, settings, dev)
+    _check_rows("v", v, settings, dev)
+    if v.shape != k.shape:
+        raise InputError(f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
+    nnz = k.shape[0]
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype != torch.int64:
+        got = slot_mapping.dtype if isinstance(slot_mapping, torch.Tensor) else type(slot_mapping).__name__
+        raise InputError(f"slot_mapping must be an int64 torch.Tensor (vLLM's slot mapping), got {got}")
+    if slot_mapping.device != dev:
+        raise InputError(f"slot_mapping is on {slot_mapping.device}, but it must be on the kernel's device ({dev})")
+    if slot_mapping.dim() != 1 or not slot_mapping.is_contiguous() or slot_mapping.shape[0] != nnz:
+        raise InputError(f"slot_mapping must be a contiguous 1-D tensor of nnz={nnz} entries, got shape {tuple(slot_mapping.shape)}")
+    kv = paged_kv(kv_cache, settings, dev)
+    if check_values and dev.type == "cpu":
+        _check_slots(slot_mapping, settings.page_size, kv.num_pages)
+    if nnz == 0:
+        return
+    k_words, k_token_stride, k_head_stride = _row_words(k)
+    v_words, v_token_stride, v_head_stride = _row_words(v)
+    row_words = settings.head_dim * k.element_size() // 4
+    shape = append_launch(nnz, settings.num_kv_heads, row_words, default_threads())
+    i64 = np.int64
+    launch(
+        "append_kv_slots",
+        append_kv_slots_kernel(),
+        shape.grid,
+        shape.block,
+        SLOT_APPEND_ARGS.values(
+            k_words=k_words, k_token_stride=i64(k_token_stride), k_head_stride=i64(k_head_stride),
+            v_words=v_words, v_token_stride=i64(v_token_stride), v_head_stride=i64(v_head_stride),
+            slot_mapping=slot_mapping, k_cache_words=kv.k_words, v_cache_words=kv.v_words,
+            page_stride=i64(kv.page_stride), token_stride=i64(kv.token_stride), head_stride=i64(kv.head_stride),
+            page_size=i64(settings.page_size), num_pages=i64(kv.num_pages), num_kv_heads=i64(settings.num_kv_heads),
+            row_words=i64(row_words),
+        ),
+    )  # fmt: skip
+
+
+def _check_slots(slot_mapping: torch.Tensor, page_size: int, num_pages: int) -> None:
+    slots = slot_mapping.numpy()
+    bad = (slots < -1) | (slots >= num_pages * page_size)
+    if np.any(bad):
+        row = int(np.argmax(bad))
+        raise InputError(f"slot_mapping[{row}]={slots[row]} is outside [-1, num_pages * page_size = {num_pages * page_size})")
+    live = slots[slots >= 0]
+    unique, counts = np.unique(live, return_counts=True)
+    if np.any(counts > 1):
+        slot = int(unique[np.argmax(counts > 1)])
+        rows = np.flatnonzero(slots == slot).tolist()
+        raise InputError(f"rows {rows} of k/v write the same cache slot {slot} (page {slot // page_size}, slot {slot % page_size})")
 
 
 def _check_rows(name: str, t: object, settings: Settings, device: torch.device) -> None:
