@@ -116,7 +116,7 @@ class TilegraphLayer(CacheLayerMixin):
         self.pending = False
         self.layer_id = next(_layer_ids)
         self.ref = torch.tensor([self.layer_id], dtype=torch.long)  # what update() hands the attention call
-        LAYERS[self.layer_id] = weakref.ref(self)
+        LAYERS[self.layer_id] = weakref.ref(self, lambda _, layer_id=self.layer_id: LAYERS.pop(layer_id, None))
 
     @property
     def is_compileable(self) -> bool:  # type: ignore[override]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import StaticCache
 
 from tilegraph.decode import BatchDecode
 from tilegraph.errors import InputError
@@ -29,12 +30,15 @@ def plan_calls(monkeypatch, hf) -> dict[str, int]:
 
 
 def check_against_eager(hf, model, off_model) -> None:
-    """Logits (left and right padding) and greedy tokens (dynamic, static, paged) equal eager's; the
-    model with the feature off gives other logits."""
+    """Prefill logits (left and right padding; no cache, the static cache, TilegraphCache) and greedy
+    tokens (dynamic, static, paged) equal eager's; the model with the feature off gives other logits."""
     for rows in (hf.LEFT, hf.RIGHT):
         ids, mask = hf.batch(rows)
         expected = hf.logits(model, "eager", ids, mask)
         hf.assert_logits_close(hf.logits(model, hf.NAME, ids, mask), expected, mask)
+        static = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 2)
+        hf.assert_logits_close(hf.logits(model, hf.NAME, ids, mask, cache=static), expected, mask)
+        hf.assert_logits_close(hf.logits(model, hf.NAME, ids, mask, cache=hf.paged_cache(model)), expected, mask)
         assert hf.differs(hf.logits(off_model, "eager", ids, mask), expected, mask)
     ids, mask = hf.batch(hf.LEFT)
     tokens = hf.greedy(model, "eager", ids, mask, new=4)
