@@ -30,6 +30,8 @@ two rows aimed at the same slot, raise ``InputError`` instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -67,16 +69,7 @@ def append_kv(
     capturing into the simulator's graph stand-in, whose fixed buffers hold placeholder values at
     capture time; the kernel still skips out-of-range rows). Ignored on a GPU.
     """
-    if not isinstance(settings, Settings):
-        raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
-    if not isinstance(k, torch.Tensor):
-        raise InputError(f"k must be a torch.Tensor, got {type(k).__name__}")
-    dev = resolve_device(device if device is not None else k.device)
-    _check_rows("k", k, settings, dev)
-    _check_rows("v", v, settings, dev)
-    if v.shape != k.shape:
-        raise InputError(f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
-    nnz = k.shape[0]
+    dev, nnz = _check_new_rows(k, v, settings, device)
     _check_index("batch_indices", batch_indices, dev, nnz)
     _check_index("positions", positions, dev, nnz)
     _check_index("kv_indptr", kv_indptr, dev, None)
@@ -106,14 +99,7 @@ def append_kv_slots(
     row), vLLM's ``reshape_and_cache`` semantics. k, v and the cache as for ``append_kv``.
     check_values: on CPU tensors, also check on the host that every slot is -1 or inside the cache
     and that no two rows share one (on a GPU the kernel skips slots outside the cache)."""
-    if not isinstance(k, torch.Tensor):
-        raise InputError(f"k must be a torch.Tensor, got {type(k).__name__}")
-    dev = resolve_device(device if device is not None else k.device)
-    _check_rows("k", k, settings, dev)
-    _check_rows("v", v, settings, dev)
-    if v.shape != k.shape:
-        raise InputError(f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
-    nnz = k.shape[0]
+    dev, nnz = _check_new_rows(k, v, settings, device)
     if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype != torch.int64:
         got = slot_mapping.dtype if isinstance(slot_mapping, torch.Tensor) else type(slot_mapping).__name__
         raise InputError(f"slot_mapping must be an int64 torch.Tensor (vLLM's slot mapping), got {got}")
@@ -126,25 +112,9 @@ def append_kv_slots(
         _check_slots(slot_mapping, settings.page_size, kv.num_pages)
     if nnz == 0:
         return
-    k_words, k_token_stride, k_head_stride = _row_words(k)
-    v_words, v_token_stride, v_head_stride = _row_words(v)
-    row_words = settings.head_dim * k.element_size() // 4
-    shape = append_launch(nnz, settings.num_kv_heads, row_words, default_threads())
-    i64 = np.int64
-    launch(
-        "append_kv_slots",
-        append_kv_slots_kernel(),
-        shape.grid,
-        shape.block,
-        SLOT_APPEND_ARGS.values(
-            k_words=k_words, k_token_stride=i64(k_token_stride), k_head_stride=i64(k_head_stride),
-            v_words=v_words, v_token_stride=i64(v_token_stride), v_head_stride=i64(v_head_stride),
-            slot_mapping=slot_mapping, k_cache_words=kv.k_words, v_cache_words=kv.v_words,
-            page_stride=i64(kv.page_stride), token_stride=i64(kv.token_stride), head_stride=i64(kv.head_stride),
-            page_size=i64(settings.page_size), num_pages=i64(kv.num_pages), num_kv_heads=i64(settings.num_kv_heads),
-            row_words=i64(row_words),
-        ),
-    )  # fmt: skip
+    shape = _launch_shape(k, settings)
+    values = SLOT_APPEND_ARGS.values(slot_mapping=slot_mapping, **_copy_values(k, v, kv, settings))
+    launch("append_kv_slots", append_kv_slots_kernel(), shape.grid, shape.block, values)
 
 
 def _check_slots(slot_mapping: torch.Tensor, page_size: int, num_pages: int) -> None:
@@ -159,6 +129,39 @@ def _check_slots(slot_mapping: torch.Tensor, page_size: int, num_pages: int) -> 
         slot = int(unique[np.argmax(counts > 1)])
         rows = np.flatnonzero(slots == slot).tolist()
         raise InputError(f"rows {rows} of k/v write the same cache slot {slot} (page {slot // page_size}, slot {slot % page_size})")
+
+
+def _check_new_rows(k: object, v: object, settings: Any, device: Any) -> tuple[torch.device, int]:
+    """k and v checked (``_check_rows``) on the kernel's device (default: k's); returns it and nnz."""
+    if not isinstance(settings, Settings):
+        raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
+    if not isinstance(k, torch.Tensor):
+        raise InputError(f"k must be a torch.Tensor, got {type(k).__name__}")
+    dev = resolve_device(device if device is not None else k.device)
+    _check_rows("k", k, settings, dev)
+    _check_rows("v", v, settings, dev)
+    if v.shape != k.shape:
+        raise InputError(f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
+    return dev, k.shape[0]
+
+
+def _copy_values(k: torch.Tensor, v: torch.Tensor, kv: PagedKV, settings: Settings) -> dict[str, Any]:
+    """The launch arguments both append kernels take (new rows, cache views and strides), by name."""
+    k_words, k_token_stride, k_head_stride = _row_words(k)
+    v_words, v_token_stride, v_head_stride = _row_words(v)
+    i64 = np.int64
+    return dict(
+        k_words=k_words, k_token_stride=i64(k_token_stride), k_head_stride=i64(k_head_stride),
+        v_words=v_words, v_token_stride=i64(v_token_stride), v_head_stride=i64(v_head_stride),
+        k_cache_words=kv.k_words, v_cache_words=kv.v_words, page_stride=i64(kv.page_stride),
+        token_stride=i64(kv.token_stride), head_stride=i64(kv.head_stride), page_size=i64(settings.page_size),
+        num_pages=i64(kv.num_pages), num_kv_heads=i64(settings.num_kv_heads),
+        row_words=i64(settings.head_dim * k.element_size() // 4),
+    )  # fmt: skip
+
+
+def _launch_shape(k: torch.Tensor, settings: Settings) -> Any:
+    return append_launch(k.shape[0], settings.num_kv_heads, settings.head_dim * k.element_size() // 4, default_threads())
 
 
 def _check_rows(name: str, t: object, settings: Settings, device: torch.device) -> None:
@@ -264,22 +267,7 @@ def _launch(
     kv_indices: torch.Tensor,
     settings: Settings,
 ) -> None:
-    k_words, k_token_stride, k_head_stride = _row_words(k)
-    v_words, v_token_stride, v_head_stride = _row_words(v)
-    row_words = settings.head_dim * k.element_size() // 4
-    shape = append_launch(k.shape[0], settings.num_kv_heads, row_words, default_threads())
-    i64 = np.int64
-    launch(
-        "append_kv",
-        append_kv_kernel(),
-        shape.grid,
-        shape.block,
-        APPEND_ARGS.values(
-            k_words=k_words, k_token_stride=i64(k_token_stride), k_head_stride=i64(k_head_stride),
-            v_words=v_words, v_token_stride=i64(v_token_stride), v_head_stride=i64(v_head_stride),
-            batch_indices=batch_indices, positions=positions, kv_indptr=kv_indptr, kv_indices=kv_indices,
-            k_cache_words=kv.k_words, v_cache_words=kv.v_words, page_stride=i64(kv.page_stride),
-            token_stride=i64(kv.token_stride), head_stride=i64(kv.head_stride), page_size=i64(settings.page_size),
-            num_pages=i64(kv.num_pages), num_kv_heads=i64(settings.num_kv_heads), row_words=i64(row_words),
-        ),
-    )  # fmt: skip
+    shape = _launch_shape(k, settings)
+    values = APPEND_ARGS.values(batch_indices=batch_indices, positions=positions, kv_indptr=kv_indptr,
+                                kv_indices=kv_indices, **_copy_values(k, v, kv, settings))  # fmt: skip
+    launch("append_kv", append_kv_kernel(), shape.grid, shape.block, values)
