@@ -8,7 +8,9 @@ then ragged prefill, or decode over one-token pages. ``tilegraph_hf::paged_atten
 ``TilegraphCache`` layer named by ``layer_ref`` appends the call's real tokens to its pages, then
 paged prefill or decode reads them in place. Both return ``[B, q_len, Hq, D]`` (padded queries 0).
 
-A mask's layout is read once per forward: every layer of a forward gets the same mask object, and a
+Both are tagged ``cudagraph_unsafe``: their host work (the mask, the plan) must run on every call,
+so ``mode="reduce-overhead"`` keeps them out of its CUDA graphs (tilegraph's own GraphRunner is the
+way to replay tilegraph attention in a graph). A mask's layout is read once per forward: every layer of a forward gets the same mask object, and a
 call whose ``layer_idx`` does not increase starts a new forward (nothing is reused across forwards).
 """
 
@@ -89,7 +91,7 @@ def _all_decode(layout: BatchLayout) -> bool:
     return layout.q_len == 1 and layout.num_queries == layout.batch_size
 
 
-@torch.library.custom_op("tilegraph_hf::dense_attention", mutates_args=())
+@torch.library.custom_op("tilegraph_hf::dense_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def dense_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -134,7 +136,7 @@ def _(query, key, value, mask, sinks, scale, window_left, soft_cap, layer_idx):
     return query.new_empty(batch_size, q_len, num_qo_heads, head_dim)
 
 
-@torch.library.custom_op("tilegraph_hf::paged_attention", mutates_args=())
+@torch.library.custom_op("tilegraph_hf::paged_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def paged_attention(
     query: torch.Tensor,
     key: torch.Tensor,
