@@ -100,6 +100,19 @@ def test_greedy_tokens_match_sdpa_paged_cache(plan_calls):
     assert cache.get_seq_length() == 5 + 2
 
 
+def test_paged_cache_with_static_mask_sizes_matches_sdpa():
+    """TilegraphCache(max_cache_len=...): masks of a fixed width, queries at cache_position (the
+    compile-friendly mode), the length a tensor; the same tokens as sdpa."""
+    model = tiny_llama(seed=5)
+    ids, mask = batch(LEFT_PADDED)
+    expected = greedy(model, "sdpa", ids, mask, new=3)
+    model.set_attn_implementation(NAME)
+    cache = hf.TilegraphCache(model.config, max_num_pages=16, page_size=4, max_cache_len=10)
+    assert cache.is_compileable and cache.get_mask_sizes(1, 0) == (10, 0)
+    assert torch.equal(greedy(model, NAME, ids, mask, new=3, cache=cache), expected)
+    assert int(cache.get_seq_length()) == 5 + 2
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "paged", "static"])
 def test_chunked_prefill_over_a_cache_matches_one_pass(kind):
     """3 prompt tokens, then 2 more over the cache (prefill with a past), with an all-padding row;
