@@ -1,11 +1,13 @@
 """Deferred-completion emulation of ``cp.async`` for the numba CUDA simulator.
 
 Each simulated thread keeps its own queue: ``copy`` reads the 16 source bytes at issue time (the
-source is global memory that the kernel does not write) but writes NOTHING to shared memory; the
-copy sits in the thread's open group until ``commit`` closes it, and a committed group lands only
-at a ``wait(n)`` that leaves at most ``n`` newer committed groups pending. A kernel that reads its
-shared tile before the wait that covers it (or before the barrier that makes other threads' copies
-visible) reads stale data, exactly the bug a GPU would show intermittently -- here every time.
+source is global memory that the kernel does not write) and at once overwrites the destination
+with ``PENDING`` (a NaN pattern for f32, f16 and bf16 alike: on a GPU the bytes may change any time
+after the issue); the copy sits in the thread's open group until ``commit`` closes it, and a
+committed group lands only at a ``wait(n)`` that leaves at most ``n`` newer committed groups
+pending. Both extremes a GPU allows are thus taken: a kernel that reads its shared tile before the
+wait that covers it reads PENDING every time, and one that issues into a buffer other threads are
+still reading (a missing barrier before the issue) hands them PENDING.
 
 Copies never committed, or committed and never waited for, are dropped when the thread ends (on
 a GPU they would land at some unknown time; a correct kernel never reads them).
@@ -21,6 +23,8 @@ import threading
 import numpy as np
 
 _ATTR = "_tilegraph_cp_async"
+#: what a destination word holds between issue and landing (NaN as f32, and as each f16/bf16 half)
+PENDING = np.int32(0x7FC07FC0)
 
 
 class _Queue:
@@ -57,7 +61,10 @@ def copy(dst, dst_index, src, src_index, valid) -> None:
         data = np.array([src[si], src[si + 1], src[si + 2], src[si + 3]], dtype=dst.dtype)
     else:
         data = np.zeros(4, dtype=dst.dtype)
-    _queue().open.append((dst, di, data))
+    q = _queue()
+    for k in range(4):
+        dst[di + k] = PENDING
+    q.open.append((dst, di, data))
 
 
 def commit() -> None:

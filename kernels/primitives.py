@@ -18,7 +18,7 @@ Data convention: every tensor a kernel reads or writes arrives as a flat **int32
     cp_async_16(dst_shared, di, src, si, valid)  16 B global -> shared, zeros if not valid
                                                                             (cp.async.cg, src-size 0/16)
     cp_async_commit(); cp_async_wait_group(n)() -> a wait for all but n groups (commit/wait_group)
-        simulator: copies land LATE, only at the wait that covers them (kernels._sim_async)
+        simulator: copies land LATE, only at the wait that covers them (the _sim_async module)
     load_shared_row8(words, w0, kind, dst)   8 elements from a shared word array, widened
 """
 
@@ -36,20 +36,22 @@ F16, BF16, F32 = 0, 1, 2
 DTYPE_CODES = {"float16": F16, "bfloat16": BF16, "float32": F32}
 
 if SIMULATOR:
-    from . import _sim_async
+    from ._sim_async import commit as _async_commit
+    from ._sim_async import copy as _async_copy
+    from ._sim_async import wait as _async_wait
     from ._sim_warp import exchange as _exchange
 
     def cp_async_16(dst, dst_index, src, src_index, valid):
-        _sim_async.copy(dst, dst_index, src, src_index, valid)
+        _async_copy(dst, dst_index, src, src_index, valid)
 
     def cp_async_commit():
-        _sim_async.commit()
+        _async_commit()
 
     def cp_async_wait_group(pending):
         n = int(pending)
 
         def wait():
-            _sim_async.wait(n)
+            _async_wait(n)
 
         return wait
 

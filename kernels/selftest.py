@@ -283,7 +283,8 @@ def run_mma(
 
 def run_cp_async(src: torch.Tensor, waits: str = "all", block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 src [8 * block] -> (group A words [block, 4], group B words [block, 4]) as thread i saw
-    its neighbour's slots after ``waits`` (see make_cp_async_kernel; -1 = a copy that had not landed)."""
+    its neighbour's slots after ``waits`` (see make_cp_async_kernel; -1 or, in the simulator,
+    the emulation's PENDING word = a copy that had not landed)."""
     out = torch.zeros(8 * block, dtype=torch.int32, device=src.device)
     launch(f"selftest.cp_async.{waits}", _jitted(f"cp_async.{waits}.{block}"), (1,), (block,), (src, out))
     return out[: 4 * block].view(block, 4), out[4 * block :].view(block, 4)

@@ -8,6 +8,8 @@ captured CUDA graph's launches keep their shape.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tilegraph._device import SIMULATOR
 
 GPU_THREADS = 128  # target threads per CTA on a GPU
@@ -58,3 +60,36 @@ def merge_block(head_dim: int) -> tuple[int, int]:
 def merge_max_grid() -> int:
     """Blocks of the pair/states merge kernels (rows beyond: a persistent loop): 4096 on a GPU, 2 simulated."""
     return 2 if SIMULATOR else 4096
+
+
+@dataclass(frozen=True)
+class DecodePipelineShape:
+    """Launch shape of the pipelined decode kernel (kernels.decode_pipeline): block (lanes, heads,
+    rows); a stage holds rows * tokens_per_row tokens of K and of V; ``stages`` buffers of each."""
+
+    lanes: int
+    heads: int
+    rows: int
+    tokens_per_row: int
+    stages: int
+
+
+#: query heads of a GQA group per pass of the pipelined decode (larger groups: several passes)
+PIPELINE_MAX_HEADS = 8
+#: target tokens per stage on a GPU, and the shared-memory bytes the K/V stage buffers may take
+PIPELINE_STAGE_TOKENS = 16
+PIPELINE_TILE_BYTES = 32 * 1024
+
+
+def decode_pipeline_shape(kind: int, head_dim: int, group: int) -> DecodePipelineShape:
+    """GPU: ~128 threads, (head_dim/8 lanes) x (the group's heads, <= 8 per pass) x rows, 2 stages of
+    up to 16 tokens within 32 KB of K/V buffers. Simulator: 2 heads x 2 rows x 2 tokens per row."""
+    lanes = lanes_per_row(head_dim)
+    if SIMULATOR:
+        return DecodePipelineShape(lanes, min(group, 2), 2, 2, 2)
+    heads = min(group, PIPELINE_MAX_HEADS)
+    rows = max(1, GPU_THREADS // (lanes * heads))
+    row_bytes = head_dim * (4 if kind == 2 else 2)  # primitives.F32 == 2
+    stages = 2
+    tokens = max(rows, min(PIPELINE_STAGE_TOKENS, PIPELINE_TILE_BYTES // (2 * stages * row_bytes)))
+    return DecodePipelineShape(lanes, heads, rows, max(1, tokens // rows), stages)

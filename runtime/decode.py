@@ -21,7 +21,7 @@ import torch
 
 from tilegraph._device import resolve_device
 from tilegraph.errors import InputError
-from tilegraph.kernels.decode import DECODE_ARGS, DecodeConfig, decode_kernel, decode_signature, default_bdy
+from tilegraph.kernels.decode_pipeline import DECODE_PIPELINE_ARGS, decode_pipeline_kernel, page_divisor, pipeline_config
 from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
@@ -62,13 +62,8 @@ class BatchDecode(AttentionBase):
         """``variant``: a tilegraph.Variant (default: plain softmax attention). ``hooks``: raw
         compile-time AttentionHooks without run-time parameters (lower level; not with ``variant``)."""
         super().__init__(settings, device, hooks, variant)
-        self.config = DecodeConfig(
-            kind=self.kind_code,
-            head_dim=settings.head_dim,
-            group=settings.group_size,
-            bdy=default_bdy(settings.head_dim),
-            hooks=self.hooks,
-        )
+        self.config = pipeline_config(self.kind_code, settings.head_dim, settings.group_size, self.hooks)
+        self.page_divisor = page_divisor(settings.page_size)
 
     def make_layout(self) -> DecodeLayout:
         return DecodeLayout.from_settings(self.settings, self.num_ctas)
@@ -114,13 +109,16 @@ class BatchDecode(AttentionBase):
 
     def launch(self, q: torch.Tensor, kv: PagedKV, out: torch.Tensor, lse: torch.Tensor | None) -> None:
         s, hooks = self.settings, self.hooks
-        kernel = decode_kernel(self.config)
-        label = f"decode[{s.dtype},hd{s.head_dim},g{s.group_size},{hooks.name}]"
-        compile_with_progress(label, [(kernel, decode_signature()), (partial_merge_kernel(self.kind_code, hooks), PARTIAL_MERGE_SIGNATURE)])
+        kernel = decode_pipeline_kernel(self.config)
+        label = f"decode_pipeline[{s.dtype},hd{s.head_dim},g{s.group_size},{hooks.name}]"
+        merge = (partial_merge_kernel(self.kind_code, hooks), PARTIAL_MERGE_SIGNATURE)
+        compile_with_progress(label, [(kernel, DECODE_PIPELINE_ARGS.signature), merge])
         out_words = self.output_words(out)
         lse_arg = lse.view(-1) if lse is not None else self.workspace.no_lse
-        values = DECODE_ARGS.values(**self.plan_sections(DECODE_ARGS.names),
-                                    **self.shared_launch_values(q, kv, out_words, lse_arg, lse is not None))  # fmt: skip
+        magic, shift = self.page_divisor
+        values = DECODE_PIPELINE_ARGS.values(**self.plan_sections(DECODE_PIPELINE_ARGS.names),
+                                             **self.shared_launch_values(q, kv, out_words, lse_arg, lse is not None),
+                                             page_div_magic=np.int64(magic), page_div_shift=np.int64(shift))  # fmt: skip
         launch("decode", kernel, (self.num_ctas,), self.config.block, values)
         self.launch_partial_merge(out_words, lse, prefill=False)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tilegraph
+from tilegraph.kernels import _sim_async
 from tilegraph.kernels import selftest as st
 
 sim_only = pytest.mark.skipif(not tilegraph.SIMULATOR, reason="deferred completion is the simulator's emulation")
@@ -17,7 +18,7 @@ BLOCK = 8
 def _src(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     src = rng.integers(-(2**31), 2**31, 8 * BLOCK, dtype=np.int64).astype(np.int32)
-    src[src == -1] = 7  # -1 is the kernel's "not landed" poison
+    src[(src == -1) | (src == _sim_async.PENDING)] = 7  # the "not landed" markers
     return src
 
 
@@ -34,7 +35,8 @@ def test_cp_async_copies_and_zero_fills(device: torch.device) -> None:
 def test_missing_wait_reads_stale_shared_memory(device: torch.device) -> None:
     src = _src(2)
     got_a, got_b = (t.cpu().numpy() for t in st.run_cp_async(torch.from_numpy(src).to(device), "none", BLOCK))
-    assert (got_a == -1).all() and (got_b == -1).all()  # nothing landed: the bug is visible every run
+    pending = _sim_async.PENDING
+    assert (got_a == pending).all() and (got_b == pending).all()  # nothing landed: the bug is visible every run
 
 
 @sim_only
@@ -43,13 +45,11 @@ def test_wait_group_1_lands_only_the_older_group(device: torch.device) -> None:
     got_a, got_b = (t.cpu().numpy() for t in st.run_cp_async(torch.from_numpy(src).to(device), "first", BLOCK))
     want_a, _ = st.cp_async_expected(src, BLOCK)
     np.testing.assert_array_equal(got_a, want_a)
-    assert (got_b == -1).all()
+    assert (got_b == _sim_async.PENDING).all()
 
 
 @sim_only
 def test_misaligned_shared_index_is_refused() -> None:
-    from tilegraph.kernels import _sim_async
-
     with pytest.raises(RuntimeError, match="inside a simulated kernel"):
         _sim_async.commit()
     with pytest.raises(IndexError, match="16-byte aligned"):

@@ -1,0 +1,456 @@
+"""Split-KV paged decode as a cp.async pipeline: K/V tiles staged in shared memory once per stage
+and read by every query head of the GQA group.
+
+Thread block (BDX, HEADS, ROWS): BDX lanes (a power of two <= 32) split head_dim into 8-element
+vectors; each y row is one query head of the group (HEADS = min(group, per-pass limit); larger
+groups take several passes over the tile); the ROWS z rows split a stage's tokens, TPR each. A
+stage is T = ROWS * TPR tokens of K and of V, copied global -> shared by ``cp.async`` (16 bytes per
+copy, spread over every thread, zero-filled past the tile's end) into one of STAGES buffers; K and
+V are separate commit groups, so the next stages' K tiles are in flight while P.V runs and the next
+V tiles while Q.K runs (``wait_group 2*STAGES-1`` before each use).
+
+Page offsets of a whole stage are computed before its copies are issued, into shared memory: the
+page's index by shift/mask (power-of-two page_size) or a precomputed multiply-shift division
+(``page_divisor``; no 64-bit division anywhere), the page id from kv_indices (int32), its base word
+offset in int64 (pools above 2^31 elements), the token/head offset inside the page in int32.
+Softmax max/rescale once per stage and thread, not per token. Rows are combined through shared
+memory at the end of a tile; every LSE written is a natural log.
+
+NaN: a NaN in q/k/v reaches every output row whose softmax includes it (the running max propagates
+NaN explicitly); masked, out-of-range and zero-filled tail positions are SELECTED out (never
+multiplied by a zero weight).
+
+The kernel contract is the one of ``kernels.decode`` (same plan sections, outputs, split partials
+with slots, sinks for unsplit tiles, softmax-free variants, every AttentionHooks position), plus
+two launch arguments: ``page_div_magic`` and ``page_div_shift`` from ``page_divisor(page_size)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from numba import float32, int32, int64
+
+from tilegraph._device import SIMULATOR, cuda
+from tilegraph.planner.layout import H_NUM_TILES
+
+from . import primitives as prim
+from .args import ATTENTION_KV_OUT_ARGS, I32, KernelArgs
+from .hooks import DEFAULT_HOOKS, DTYPE_NAMES, LN2, LOG2E, NEG_INF, AttentionHooks
+from .hooks import identity_logit as _identity_logit
+from .hooks import identity_pair as _identity_pair
+from .hooks import identity_vec as _identity_vec
+from .hooks import no_mask as _no_mask
+from .hooks import no_sink as _no_sink
+from .tuning import DecodePipelineShape, decode_pipeline_shape
+
+if TYPE_CHECKING:
+    from .compile_spec import CompileSpec
+
+DECODE_PIPELINE_ARGS = KernelArgs("decode_pipeline", (
+    ("header", I32), ("cta_tile_indptr", I32), ("tile_request", I32), ("tile_kv_head", I32),
+    ("tile_token_start", I32), ("tile_token_end", I32), ("tile_slot", I32),
+    ("kv_indptr", I32), ("kv_indices", I32), ("kv_len", I32),
+    ("q_words", I32), ("q_stride_b", "int64"), ("q_stride_h", "int64"),
+    *ATTENTION_KV_OUT_ARGS,
+    ("page_div_magic", "int64"), ("page_div_shift", "int64"),
+))  # fmt: skip
+
+#: largest token index a division must handle (kv lengths are int32)
+MAX_TOKEN = 2**31 - 1
+
+
+def page_divisor(page_size: int) -> tuple[int, int]:
+    """(magic, shift) for ``t // page_size`` without a division, exact for 0 <= t < 2^31.
+
+    Power of two: magic 0, ``t >> shift`` (and ``t & (page_size - 1)``). Otherwise
+    ``(t * magic) >> shift`` in 64-bit with shift = 31 + ceil(log2 page_size) and
+    magic = ceil(2^shift / page_size) < 2^32: the error magic * page_size - 2^shift < page_size,
+    so t * error < 2^shift and the floor is exact; t * magic < 2^63."""
+    if page_size < 1 or page_size > MAX_TOKEN:
+        raise ValueError(f"page_size {page_size} outside [1, 2^31)")
+    if page_size & (page_size - 1) == 0:
+        return 0, page_size.bit_length() - 1
+    shift = 31 + (page_size - 1).bit_length()
+    return -(-(1 << shift) // page_size), shift
+
+
+@cuda.jit(device=True, inline="always")
+def paged_word_offset(t, page_base, kv_indices, page_size, magic, shift, page_stride, token_stride, head_offset):
+    """Word offset of token ``t`` (< 2^31) of a request whose pages start at kv_indices[page_base]:
+    the page id (int32) times page_stride in int64, plus the int32 offset inside the page
+    (token_in_page * token_stride + head_offset); ``(magic, shift)`` from page_divisor(page_size)."""
+    if magic == 0:
+        page_index = int32(t >> shift)
+        in_page = int32(t & (page_size - 1))
+    else:
+        page_index = int32((int64(t) * magic) >> shift)
+        in_page = int32(t - page_index * page_size)
+    page = kv_indices[page_base + page_index]
+    return int64(page) * page_stride + int64(int32(in_page * token_stride) + head_offset)
+
+
+@cuda.jit(device=True, inline="always")
+def nan_max(a, b):
+    """max(a, b) that propagates a NaN from either side (a plain max may drop it)."""
+    if a != a or b != b:
+        return a + b
+    return max(a, b)
+
+
+@dataclass(frozen=True)
+class DecodePipelineConfig:
+    """One compiled specialization of the pipelined decode kernel."""
+
+    kind: int  # primitives.F16 / BF16 / F32
+    head_dim: int
+    group: int
+    shape: DecodePipelineShape
+    hooks: AttentionHooks = DEFAULT_HOOKS
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.shape.lanes, self.shape.heads, self.shape.rows)
+
+    @property
+    def stage_tokens(self) -> int:
+        return self.shape.rows * self.shape.tokens_per_row
+
+
+def pipeline_config(kind: int, head_dim: int, group: int, hooks: AttentionHooks = DEFAULT_HOOKS) -> DecodePipelineConfig:
+    """The config with the launch shape kernels.tuning chooses for these axes."""
+    return DecodePipelineConfig(kind, head_dim, group, decode_pipeline_shape(kind, head_dim, group), hooks)
+
+
+@cuda.jit(device=True, inline="always")
+def _stage_offsets(sh_off, slot, stage, T, flat, nthreads, t_begin, t_end, page_base, kv_indices, page_size,
+                   magic, shift, page_stride, token_stride, head_offset):  # fmt: skip
+    """Word offsets of the T tokens of ``stage`` into sh_off[slot * T:], -1 past the tile's end."""
+    for li in range(flat, T, nthreads):
+        t = t_begin + stage * T + li
+        off = int64(-1)
+        if t < t_end:
+            off = paged_word_offset(t, page_base, kv_indices, page_size, magic, shift, page_stride, token_stride,
+                                    head_offset)
+        sh_off[slot * T + li] = off
+
+
+@cuda.jit(device=True, inline="always")
+def _issue_stage(sh_dst, src_words, sh_off, slot, T, CPR, ROW_WORDS, flat, nthreads):
+    """cp.async the T rows of ``slot`` (offsets in sh_off) into sh_dst; zero-fill rows with offset -1."""
+    for c in range(flat, T * CPR, nthreads):
+        li = c // CPR
+        part = c - li * CPR
+        off = sh_off[slot * T + li]
+        ok = off >= 0
+        src = off + part * 4 if ok else int64(0)
+        prim.cp_async_16(sh_dst, (slot * T + li) * ROW_WORDS + part * 4, src_words, src, ok)
+
+
+def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]:
+    """The plain Python kernel function for ``cfg`` (cuda.jit it to launch, compile_ptx to check)."""
+    KIND, HEAD_DIM, GROUP = cfg.kind, cfg.head_dim, cfg.group
+    BDX, HEADS, ROWS, TPR, STAGES = cfg.shape.lanes, cfg.shape.heads, cfg.shape.rows, cfg.shape.tokens_per_row, cfg.shape.stages
+    T = ROWS * TPR
+    NTHREADS = BDX * HEADS * ROWS
+    LANES = HEAD_DIM // 8
+    WORDS8 = prim.words_per_row8(KIND)
+    ROW_WORDS = LANES * WORDS8  # words per head_dim row of the value dtype
+    CPR = ROW_WORDS // 4  # 16-byte copies per row
+    TILE_WORDS = STAGES * T * ROW_WORDS
+    OFF_SLOTS = STAGES * T
+    COMBINE = HEADS * ROWS * HEAD_DIM
+    STATES = HEADS * ROWS
+    WAIT = prim.cp_async_wait_group(2 * STAGES - 1)
+    SIM = SIMULATOR
+    hooks = cfg.hooks
+    HAS_LOGITS_HOOK = hooks.logits_transform is not None
+    HAS_MASK = hooks.logits_mask is not None
+    HAS_Q_PAIR = hooks.query_pair_transform is not None
+    HAS_K_PAIR = hooks.key_pair_transform is not None
+    HAS_SINK = hooks.sink is not None
+    SOFTMAX = hooks.softmax
+    NATURAL = HAS_LOGITS_HOOK or not SOFTMAX  # scores in natural units (else log2 units)
+    HALF_LANES = LANES // 2
+    CACHE_KEY = int(hashlib.sha256(f"{hooks.name}|{cfg.shape}|{_kernel_sources_digest()}".encode()).hexdigest()[:15], 16)
+    q_hook = hooks.query_transform or _identity_vec
+    k_hook = hooks.key_transform or _identity_vec
+    o_hook = hooks.output_transform or _identity_vec
+    logit_hook = hooks.logits_transform or _identity_logit
+    mask_hook = hooks.logits_mask or _no_mask
+    q_pair_hook = hooks.query_pair_transform or _identity_pair
+    k_pair_hook = hooks.key_pair_transform or _identity_pair
+    sink_hook = hooks.sink or _no_sink
+    load_row8, load_shared_row8, store_row8 = prim.load_row8, prim.load_shared_row8, prim.store_row8
+    ex2, warp_sum, commit = prim.ex2, prim.warp_sum, prim.cp_async_commit
+
+    def decode_pipeline_kernel(
+        header, cta_tile_indptr, tile_request, tile_kv_head, tile_token_start, tile_token_end, tile_slot,
+        kv_indptr, kv_indices, kv_len,
+        q_words, q_stride_b, q_stride_h,
+        k_words, v_words, page_stride, token_stride, head_stride, page_size,
+        out_words, lse, write_lse, partial_out, partial_lse,
+        sm_scale, num_qo_heads, params,
+        page_div_magic, page_div_shift,
+    ):  # fmt: skip
+        if CACHE_KEY < 0:  # never true; keeps CACHE_KEY in the closure
+            return
+        tx = cuda.threadIdx.x
+        hy = cuda.threadIdx.y
+        tz = cuda.threadIdx.z
+        flat = tx + BDX * (hy + HEADS * tz)
+        active = tx < LANES
+        dim0 = tx * 8
+        if SIM:
+            sh_k = cuda.shared.array(TILE_WORDS, int32)
+            sh_v = cuda.shared.array(TILE_WORDS, int32)
+        else:
+            sh_k = cuda.shared.array(TILE_WORDS, int32, alignment=16)
+            sh_v = cuda.shared.array(TILE_WORDS, int32, alignment=16)
+        sh_off = cuda.shared.array(OFF_SLOTS, int64)
+        sh_acc = cuda.shared.array(COMBINE, float32)
+        sh_m = cuda.shared.array(STATES, float32)
+        sh_d = cuda.shared.array(STATES, float32)
+        q8 = cuda.local.array(8, float32)
+        acc = cuda.local.array(8, float32)
+        kv8 = cuda.local.array(8, float32)
+        pair8 = cuda.local.array(8, float32)
+        score = cuda.local.array(TPR, float32)
+        use = cuda.local.array(TPR, int32)
+        partner = tx + HALF_LANES if tx < HALF_LANES else tx - HALF_LANES  # lane of the rotate-half partner
+        q_scale = float32(sm_scale) if NATURAL else float32(sm_scale * LOG2E)
+        ps = int32(page_size)
+        magic = int64(page_div_magic)
+        shift = int32(page_div_shift)
+        ts32 = int32(token_stride)
+        num_tiles = header[H_NUM_TILES]
+        cta = cuda.blockIdx.x
+        tile_stop = min(cta_tile_indptr[cta + 1], num_tiles)
+        for tile in range(cta_tile_indptr[cta], tile_stop):
+            request = int64(tile_request[tile])
+            kv_head = int64(tile_kv_head[tile])
+            t_begin = int32(tile_token_start[tile])
+            t_end = int32(tile_token_end[tile])
+            slot = int64(tile_slot[tile])
+            qo_pos = kv_len[request] - 1
+            page_base = int64(kv_indptr[request])
+            head_offset = int32(kv_head * head_stride)
+            num_stages = (t_end - t_begin + (T - 1)) // T
+            for head0 in range(0, GROUP, HEADS):
+                g = head0 + hy  # this thread's head inside the group
+                qo_head = kv_head * GROUP + g
+                for k in range(8):
+                    q8[k] = float32(0.0)
+                    acc[k] = float32(0.0)
+                if active and g < GROUP:
+                    q_row = request * q_stride_b + qo_head * q_stride_h
+                    load_row8(q_words, q_row + tx * WORDS8, KIND, q8)
+                    if HAS_Q_PAIR:
+                        load_row8(q_words, q_row + partner * WORDS8, KIND, pair8)
+                        q_pair_hook(q8, pair8, dim0, HEAD_DIM, request, qo_head, qo_pos, params)
+                    q_hook(q8, dim0, request, qo_head, qo_pos, params)
+                for k in range(8):
+                    q8[k] *= q_scale
+                m = NEG_INF
+                d = float32(0.0)
+                if num_stages > 0:
+                    # prologue: offsets, then K and V of the first STAGES stages in flight
+                    for s in range(STAGES):
+                        _stage_offsets(sh_off, s, s, T, flat, NTHREADS, t_begin, t_end, page_base, kv_indices, ps,
+                                       magic, shift, page_stride, ts32, head_offset)  # fmt: skip
+                    cuda.syncthreads()
+                    for s in range(STAGES):
+                        if s < num_stages:
+                            _issue_stage(sh_k, k_words, sh_off, s, T, CPR, ROW_WORDS, flat, NTHREADS)
+                        commit()
+                        if s < num_stages:
+                            _issue_stage(sh_v, v_words, sh_off, s, T, CPR, ROW_WORDS, flat, NTHREADS)
+                        commit()
+                for i in range(num_stages):
+                    buf = i % STAGES
+                    t_stage = t_begin + i * T
+                    WAIT()  # K of stage i landed (this thread's copies) ...
+                    cuda.syncthreads()  # ... and every thread's
+                    # Q.K for this row's TPR tokens, every head reading the same K rows
+                    m_stage = NEG_INF
+                    for j in range(TPR):
+                        li = tz * TPR + j
+                        t = t_stage + li
+                        valid = t < t_end
+                        row_w = (buf * T + li) * ROW_WORDS
+                        for k in range(8):
+                            kv8[k] = float32(0.0)
+                        if active:
+                            load_shared_row8(sh_k, row_w + tx * WORDS8, KIND, kv8)
+                            if HAS_K_PAIR:
+                                load_shared_row8(sh_k, row_w + partner * WORDS8, KIND, pair8)
+                                k_pair_hook(kv8, pair8, dim0, HEAD_DIM, request, kv_head, t, params)
+                            k_hook(kv8, dim0, request, kv_head, t, params)
+                        part = float32(0.0)
+                        for k in range(8):
+                            part += q8[k] * kv8[k]
+                        s_val = warp_sum(part, BDX)
+                        if HAS_LOGITS_HOOK:
+                            s_val = float32(logit_hook(s_val, request, qo_pos, t, qo_head, kv_head, params))
+                            if SOFTMAX:
+                                s_val = float32(s_val * LOG2E)
+                        include = valid and not (s_val == NEG_INF)
+                        if HAS_MASK:
+                            if valid and not mask_hook(request, qo_pos, t, qo_head, kv_head, params):
+                                include = False
+                        score[j] = s_val
+                        use[j] = 1 if include else 0
+                        if include:
+                            m_stage = nan_max(m_stage, s_val)
+                    # the offsets of stage i + STAGES into this buffer's slot (its V copies were issued long ago)
+                    if i + STAGES < num_stages:
+                        _stage_offsets(sh_off, buf, i + STAGES, T, flat, NTHREADS, t_begin, t_end, page_base,
+                                       kv_indices, ps, magic, shift, page_stride, ts32, head_offset)  # fmt: skip
+                    cuda.syncthreads()  # every thread done with sh_k[buf]; new offsets visible
+                    if i + STAGES < num_stages:
+                        _issue_stage(sh_k, k_words, sh_off, buf, T, CPR, ROW_WORDS, flat, NTHREADS)
+                    commit()
+                    # softmax: one max/rescale per stage
+                    if SOFTMAX:
+                        if not (m_stage == NEG_INF):
+                            m_new = nan_max(m, m_stage)
+                            rescale = ex2(m - m_new)
+                            d *= rescale
+                            for k in range(8):
+                                acc[k] *= rescale
+                            m = m_new
+                            for j in range(TPR):
+                                if use[j] != 0:
+                                    score[j] = ex2(score[j] - m_new)
+                                    d += score[j]
+                    WAIT()  # V of stage i landed
+                    cuda.syncthreads()
+                    if active:
+                        for j in range(TPR):
+                            if use[j] != 0:
+                                w = score[j]  # the weight (softmax-free: the score itself)
+                                load_shared_row8(sh_v, (buf * T + tz * TPR + j) * ROW_WORDS + tx * WORDS8, KIND, kv8)
+                                for k in range(8):
+                                    acc[k] += w * kv8[k]
+                    cuda.syncthreads()  # every thread done with sh_v[buf]
+                    if i + STAGES < num_stages:
+                        _issue_stage(sh_v, v_words, sh_off, buf, T, CPR, ROW_WORDS, flat, NTHREADS)
+                    commit()
+                # combine the ROWS token rows of each head
+                state = hy * ROWS + tz
+                if active:
+                    for k in range(8):
+                        sh_acc[state * HEAD_DIM + dim0 + k] = acc[k]
+                if tx == 0:
+                    sh_m[state] = m
+                    sh_d[state] = d
+                cuda.syncthreads()
+                if tz == 0 and active and g < GROUP:
+                    for k in range(8):
+                        kv8[k] = float32(0.0)
+                    lse_value = NEG_INF
+                    base = hy * ROWS
+                    if SOFTMAX:
+                        m_all = NEG_INF
+                        for r in range(ROWS):
+                            m_all = nan_max(m_all, sh_m[base + r])
+                        d_all = float32(0.0)
+                        if not (m_all == NEG_INF):
+                            for r in range(ROWS):
+                                m_r = sh_m[base + r]
+                                if not (m_r == NEG_INF):
+                                    w = ex2(m_r - m_all)
+                                    d_all += sh_d[base + r] * w
+                                    for k in range(8):
+                                        kv8[k] += sh_acc[(base + r) * HEAD_DIM + dim0 + k] * w
+                        if HAS_SINK and slot < 0:
+                            # the sink: a state (zeros, LSE = sink) joined once; split requests: in the merge
+                            sink = float32(sink_hook(qo_head, params) * LOG2E)
+                            if sink > NEG_INF:
+                                m_new = nan_max(m_all, sink)
+                                rescale = ex2(m_all - m_new)
+                                d_all = d_all * rescale + ex2(sink - m_new)
+                                for k in range(8):
+                                    kv8[k] *= rescale
+                                m_all = m_new
+                        if not (d_all == float32(0.0)):
+                            inv = float32(1.0) / d_all
+                            for k in range(8):
+                                kv8[k] *= inv
+                            lse_value = float32((m_all + math.log2(d_all)) * LN2)
+                    else:
+                        for r in range(ROWS):
+                            for k in range(8):
+                                kv8[k] += sh_acc[(base + r) * HEAD_DIM + dim0 + k]
+                        lse_value = float32(0.0)
+                    if slot < 0:
+                        o_hook(kv8, dim0, request, qo_head, qo_pos, params)
+                        out_row = request * num_qo_heads + qo_head
+                        store_row8(out_words, out_row * ROW_WORDS + tx * WORDS8, KIND, kv8)
+                        if tx == 0 and write_lse != 0:
+                            lse[out_row] = lse_value
+                    else:
+                        part_row = slot * GROUP + g
+                        for k in range(8):
+                            partial_out[part_row * HEAD_DIM + dim0 + k] = kv8[k]
+                        if tx == 0:
+                            partial_lse[part_row] = lse_value
+                cuda.syncthreads()
+
+    return DECODE_PIPELINE_ARGS.check(decode_pipeline_kernel)
+
+
+@lru_cache(maxsize=128)
+def decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Any:
+    """The launchable kernel for ``cfg`` (compiled on first launch; ``TILEGRAPH_KERNEL_CACHE=1``:
+    numba's disk cache on a GPU, keyed as in kernels.decode)."""
+    disk = not SIMULATOR and os.environ.get("TILEGRAPH_KERNEL_CACHE") == "1"
+    return cuda.jit(make_decode_pipeline_kernel(cfg), fastmath=True, cache=disk)
+
+
+@lru_cache(maxsize=1)
+def _kernel_sources_digest() -> str:
+    """sha256 of tilegraph's kernel sources (numba's disk cache does not track helper modules)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def gpu_compile_specs() -> list[CompileSpec]:
+    """Covering set: every dtype, head_dim 16..256, group 1..16 (passes), default and hooked
+    variants, every built-in variant at least once."""
+    from .compile_spec import DECODE_CHECK_HOOKS as CHECK_HOOKS
+    from .compile_spec import CompileSpec
+    from .compile_spec import decode_variant_cases as builtin_variant_cases
+
+    cases = [
+        (prim.BF16, 128, 4, DEFAULT_HOOKS),
+        (prim.F16, 128, 1, DEFAULT_HOOKS),
+        (prim.BF16, 128, 8, DEFAULT_HOOKS),
+        (prim.F16, 64, 16, DEFAULT_HOOKS),
+        (prim.F32, 256, 2, DEFAULT_HOOKS),
+        (prim.BF16, 16, 3, DEFAULT_HOOKS),
+        (prim.F16, 96, 6, DEFAULT_HOOKS),
+        (prim.BF16, 128, 4, CHECK_HOOKS),
+        *builtin_variant_cases(),
+    ]
+    specs = []
+    for kind, head_dim, group, hooks in cases:
+        cfg = pipeline_config(kind, head_dim, group, hooks)
+        specs.append(
+            CompileSpec(
+                name=f"decode_pipeline[{DTYPE_NAMES[kind]},hd{head_dim},g{group},{hooks.name.split('#')[0]}]",
+                pyfunc=make_decode_pipeline_kernel(cfg),
+                signature=DECODE_PIPELINE_ARGS.signature,
+                expect=("cp.async.cg.shared.global", "cp.async.wait_group", "ex2.approx"),
+                fastmath=True,
+            )
+        )
+    return specs
