@@ -43,6 +43,7 @@ from .hooks import identity_pair as _identity_pair
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
+from .nan import NAN_PTX, fastmath_flags, nan_max
 from .tuning import decode_rows, lanes_per_row
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
         m = cuda.local.array(PASS, float32)
         d = cuda.local.array(PASS, float32)
         weight = cuda.local.array(PASS, float32)
+        taken = cuda.local.array(PASS, float32)
         kv8 = cuda.local.array(8, float32)
         pair8 = cuda.local.array(8, float32)
         partner = tx + HALF_LANES if tx < HALF_LANES else tx - HALF_LANES  # lane of the rotate-half partner
@@ -201,11 +203,15 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                             if not mask_hook(request, qo_pos, t, qo_head, kv_head, params):
                                 s = NEG_INF
                         weight[j] = float32(0.0)
+                        # a position joins when in range and not masked; a NaN score joins too (so
+                        # it shows); masked / out-of-range ones are selected out, never weighted by 0
+                        take = valid and not (s == NEG_INF)
+                        taken[j] = float32(1.0) if take else float32(0.0)
                         if not SOFTMAX:
-                            if valid and s > NEG_INF:
+                            if take:
                                 weight[j] = s  # softmax-free: the (transformed) score is the weight
-                        elif valid and s > NEG_INF:
-                            m_new = max(m[j], s)
+                        elif take:
+                            m_new = nan_max(m[j], s)
                             rescale = ex2(m[j] - m_new)
                             weight[j] = ex2(s - m_new)
                             d[j] = d[j] * rescale + weight[j]
@@ -215,8 +221,9 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                     if valid and active:
                         load_row8(v_words, row + tx * WORDS8, KIND, kv8)
                         for j in range(PASS):
-                            for k in range(8):
-                                acc[j * 8 + k] += weight[j] * kv8[k]
+                            if taken[j] != float32(0.0):
+                                for k in range(8):
+                                    acc[j * 8 + k] += weight[j] * kv8[k]
                 for j in range(PASS):
                     qo_head = kv_head * GROUP + head0 + j
                     if active:
@@ -233,9 +240,9 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                         if SOFTMAX:
                             m_all = NEG_INF
                             for r in range(BDY):
-                                m_all = max(m_all, sh_m[r])
+                                m_all = nan_max(m_all, sh_m[r])
                             d_all = float32(0.0)
-                            if m_all > NEG_INF:
+                            if not (m_all == NEG_INF):  # NaN included: it must show
                                 for r in range(BDY):
                                     w = ex2(sh_m[r] - m_all)
                                     d_all += sh_d[r] * w
@@ -244,14 +251,14 @@ def make_decode_kernel(cfg: DecodeConfig) -> Callable[..., Any]:
                             if HAS_SINK and slot < 0:
                                 # the sink: a state (zeros, LSE = sink) joined once; split requests: in the merge
                                 sink = float32(sink_hook(qo_head, params) * LOG2E)
-                                if sink > NEG_INF:
-                                    m_new = max(m_all, sink)
+                                if not (sink == NEG_INF):
+                                    m_new = nan_max(m_all, sink)
                                     rescale = ex2(m_all - m_new)
                                     d_all = d_all * rescale + ex2(sink - m_new)
                                     for k in range(8):
                                         kv8[k] *= rescale
                                     m_all = m_new
-                            if d_all > float32(0.0):
+                            if d_all > float32(0.0) or d_all != d_all:
                                 inv = float32(1.0) / d_all
                                 for k in range(8):
                                     kv8[k] *= inv
@@ -285,7 +292,7 @@ def decode_kernel(cfg: DecodeConfig) -> Any:
     on the kernel's bytecode and closure, which holds a hash of the variant key and of tilegraph's
     kernel sources -- see CACHE_KEY in make_decode_kernel)."""
     disk = not SIMULATOR and os.environ.get("TILEGRAPH_KERNEL_CACHE") == "1"
-    return cuda.jit(make_decode_kernel(cfg), fastmath=True, cache=disk)
+    return cuda.jit(make_decode_kernel(cfg), fastmath=fastmath_flags(), cache=disk)
 
 
 @lru_cache(maxsize=1)
@@ -326,8 +333,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                     name=f"decode_merge[{DTYPE_NAMES[kind]},{hooks.name.split('#')[0]}]",
                     pyfunc=make_partial_merge_kernel(kind, hooks),
                     signature=PARTIAL_MERGE_SIGNATURE,
-                    expect=("ld.global.nc.v4.u32",),
-                    fastmath=True,
+                    expect=("ld.global.nc.v4.u32", NAN_PTX),
+                    fastmath=fastmath_flags(),
                 )
             )
         bdy = max(1, 128 // DecodeConfig(kind, head_dim, group, 1).bdx)
@@ -338,8 +345,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 name=f"decode[{dtype},hd{head_dim},g{group},{hooks.name.split('#')[0]}]",
                 pyfunc=make_decode_kernel(cfg),
                 signature=decode_signature(),
-                expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx"),
-                fastmath=True,
+                expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx", NAN_PTX),
+                fastmath=fastmath_flags(),
             )
         )
     return specs

@@ -35,6 +35,7 @@ from .hooks import DTYPE_NAMES, NEG_INF
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_sink as _no_sink
 from .launch import as_words, launch
+from .nan import NAN_PTX, fastmath_flags, nan_max
 from .tuning import merge_block, merge_max_grid
 
 if TYPE_CHECKING:
@@ -66,9 +67,10 @@ def merge_fold(m, d, acc, lse, v8):
 
     m: float32 running max of natural LSEs (-inf: empty); d: float32 sum of weights exp(s_i - m);
     acc: float32[8] sum of w_i * v_i (in place); lse: the state's natural LSE (-inf: skipped);
-    v8: float32[8], 8 elements of the state's normalized output."""
-    if lse > NEG_INF:
-        m_new = max(m, lse)
+    v8: float32[8], 8 elements of the state's normalized output. A NaN LSE is folded in (it must
+    show); a -inf state is selected out, its values never read into the sum."""
+    if not (lse == NEG_INF):
+        m_new = nan_max(m, lse)
         scale = prim.ex2((m - m_new) * LOG2E)
         weight = prim.ex2((lse - m_new) * LOG2E)
         d = d * scale + weight
@@ -81,7 +83,7 @@ def merge_fold(m, d, acc, lse, v8):
 @cuda.jit(device=True, inline="always")
 def merge_finish(m, d, acc):
     """Normalize ``acc`` [8] in place (zeros when nothing was folded in); return the natural LSE."""
-    if d > float32(0.0):
+    if d > float32(0.0) or d != d:
         inv = float32(1.0) / d
         for k in range(8):
             acc[k] *= inv
@@ -302,18 +304,18 @@ def make_partial_merge_kernel(kind: int, hooks: Any = None, prefill: bool = Fals
 
 @lru_cache(maxsize=None)
 def pair_kernel(kind: int) -> Any:
-    return cuda.jit(make_pair_kernel(kind), fastmath=True)
+    return cuda.jit(make_pair_kernel(kind), fastmath=fastmath_flags())
 
 
 @lru_cache(maxsize=None)
 def states_kernel(kind: int) -> Any:
-    return cuda.jit(make_states_kernel(kind), fastmath=True)
+    return cuda.jit(make_states_kernel(kind), fastmath=fastmath_flags())
 
 
 @lru_cache(maxsize=64)
 def partial_merge_kernel(kind: int, hooks: Any = None, prefill: bool = False) -> Any:
     """The launchable partial-merge kernel for output dtype code ``kind`` (see make_partial_merge_kernel)."""
-    return cuda.jit(make_partial_merge_kernel(kind, hooks, prefill), fastmath=True)
+    return cuda.jit(make_partial_merge_kernel(kind, hooks, prefill), fastmath=fastmath_flags())
 
 
 # ---- launchers (torch tensors in; no checks here: runtime/merge.py validates) ------------------
@@ -428,7 +430,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
     """Every kernel here for every dtype (the only compile-time axis)."""
     from .compile_spec import CompileSpec
 
-    expect = ("ld.global.nc.v4.u32", "ex2.approx")
+    expect = ("ld.global.nc.v4.u32", "ex2.approx", NAN_PTX)
     specs = []
     for kind, dtype in DTYPE_NAMES.items():
         for name, make, signature in (
@@ -436,5 +438,6 @@ def gpu_compile_specs() -> list[CompileSpec]:
             ("merge_states", make_states_kernel, STATES_SIGNATURE),
             ("partial_merge", make_partial_merge_kernel, PARTIAL_MERGE_SIGNATURE),
         ):
-            specs.append(CompileSpec(name=f"{name}[{dtype}]", pyfunc=make(kind), signature=signature, expect=expect))
+            specs.append(CompileSpec(name=f"{name}[{dtype}]", pyfunc=make(kind), signature=signature, expect=expect,
+                                     fastmath=fastmath_flags()))  # fmt: skip
     return specs

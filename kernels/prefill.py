@@ -64,6 +64,7 @@ from .hooks import identity_pair as _identity_pair
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
+from .nan import NAN_PTX, fastmath_flags, nan_max
 from .tuning import prefill_kv_block, prefill_threads
 
 if TYPE_CHECKING:
@@ -215,29 +216,27 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
     @cuda.jit(device=True, inline="always")
     def softmax_step(ss, sm, sd, sscale, tid, n_rows, n_kv):
         """Online softmax per row: new max, rescale of the old state, ss <- probabilities (log2 domain).
-        Softmax-free: ss <- the scores as weights (0 where masked), no rescale."""
+        Softmax-free: ss keeps the scores as weights, no rescale. Masked entries stay -inf in both:
+        accumulate_pv selects them out (never 0 * v: NaN/Inf stored there must not reach a row); a
+        NaN score propagates (nan_max), so its row shows it."""
         for r in range(tid, n_rows, NT):
             if not SOFTMAX:
-                for c in range(n_kv):
-                    if ss[r, c] == NEG_INF:
-                        ss[r, c] = float32(0.0)
                 sscale[r] = float32(1.0)
                 continue
             m_old = sm[r]
             m_new = m_old
             for c in range(n_kv):
-                m_new = max(m_new, ss[r, c])
+                m_new = nan_max(m_new, ss[r, c])
             total = float32(0.0)
             if m_new == NEG_INF:
                 scale = float32(1.0)
-                for c in range(n_kv):
-                    ss[r, c] = float32(0.0)
             else:
                 scale = ex2(m_old - m_new)
                 for c in range(n_kv):
-                    p = ex2(ss[r, c] - m_new)
-                    ss[r, c] = p
-                    total += p
+                    if not (ss[r, c] == NEG_INF):
+                        p = ex2(ss[r, c] - m_new)
+                        ss[r, c] = p
+                        total += p
             sd[r] = sd[r] * scale + total
             sm[r] = m_new
             sscale[r] = scale
@@ -255,8 +254,9 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                     acc[i * 8 + k] *= scale
                 for c in range(n_kv):
                     p = ss[r, c]
-                    for k in range(8):
-                        acc[i * 8 + k] += p * sv[c, dim0 + k]
+                    if not (p == NEG_INF):  # masked: selected out
+                        for k in range(8):
+                            acc[i * 8 + k] += p * sv[c, dim0 + k]
 
     def prefill_kernel(
         header, cta_tile_indptr, tile_request, tile_q_start, tile_q_end, tile_kv_head, tile_kv_start, tile_kv_end,
@@ -372,12 +372,12 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                             if HAS_SINK and slot < 0:
                                 # the sink joins the denominator once: here for final rows, in the merge for split ones
                                 sink = float32(sink_hook(qo_head, params) * LOG2E)
-                                if sink > NEG_INF:
-                                    m_new = max(m_row, sink)
+                                if not (sink == NEG_INF):
+                                    m_new = nan_max(m_row, sink)
                                     rescale = ex2(m_row - m_new)
                                     d = d * rescale + ex2(sink - m_new)
                                     m_row = m_new
-                            if d > float32(0.0):
+                            if d > float32(0.0) or d != d:  # NaN: the row shows it
                                 inv = rescale / d
                                 for k in range(8):
                                     v8[k] = acc[i * 8 + k] * inv
@@ -402,7 +402,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
 @lru_cache(maxsize=None)
 def prefill_kernel(cfg: PrefillConfig) -> Any:
     """The launchable kernel for ``cfg``: compiled once per process (on first launch)."""
-    return cuda.jit(make_prefill_kernel(cfg), fastmath=True)
+    return cuda.jit(make_prefill_kernel(cfg), fastmath=fastmath_flags())
 
 
 def prefill_signature() -> str:
@@ -437,8 +437,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                     name=f"prefill_merge[{DTYPE_NAMES[kind]},{label}]",
                     pyfunc=make_partial_merge_kernel(kind, hooks, prefill=True),
                     signature=PARTIAL_MERGE_SIGNATURE,
-                    expect=("ld.global.nc.v4.u32",),
-                    fastmath=True,
+                    expect=("ld.global.nc.v4.u32", NAN_PTX),
+                    fastmath=fastmath_flags(),
                 )
             )
         cfg = PrefillConfig(kind, head_dim, group, paged, causal, threads=128, hooks=hooks)
@@ -448,8 +448,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 name=name,
                 pyfunc=make_prefill_kernel(cfg),
                 signature=prefill_signature(),
-                expect=("ld.global.nc.v4.u32", "ex2.approx", "bar.sync") if hooks.softmax else ("ld.global.nc.v4.u32", "bar.sync"),
-                fastmath=True,
+                expect=("ld.global.nc.v4.u32", "ex2.approx", "bar.sync", NAN_PTX) if hooks.softmax else ("ld.global.nc.v4.u32", "bar.sync"),
+                fastmath=fastmath_flags(),
             )
         )
     return specs

@@ -79,6 +79,8 @@ class CascadeAttention:
         device: str | torch.device | None = None,
         variant: Variant | None = None,
     ) -> None:
+        if not isinstance(settings, Settings):
+            raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
         check_cascade_variant(variant)
         if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) or num_levels < 1:
             raise InputError(f"num_levels must be an integer >= 1, got {num_levels!r}")

@@ -4,8 +4,9 @@ A state is an attention output ``v`` (normalized over its own keys) with its log
 Every LSE here is a **natural log** (FlashInfer's is base 2: multiply those by ln 2 first).
 Merging: m = max(s_a, s_b), w = exp(s - m), v = (w_a v_a + w_b v_b) / (w_a + w_b),
 s = m + log(w_a + w_b). A state with s = -inf contributes nothing; all -inf gives zeros and -inf.
-Computed in fp32 whatever the value dtype. LSEs must be finite or -inf: +inf or NaN gives an
-unspecified result (contents are never inspected on the host).
+Computed in fp32 whatever the value dtype. A -inf state's values are never read into the sum
+(NaN stored there does not leak); a NaN LSE (or a NaN value of a contributing state) gives NaN in
+its row; +inf gives an unspecified result (contents are never inspected on the host).
 
 Every check runs before any launch; a bad argument raises ``tilegraph.errors.InputError`` naming
 it (including a tensor on a device kernels cannot run on in this process: a CUDA tensor while
