@@ -21,12 +21,25 @@ from .hooks import AttentionHooks
 
 
 @dataclass(frozen=True)
+class PerfHints:
+    """What the static performance model (tilegraph.tools.perf_model) cannot read from SASS."""
+
+    threads: int                        # threads per CTA on a GPU
+    hbm_fraction: float = 1.0           # share of the K/V loop's 16-byte global load bytes that is HBM traffic
+    ctas_per_sm: float | None = None    # CTAs the plan launches per SM (decode: num_ctas = 2 x SMs -> 2)
+    grid_ctas: int | None = None        # a fixed total grid (the partial merge: 4 CTAs)
+    bound: str = "memory"               # "memory" (bandwidth) or "compute" (prefill: FLOP/s)
+    family: str = ""                    # budget family (default: the spec name before "[")
+
+
+@dataclass(frozen=True)
 class CompileSpec:
     name: str                        # e.g. "decode[float16,hd128,NHD]"
     pyfunc: Callable[..., Any]       # the plain Python kernel function (before cuda.jit)
     signature: str                   # numba signature, e.g. "void(int32[::1], float32[::1], int32)"
     expect: tuple[str, ...] = field(default=())  # PTX substrings that must appear (e.g. "ld.global.nc.v4")
     fastmath: bool = False           # the kernel's own cuda.jit fastmath option
+    perf: PerfHints | None = None    # inputs of the performance model (None: SASS structure only)
 
 
 # ---- hooked specializations for the covering sets ----------------------------------------------

@@ -313,11 +313,13 @@ def gpu_compile_specs() -> list[CompileSpec]:
     """Covering set: every dtype, several head_dims and group sizes, default and hooked variants,
     every built-in variant (tilegraph.variants) at least once, with its partial-merge kernel."""
     from .compile_spec import DECODE_CHECK_HOOKS as CHECK_HOOKS
-    from .compile_spec import CompileSpec
+    from .compile_spec import CompileSpec, PerfHints
     from .compile_spec import decode_variant_cases as builtin_variant_cases
     from .merge import PARTIAL_MERGE_SIGNATURE, make_partial_merge_kernel
+    from .tuning import GPU_THREADS, PARTIAL_MERGE_CTAS
 
     cases = [
+        (prim.BF16, 128, 4, DEFAULT_HOOKS),  # the benchmark shape (Hq 32 / Hkv 8)
         (prim.F16, 128, 1, DEFAULT_HOOKS),
         (prim.BF16, 64, 4, DEFAULT_HOOKS),
         (prim.F32, 256, 2, DEFAULT_HOOKS),
@@ -335,6 +337,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                     signature=PARTIAL_MERGE_SIGNATURE,
                     expect=("ld.global.nc.v4.u32", NAN_PTX),
                     fastmath=fastmath_flags(),
+                    perf=PerfHints(threads=GPU_THREADS, grid_ctas=PARTIAL_MERGE_CTAS),
                 )
             )
         bdy = max(1, 128 // DecodeConfig(kind, head_dim, group, 1).bdx)
@@ -347,6 +350,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 signature=decode_signature(),
                 expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx", NAN_PTX),
                 fastmath=fastmath_flags(),
+                # lanes past head_dim / 8 load nothing; num_ctas = 2 x SMs
+                perf=PerfHints(threads=cfg.bdx * bdy, hbm_fraction=(head_dim // 8) / cfg.bdx, ctas_per_sm=2),
             )
         )
     return specs

@@ -415,11 +415,13 @@ def gpu_compile_specs() -> list[CompileSpec]:
     causal and not, default and hooked variants, every built-in variant (with its prefill merge kernel
     when the merge applies a hook)."""
     from .compile_spec import PREFILL_CHECK_HOOKS as CHECK_HOOKS
-    from .compile_spec import CompileSpec
+    from .compile_spec import CompileSpec, PerfHints
     from .compile_spec import prefill_variant_cases as _builtin_variant_cases
     from .merge import PARTIAL_MERGE_SIGNATURE, make_partial_merge_kernel
+    from .tuning import GPU_THREADS, PARTIAL_MERGE_CTAS
 
     cases = [
+        (prim.BF16, 128, 4, True, True, DEFAULT_HOOKS),  # the benchmark shape (Hq 32 / Hkv 8)
         (prim.F16, 128, 1, True, True, DEFAULT_HOOKS),
         (prim.BF16, 64, 4, True, False, DEFAULT_HOOKS),
         (prim.F32, 256, 2, False, True, DEFAULT_HOOKS),
@@ -439,6 +441,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                     signature=PARTIAL_MERGE_SIGNATURE,
                     expect=("ld.global.nc.v4.u32", NAN_PTX),
                     fastmath=fastmath_flags(),
+                    perf=PerfHints(threads=GPU_THREADS, grid_ctas=PARTIAL_MERGE_CTAS),
                 )
             )
         cfg = PrefillConfig(kind, head_dim, group, paged, causal, threads=128, hooks=hooks)
@@ -450,6 +453,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 signature=prefill_signature(),
                 expect=("ld.global.nc.v4.u32", "ex2.approx", "bar.sync", NAN_PTX) if hooks.softmax else ("ld.global.nc.v4.u32", "bar.sync"),
                 fastmath=fastmath_flags(),
+                perf=PerfHints(threads=cfg.threads, ctas_per_sm=2, bound="compute"),  # num_ctas = 2 x SMs
             )
         )
     return specs

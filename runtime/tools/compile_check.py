@@ -2,12 +2,18 @@
 
     python -m tilegraph.tools.compile_check [--json PATH] [--cc 80,90] [--only SUBSTR] [--module NAME]
 
+    python -m tilegraph.tools.compile_check --perf [--perf-json PATH]
+
 Each spec is compiled to PTX with ``numba.cuda.compile_ptx`` (NVVM from the pip CUDA 13 toolkit) and
-assembled with nvJitLink, whose info log gives registers, spill stores/loads, stack and local memory.
-A (spec, cc) passes when it compiles, every expected PTX substring is present and nothing spills.
-When ``nvdisasm`` is found (pip ``nvidia-cuda-nvdisasm``, or a CUDA toolkit), the cubin's SASS is
-checked too for the instructions the PTX expectations should become (``LDG.E.128``, ``SHFL``,
-``MUFU.EX2``, ``HMMA``); without it that column reads "-".
+assembled with nvJitLink, whose info log gives registers, spill stores/loads, stack, local and shared
+memory. Every cubin is disassembled with ``nvdisasm`` (pip ``nvidia-cuda-nvdisasm``, the test extra)
+and its SASS checked for the instructions the PTX expectations should become (``LDG.E.128``,
+``SHFL``, ``MUFU.EX2``, ``HMMA``), read into a performance record (``kernel_profile``: counts, the
+K/V loop, occupancy, the model's predictions) and held to its family's budgets
+(``perf_budgets.json``). A (spec, cc) passes when it compiles, every expected PTX substring and SASS
+form is present, nothing spills and no budget is broken (expected-to-fail budgets only show).
+``--perf`` prints the predicted-performance table and the decode step model; ``--perf-json``
+writes them.
 
 Must run without the simulator (``compile_ptx`` does not exist there). Because ``python -m`` imports
 ``tilegraph`` (which may turn the simulator on) before this module runs, ``main`` re-executes the
@@ -22,17 +28,21 @@ import importlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tilegraph._device import SIMULATOR
 
 from tilegraph.kernels.compile_spec import CompileSpec
+
+from . import budgets as budget_rules
+from . import kernel_profile
+from .sass import disassemble, find_nvdisasm  # noqa: F401  (find_nvdisasm: part of this module's API)
+
+NVDISASM_MISSING = "nvdisasm not found: pip install nvidia-cuda-nvdisasm (CUDA 13 line; tilegraph's test extra)"
 
 # Adding a kernel family to the check = adding its module name here.
 KERNEL_MODULES: tuple[str, ...] = (
@@ -70,9 +80,12 @@ class Record:
     spill_loads: int = -1
     stack: int = -1
     lmem: int = -1
+    smem: int = -1
     compile_s: float = 0.0
     expect: dict[str, bool] = field(default_factory=dict)
     sass: dict[str, bool] | None = None  # expected PTX substring -> its SASS form found (None: not checked)
+    perf: dict[str, Any] | None = None  # kernel_profile.profile(...) of the SASS
+    budget: list[dict[str, Any]] = field(default_factory=list)  # budgets.check(...) results
 
     @property
     def ok(self) -> bool:
@@ -83,6 +96,7 @@ class Record:
             and self.spill_loads == 0
             and all(self.expect.values())
             and all((self.sass or {}).values())
+            and not budget_rules.failed(self.budget)
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -128,24 +142,8 @@ def parse_resources(log: str) -> dict[str, int]:
         "spill_loads": _log_max(r"(\d+) bytes spill loads", log),
         "stack": _log_max(r"(\d+) bytes stack frame", log),
         "lmem": _log_max(r"(\d+) bytes lmem", log),
+        "smem": _log_max(r"(\d+) bytes smem", log),
     }
-
-
-def find_nvdisasm() -> str | None:
-    try:
-        from cuda.pathfinder import find_nvidia_binary_utility
-
-        found = find_nvidia_binary_utility("nvdisasm")
-    except Exception:
-        found = None
-    return found or shutil.which("nvdisasm")
-
-
-def disassemble(nvdisasm: str, cubin: bytes) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([nvdisasm, f.name], capture_output=True, text=True, check=True).stdout
 
 
 def sass_expectations(expect: tuple[str, ...]) -> dict[str, str]:
@@ -164,7 +162,8 @@ def _one_line(exc: Exception) -> str:
     return " ".join(text.split())[:300]
 
 
-def check_spec(module: str, spec: CompileSpec, cc: tuple[int, int], nvdisasm: str | None) -> Record:
+def compile_spec(module: str, spec: CompileSpec, cc: tuple[int, int]) -> tuple[Record, bytes | None]:
+    """Compile and assemble one (spec, cc): the record (resources, PTX expectations) and the cubin."""
     from numba import cuda
 
     rec = Record(module=module, spec=spec.name, cc=f"sm_{cc[0]}{cc[1]}")
@@ -175,7 +174,7 @@ def check_spec(module: str, spec: CompileSpec, cc: tuple[int, int], nvdisasm: st
     except Exception as exc:
         rec.error = _one_line(exc)
         rec.compile_s = time.perf_counter() - start
-        return rec
+        return rec, None
     rec.compile_s = time.perf_counter() - start
     rec.compiled = True
     for key, value in parse_resources(log).items():
@@ -183,11 +182,33 @@ def check_spec(module: str, spec: CompileSpec, cc: tuple[int, int], nvdisasm: st
     if rec.registers < 0 or rec.spill_stores < 0:
         rec.error = "could not read registers/spills from the nvJitLink info log"
     rec.expect = {text: text in ptx for text in spec.expect}
-    patterns = sass_expectations(spec.expect)
-    if nvdisasm and patterns:
-        sass = disassemble(nvdisasm, cubin)
-        rec.sass = {ptx: re.search(p, sass) is not None for ptx, p in patterns.items()}
+    return rec, cubin
+
+
+def check_sass(rec: Record, spec: CompileSpec, cubin: bytes, nvdisasm: str | None,
+               rules: list[budget_rules.Rule]) -> Record:  # fmt: skip
+    """SASS forms of the PTX expectations, the performance record and the budgets (thread-safe: no numba)."""
+    if nvdisasm is None:
+        rec.error = rec.error or NVDISASM_MISSING
+        return rec
+    try:
+        text = disassemble(nvdisasm, cubin)
+        patterns = sass_expectations(spec.expect)
+        rec.sass = {ptx: re.search(p, text) is not None for ptx, p in patterns.items()}
+        rec.perf = kernel_profile.profile(text, rec.cc, rec.registers, max(rec.smem, 0), spec.name, spec.perf)
+    except Exception as exc:
+        rec.error = rec.error or f"SASS analysis: {_one_line(exc)}"
+        return rec
+    rec.budget = [r.as_json() for r in budget_rules.check(rec.as_json(), rules)]
     return rec
+
+
+def check_spec(module: str, spec: CompileSpec, cc: tuple[int, int], nvdisasm: str | None,
+               rules: list[budget_rules.Rule] | None = None) -> Record:  # fmt: skip
+    rec, cubin = compile_spec(module, spec, cc)
+    if cubin is None:
+        return rec
+    return check_sass(rec, spec, cubin, nvdisasm, budget_rules.load() if rules is None else rules)
 
 
 def collect(modules: tuple[str, ...], only: str | None) -> tuple[list[tuple[str, CompileSpec]], list[Record]]:
@@ -210,9 +231,15 @@ def run_check(
         raise RuntimeError("the GPU compile check cannot run under the numba CUDA simulator")
     specs, records = collect(modules, only)
     nvdisasm = find_nvdisasm()
-    for module, spec in specs:
-        for cc in ccs:
-            records.append(check_spec(module, spec, cc, nvdisasm))
+    rules = budget_rules.load()
+    # nvdisasm (a subprocess) and the SASS analysis overlap the next compile
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: list[Record | Future[Record]] = []
+        for module, spec in specs:
+            for cc in ccs:
+                rec, cubin = compile_spec(module, spec, cc)
+                pending.append(rec if cubin is None else pool.submit(check_sass, rec, spec, cubin, nvdisasm, rules))
+        records.extend(p if isinstance(p, Record) else p.result() for p in pending)
     return records
 
 
@@ -227,6 +254,7 @@ def _missing(rec: Record) -> str:
     problems = ["missing: " + ", ".join(missing)] if missing else []
     if rec.spill_stores or rec.spill_loads:
         problems.append(f"spills {rec.spill_stores}/{rec.spill_loads} bytes")
+    problems += budget_rules.failed(rec.budget)
     return "; ".join(problems)
 
 
@@ -253,7 +281,7 @@ def print_table(records: list[Record], sass_checked: bool) -> None:
     console.print(table)
     failed = sum(not r.ok for r in records)
     total = sum(r.compile_s for r in records)
-    sass_note = "" if sass_checked else " (no nvdisasm: SASS not checked)"
+    sass_note = "" if sass_checked else f" ({NVDISASM_MISSING})"
     console.print(f"{len(records) - failed} passed, {failed} failed; compile {total:.1f} s{sass_note}")
 
 
@@ -297,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--module", action="append", metavar="NAME", help="check these modules instead of KERNEL_MODULES (repeatable)"
     )
+    parser.add_argument("--perf", action="store_true", help="print the predicted-performance table and the decode step model")
+    parser.add_argument("--perf-json", metavar="PATH", help="write the --perf numbers as JSON (implies --perf)")
     args = parser.parse_args(argv)
     _leave_simulator(argv)
     modules = tuple(args.module) if args.module else KERNEL_MODULES
@@ -308,7 +338,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_json() for r in records], f, indent=1)
+    if args.perf or args.perf_json:
+        print_perf([r.as_json() for r in records], args.perf_json)
     return 0 if all(r.ok for r in records) else 1
+
+
+def print_perf(records: list[dict[str, Any]], json_path: str | None) -> None:
+    from rich.console import Console
+
+    from .perf_report import render, report
+
+    data = report(records)
+    render(data, Console(width=None if sys.stdout.isatty() else 200))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 if __name__ == "__main__":
