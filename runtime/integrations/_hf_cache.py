@@ -151,7 +151,12 @@ class TilegraphLayer(CacheLayerMixin):
         attention_kwargs = kwargs.get("kwargs")
         if isinstance(attention_kwargs, dict):
             attention_kwargs[LINK] = self.ref
-        elif not compiling:
+        elif compiling:
+            raise InputError(
+                "TilegraphCache under torch.compile: this model calls cache.update() without its attention kwargs, "
+                "so the compiled attention cannot find the pages; compile it with the static cache instead"
+            )
+        else:
             key_states._tilegraph_layer = self.ref
         if not compiling:
             self.pending = True

@@ -92,3 +92,14 @@ def test_aot_eager_generate_with_static_cache(hf):
     model.set_attn_implementation(hf.NAME)
     compiled = torch.compile(model, backend="aot_eager")
     assert decode_loop(model, compiled, ids, mask, StaticCache(config=model.config, max_cache_len=12), new=3).equal(expected)
+
+
+def test_paged_cache_refuses_to_compile_a_model_that_hides_its_kwargs(hf):
+    """GPT-NeoX calls cache.update() without the attention kwargs (eagerly the key tensor carries the
+    link instead); compiled, that cannot work, and it says so."""
+    model = hf.tiny("gpt-neox")
+    ids, mask = hf.batch(hf.LEFT)
+    cache = hf.paged_cache(model, max_cache_len=12, dtype=torch.float32, device=hf.DEVICE)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="without its attention kwargs"):
+        compiled(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
