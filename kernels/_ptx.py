@@ -229,3 +229,55 @@ def cp_async_wait_group(pending: int):
         return types.none(), codegen
 
     return wait
+
+
+@intrinsic
+def load_shared_16b(typingctx, words, index):
+    """16 bytes (4 int32 words) from a shared-memory word array at words[index:index+4] (16-byte
+    aligned) via ld.shared.v4.u32."""
+    if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype == types.int32):
+        return None
+    if not isinstance(index, types.Integer):
+        return None
+    ret = types.UniTuple(types.int32, 4)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        saddr = builder.ptrtoint(builder.addrspacecast(ptr, ir.PointerType(_I32, 3)), _I32)
+        fn_type = ir.FunctionType(ir.LiteralStructType([_I32] * 4), [_I32])
+        asm = ir.InlineAsm(fn_type, "ld.shared.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r,~{memory}", side_effect=True)
+        res = builder.call(asm, [saddr])
+        return _unpack(context, builder, res, 4, sig.return_type)
+
+    return ret(words, index), codegen
+
+
+# ---- ldmatrix: four 8x8 b16 matrices from shared memory into mma fragments (sm_75+) ------------
+
+
+def _ldmatrix(trans: str):
+    @intrinsic
+    def impl(typingctx, words, index):
+        """ldmatrix.sync.aligned.m8n8.x4: this lane gives the address of one 16-byte row (shared word
+        array, 16-byte aligned); returns the lane's 4 fragment words."""
+        if not (isinstance(words, types.Array) and words.ndim == 1 and words.dtype == types.int32):
+            return None
+        if not isinstance(index, types.Integer):
+            return None
+        ret = types.UniTuple(types.int32, 4)
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            saddr = builder.ptrtoint(builder.addrspacecast(ptr, ir.PointerType(_I32, 3)), _I32)
+            fn_type = ir.FunctionType(ir.LiteralStructType([_I32] * 4), [_I32])
+            text = f"ldmatrix.sync.aligned.m8n8.x4{trans}.shared.b16 {{$0, $1, $2, $3}}, [$4];"
+            res = builder.call(ir.InlineAsm(fn_type, text, "=r,=r,=r,=r,r,~{memory}", side_effect=True), [saddr])
+            return _unpack(context, builder, res, 4, sig.return_type)
+
+        return ret(words, index), codegen
+
+    return impl
+
+
+ldmatrix_x4 = _ldmatrix("")
+ldmatrix_x4_trans = _ldmatrix(".trans")

@@ -19,7 +19,11 @@ Data convention: every tensor a kernel reads or writes arrives as a flat **int32
                                                                             (cp.async.cg, src-size 0/16)
     cp_async_commit(); cp_async_wait_group(n)() -> a wait for all but n groups (commit/wait_group)
         simulator: copies land LATE, only at the wait that covers them (the _sim_async module)
+    load_shared_16b(words, i)     -> 4 int32 words of a shared array        (ld.shared.v4.u32)
     load_shared_row8(words, w0, kind, dst)   8 elements from a shared word array, widened
+    ldmatrix_x4(words, i), ldmatrix_x4_trans(words, i) -> 4 int32 words    (ldmatrix.sync m8n8.x4[.trans].b16)
+        lane l gives the shared word index of row l % 8 of matrix l // 8 (16-byte aligned); result m:
+        plain: row l // 4, halves 2(l % 4), +1 of matrix m; .trans: column l // 4, rows 2(l % 4), +1
 """
 
 from __future__ import annotations
@@ -40,6 +44,40 @@ if SIMULATOR:
     from ._sim_async import copy as _async_copy
     from ._sim_async import wait as _async_wait
     from ._sim_warp import exchange as _exchange
+
+    def load_shared_16b(words, i):
+        if i % 4:
+            raise IndexError(f"load_shared_16b: word index {i} is not 16-byte aligned")
+        return (words[i], words[i + 1], words[i + 2], words[i + 3])
+
+    def _ldmatrix_rows(words, i):
+        """Publish this lane's 16-byte row (read before the rendezvous, as the warp's one read)."""
+        if i % 4:
+            raise IndexError(f"ldmatrix: word index {i} is not 16-byte aligned")
+        row = tuple(int(_u32(words[i + k])) for k in range(4))
+        lane, slots, lanes = _exchange(FULL_MASK, row)
+        if lanes != WARP_SIZE:
+            raise RuntimeError("ldmatrix.sync needs a full warp of 32 lanes")
+        return lane, slots
+
+    def _word(u):
+        return np.int32(np.array([u & 0xFFFFFFFF], dtype=np.uint32).view(np.int32)[0])
+
+    def ldmatrix_x4(words, i):
+        lane, slots = _ldmatrix_rows(words, i)
+        g, t = lane >> 2, lane & 3
+        return tuple(_word(slots[8 * m + g][t]) for m in range(4))
+
+    def ldmatrix_x4_trans(words, i):
+        lane, slots = _ldmatrix_rows(words, i)
+        g, t = lane >> 2, lane & 3
+        shift = 16 * (g & 1)
+        out = []
+        for m in range(4):
+            lo = (slots[8 * m + 2 * t][g >> 1] >> shift) & 0xFFFF
+            hi = (slots[8 * m + 2 * t + 1][g >> 1] >> shift) & 0xFFFF
+            out.append(_word(lo | (hi << 16)))
+        return tuple(out)
 
     def cp_async_16(dst, dst_index, src, src_index, valid):
         _async_copy(dst, dst_index, src, src_index, valid)
@@ -147,6 +185,9 @@ else:
         ex2,
         f32_to_bits,
         load_16b,
+        ldmatrix_x4,
+        ldmatrix_x4_trans,
+        load_shared_16b,
         mma_bf16_16816,
         mma_f16_16816,
         pack_bf16x2,
@@ -214,16 +255,29 @@ def load_row8(words, w0, kind, dst):
 
 @cuda.jit(device=True, inline="always")
 def load_shared_row8(words, w0, kind, dst):
-    """Widen 8 consecutive elements starting at word ``w0`` of a (shared) word array into ``dst[0:8]``."""
+    """Widen 8 consecutive elements starting at word ``w0`` (16-byte aligned) of a shared word array
+    into ``dst[0:8]``: one ld.shared.v4 for fp16/bf16, two for fp32."""
+    v = load_shared_16b(words, w0)
     if kind == F32:
-        for k in range(8):
-            dst[k] = bits_to_f32(words[w0 + k])
+        dst[0] = bits_to_f32(v[0])
+        dst[1] = bits_to_f32(v[1])
+        dst[2] = bits_to_f32(v[2])
+        dst[3] = bits_to_f32(v[3])
+        v = load_shared_16b(words, w0 + 4)
+        dst[4] = bits_to_f32(v[0])
+        dst[5] = bits_to_f32(v[1])
+        dst[6] = bits_to_f32(v[2])
+        dst[7] = bits_to_f32(v[3])
     elif kind == F16:
-        for k in range(4):
-            dst[2 * k], dst[2 * k + 1] = unpack_f16x2(words[w0 + k])
+        dst[0], dst[1] = unpack_f16x2(v[0])
+        dst[2], dst[3] = unpack_f16x2(v[1])
+        dst[4], dst[5] = unpack_f16x2(v[2])
+        dst[6], dst[7] = unpack_f16x2(v[3])
     else:
-        for k in range(4):
-            dst[2 * k], dst[2 * k + 1] = unpack_bf16x2(words[w0 + k])
+        dst[0], dst[1] = unpack_bf16x2(v[0])
+        dst[2], dst[3] = unpack_bf16x2(v[1])
+        dst[4], dst[5] = unpack_bf16x2(v[2])
+        dst[6], dst[7] = unpack_bf16x2(v[3])
 
 
 @cuda.jit(device=True, inline="always")
@@ -267,6 +321,9 @@ __all__ = [
     "cp_async_16",
     "cp_async_commit",
     "cp_async_wait_group",
+    "ldmatrix_x4",
+    "ldmatrix_x4_trans",
+    "load_shared_16b",
     "load_shared_row8",
     "warp_sum",
     "warp_max",
