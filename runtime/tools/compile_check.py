@@ -225,13 +225,14 @@ def collect(modules: tuple[str, ...], only: str | None) -> tuple[list[tuple[str,
 
 
 def run_check(
-    modules: tuple[str, ...] = KERNEL_MODULES, ccs: tuple[tuple[int, int], ...] = DEFAULT_CCS, only: str | None = None
+    modules: tuple[str, ...] = KERNEL_MODULES, ccs: tuple[tuple[int, int], ...] = DEFAULT_CCS, only: str | None = None,
+    budgets_path: str | None = None,
 ) -> list[Record]:
     if SIMULATOR:
         raise RuntimeError("the GPU compile check cannot run under the numba CUDA simulator")
     specs, records = collect(modules, only)
     nvdisasm = find_nvdisasm()
-    rules = budget_rules.load()
+    rules = budget_rules.load(budgets_path)
     # nvdisasm (a subprocess) and the SASS analysis overlap the next compile
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending: list[Record | Future[Record]] = []
@@ -282,6 +283,9 @@ def print_table(records: list[Record], sass_checked: bool) -> None:
     failed = sum(not r.ok for r in records)
     total = sum(r.compile_s for r in records)
     sass_note = "" if sass_checked else f" ({NVDISASM_MISSING})"
+    for r in records:  # whole lines, never wrapped: CI logs and tests search them
+        for message in budget_rules.failed(r.budget):
+            console.print(escape(message), soft_wrap=True, highlight=False)
     console.print(f"{len(records) - failed} passed, {failed} failed; compile {total:.1f} s{sass_note}")
 
 
@@ -327,10 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--perf", action="store_true", help="print the predicted-performance table and the decode step model")
     parser.add_argument("--perf-json", metavar="PATH", help="write the --perf numbers as JSON (implies --perf)")
+    parser.add_argument("--budgets", metavar="PATH", help=f"budget file (default: {budget_rules.BUDGETS_PATH.name} of this package)")
     args = parser.parse_args(argv)
     _leave_simulator(argv)
     modules = tuple(args.module) if args.module else KERNEL_MODULES
-    records = run_check(modules, args.cc, args.only)
+    records = run_check(modules, args.cc, args.only, args.budgets)
     if not records:
         print(f"compile_check: no spec matched --only {args.only!r} in {', '.join(modules)}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ is collected from there):
     bench-SUITE   every GPU bench suite this checkout has (decode, graphs, merge, prefill,
                   cascade, hf), each told to stop 30 s before its box -> SUITE/SUITE.json, .png
     bench-plan    ``tilegraph bench plan`` (CPU)                       -> plan/plan.json, .png
+    calibration   the static model's prediction for this GPU's decode specialization next to
+                  the measured decode GB/s and copy bandwidth (tools/calibration.py) -> calibration.json
 
 ``DIR/summary.json`` is rewritten after every part (status, seconds, exit code, the part's JSON
 inlined); at the end ``DIR/gpu-run.tar.gz`` bundles everything (one file to bring back). The whole
@@ -64,6 +66,9 @@ def parts(out: Path, quick: bool) -> list[Part]:
                                  f"--junitxml={out / 'pytest-gpu.xml'}"], "pytest-gpu.xml"),  # fmt: skip
         *benches,
         Part("bench-plan", 30, [py, "-m", "tilegraph", "bench", "plan", "--out", str(out / "plan")], "plan/plan.json"),
+        # the static model on this GPU's own specialization, next to what the parts above measured
+        Part("calibration", 60, [py, "-m", "tilegraph.tools.calibration", "--gpu-run-dir", str(out),
+                                 "--json", str(out / "calibration.json")], "calibration.json"),  # fmt: skip
     ]
 
 

@@ -101,9 +101,9 @@ def render(data: dict[str, Any], console: Any) -> None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(b["counts"].items()))
         seen = "" if b["min"] is None else f"; seen {b['min']:g}..{b['max']:g}"
         line = f"budget {b['rule']}: {counts}{seen}"
-        console.print(escape(line), highlight=False)
+        console.print(escape(line), soft_wrap=True, highlight=False)
         if b["example"] and ("FAIL" in b["counts"] or "XPASS" in b["counts"] or "unknown" in b["counts"]):
-            console.print(escape(f"  e.g. {b['example']}"), highlight=False)
+            console.print(escape(f"  e.g. {b['example']}"), soft_wrap=True, highlight=False)
     step = data.get("step")
     if step:
         for gpu, s in step["gpus"].items():
@@ -112,4 +112,4 @@ def render(data: dict[str, Any], console: Any) -> None:
                 f"decode {s['decode_s'] * 1e6:.1f} us (makespan {s['plan']['makespan']} units) + merge {s['merge_s'] * 1e6:.1f} us "
                 f"({s['plan']['num_merges']} merges, {s['merge_bytes'] / 1e3:.0f} KB) + {s['launches']} launches x "
                 f"{pm.LAUNCH_OVERHEAD_S * 1e6:.0f} us; split-merge cost {s['split_merge_s'] * 1e6:.1f} us; "
-                f"balanced without merge {s['balanced_s'] * 1e6:.1f} us"), highlight=False)  # fmt: skip
+                f"balanced without merge {s['balanced_s'] * 1e6:.1f} us"), soft_wrap=True, highlight=False)  # fmt: skip

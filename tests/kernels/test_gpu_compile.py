@@ -1,7 +1,9 @@
 """The driverless GPU compile check, run as a subprocess without the simulator.
 
 Every spec of every module in ``KERNEL_MODULES`` must compile for sm_80 and sm_90, contain its
-expected PTX instructions (and their SASS forms, when nvdisasm is installed) and spill nothing.
+expected PTX instructions and their SASS forms (nvdisasm from the test extra), spill nothing and
+keep its family's performance budgets. The one full run also writes the predicted-performance
+table; its output is copied to ``<tempdir>/tilegraph-compile-check.txt`` for CI to print.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,9 @@ import pytest
 
 from tilegraph.tools import compile_check
 
-TOOLKIT = ("nvidia-cuda-nvrtc", "nvidia-nvvm", "nvidia-nvjitlink")
+TOOLKIT = ("nvidia-cuda-nvrtc", "nvidia-nvvm", "nvidia-nvjitlink", "nvidia-cuda-nvdisasm")
 CCS = ("sm_80", "sm_90")
+REPORT_COPY = Path(tempfile.gettempdir()) / "tilegraph-compile-check.txt"
 
 
 def _missing_toolkit() -> list[str]:
@@ -53,11 +57,19 @@ def _run_check(*args: str, pythonpath: Path | None = None, **env_extra: str | No
 
 
 @pytest.fixture(scope="module")
-def check_records(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, list[dict[str, Any]]]:
-    path = tmp_path_factory.mktemp("compile_check") / "records.json"
-    rc, output = _run_check("--json", str(path), "--cc", "80,90")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, list[dict[str, Any]], dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("compile_check")
+    path, perf_path = folder / "records.json", folder / "perf.json"
+    rc, output = _run_check("--json", str(path), "--cc", "80,90", "--perf-json", str(perf_path))
+    REPORT_COPY.write_text(output)
     records = json.loads(path.read_text()) if path.exists() else []
-    return rc, output, records
+    perf = json.loads(perf_path.read_text()) if perf_path.exists() else {}
+    return rc, output, records, perf
+
+
+@pytest.fixture(scope="module")
+def check_records(full_run: tuple[int, str, list[dict[str, Any]], dict[str, Any]]) -> tuple[int, str, list[dict[str, Any]]]:
+    return full_run[:3]
 
 
 def test_every_spec_compiles_for_each_cc(check_records: tuple[int, str, list[dict[str, Any]]]) -> None:
@@ -76,11 +88,72 @@ def test_every_spec_compiles_for_each_cc(check_records: tuple[int, str, list[dic
         spills = (r["spill_stores"], r["spill_loads"])
         assert spills == (0, 0), f"{where}: spill stores/loads {spills}"
         assert r["registers"] > 0, where
-        if r["sass"] is not None:
-            lacking = [k for k, v in r["sass"].items() if not v]
-            assert not lacking, f"{where}: SASS lacks the form of {lacking}"
+        assert r["sass"] is not None and r["perf"] is not None, f"{where}: no SASS ({r['error']})"
+        lacking = [k for k, v in r["sass"].items() if not v]
+        assert not lacking, f"{where}: SASS lacks the form of {lacking}"
+        broken = [b["message"] for b in r["budget"] if b["status"] in ("FAIL", "unknown")]
+        assert not broken, "\n".join(broken)
         assert r["ok"], where
     assert rc == 0, output
+
+
+def test_every_attention_kernel_has_a_prediction(full_run: tuple[int, str, list[dict[str, Any]], dict[str, Any]]) -> None:
+    """sm_90 decode and prefill: a K/V loop in the SASS, occupancy, a predicted % of peak on both GPUs;
+    the benchmark shapes are in the covering set; the step model gives the skewed batch a number."""
+    rc, output, records, perf = full_run
+    assert "predicted" in output and "H100 SXM" in output and "H200" in output
+    rows = {r["spec"]: r for r in perf["rows"]}
+    for r in records:
+        family = (r["perf"] or {}).get("family")
+        if r["cc"] != "sm_90" or family not in ("decode", "prefill"):
+            continue
+        assert r["perf"]["kv_loop"] is not None and r["perf"]["kv_loop"]["loads_in_flight"] >= 1, r["spec"]
+        assert r["perf"]["occupancy"]["resident"] >= 1, r["spec"]
+        for gpu in ("H100 SXM", "H200"):
+            assert 0 < rows[r["spec"]]["predicted"][gpu]["fraction_of_peak"] <= 1, (r["spec"], gpu)
+    assert "decode[bfloat16,hd128,g4,default]" in rows
+    assert "prefill[bfloat16,hd128,g4,paged,causal,default]" in rows
+    for gpu, step in perf["step"]["gpus"].items():
+        assert step["step_s"] > step["decode_s"] > 0 and step["plan"]["num_merges"] > 0, gpu
+    statuses = {b["rule"]: b["counts"] for b in perf["budgets"]}
+    assert any(rule.startswith("decode: K/V by cp.async") for rule in statuses), statuses
+    assert "budget decode:" in output
+
+
+BUDGET_MODULE = '''
+from tilegraph._device import cuda
+from tilegraph.kernels.compile_spec import CompileSpec, PerfHints
+from tilegraph.kernels.primitives import ex2
+
+
+def ex2_kernel(x, out):
+    i = cuda.grid(1)
+    out[i] = ex2(x[i])
+
+
+def gpu_compile_specs():
+    hints = PerfHints(threads=128, family="tiny")
+    return [CompileSpec("tiny[ex2]", ex2_kernel, "void(float32[::1], float32[::1])", ("ex2.approx.ftz.f32",), perf=hints)]
+'''
+
+
+def test_a_broken_budget_fails_the_check_naming_kernel_and_budget(tmp_path: Path) -> None:
+    (tmp_path / "tg_budget_for_test.py").write_text(textwrap.dedent(BUDGET_MODULE))
+    rules = {"families": {"tiny": [
+        {"name": "registers", "metric": "registers", "op": "<=", "value": 1},
+        {"name": "tensor cores", "metric": "HMMA", "op": ">=", "value": 1, "expected_to_fail": "no mma here"},
+    ]}}  # fmt: skip
+    budget_file = tmp_path / "budgets.json"
+    budget_file.write_text(json.dumps(rules))
+    args = ("--module", "tg_budget_for_test", "--cc", "90", "--budgets", str(budget_file), "--perf")
+    rc, output = _run_check(*args, pythonpath=tmp_path)
+    assert rc == 1, output
+    assert "tiny[ex2] sm_90: breaks budget tiny: registers (registers <= 1)" in output
+    assert "budget tiny: tensor cores (HMMA >= 1): xfail 1" in output
+    rules["families"]["tiny"] = rules["families"]["tiny"][1:]
+    budget_file.write_text(json.dumps(rules))
+    rc, output = _run_check(*args, pythonpath=tmp_path)
+    assert rc == 0 and "xfail 1" in output, output
 
 
 BAD_MODULE = '''
@@ -142,7 +215,7 @@ info    : used 40 registers, used 2 barriers, 24 stack, 0 bytes smem, 400 bytes 
 
 def test_parse_resources() -> None:
     got = compile_check.parse_resources(LOG)
-    assert got == {"registers": 40, "spill_stores": 16, "spill_loads": 8, "stack": 24, "lmem": 24}
+    assert got == {"registers": 40, "spill_stores": 16, "spill_loads": 8, "stack": 24, "lmem": 24, "smem": 0}
     assert compile_check.parse_resources("nothing here")["spill_stores"] == -1
 
 
