@@ -29,6 +29,8 @@ from .primitives import (
     cp_async_wait_group,
     ex2,
     f32_to_bits,
+    ldmatrix_x4,
+    ldmatrix_x4_trans,
     load_16b,
     load_row8,
     mma_bf16_16816,
@@ -144,6 +146,27 @@ def make_mma_kernel(kind: int) -> Callable[..., Any]:
     return mma_kernel
 
 
+def make_ldmatrix_kernel(trans: bool) -> Callable[..., Any]:
+    """One warp: lane l copies src[4l:4l+4] (16 bytes) into shared row l, a barrier, then
+    ldmatrix_x4(_trans) with lane l giving shared row ``row_of_lane[l]``; out[4l:4l+4] = its words."""
+    load, SIM = (ldmatrix_x4_trans if trans else ldmatrix_x4), SIMULATOR
+
+    def ldmatrix_kernel(src, row_of_lane, out):
+        lane = cuda.threadIdx.x
+        if SIM:
+            sh = cuda.shared.array(128, int32)
+        else:
+            sh = cuda.shared.array(128, int32, alignment=16)
+        for w in range(4):
+            sh[4 * lane + w] = src[4 * lane + w]
+        cuda.syncthreads()
+        r = load(sh, 4 * row_of_lane[lane])
+        for m in range(4):
+            out[4 * lane + m] = r[m]
+
+    return ldmatrix_kernel
+
+
 #: cp.async self-test modes: which waits run after the two commit groups (A then B)
 CP_ASYNC_WAITS = ("all", "first", "none")  # wait_group 0 / wait_group 1 (A only) / no wait (a bug)
 
@@ -200,6 +223,8 @@ def _jitted(name: str, kind: int = -1) -> Any:
         return cuda.jit(make_row8_kernel(kind))
     if name == "mma":
         return cuda.jit(make_mma_kernel(kind))
+    if name == "ldmatrix":
+        return cuda.jit(make_ldmatrix_kernel(bool(kind)))
     if name.startswith("cp_async."):
         _, waits, block = name.split(".")
         return cuda.jit(make_cp_async_kernel(waits, int(block)))
@@ -279,6 +304,31 @@ def run_mma(
     args = (a_words.reshape(-1), b_words.reshape(-1), c.reshape(-1), d)
     _launch("mma", _jitted("mma", kind), lanes, lanes, args)
     return d.view(32, 4)
+
+
+def run_ldmatrix(src: torch.Tensor, row_of_lane: torch.Tensor, trans: bool, lanes: int = 32) -> torch.Tensor:
+    """int32 src [32, 4] (32 rows of 8 b16 halves), int32 row_of_lane [32] -> the lanes' ldmatrix
+    words [32, 4] (``lanes`` < 32 only to test the simulator's full-warp check)."""
+    out = torch.zeros(32 * 4, dtype=torch.int32, device=src.device)
+    _launch(f"ldmatrix{'.trans' if trans else ''}", _jitted("ldmatrix", int(trans)), lanes, lanes, (src.reshape(-1), row_of_lane, out))
+    return out.view(32, 4)
+
+
+def ldmatrix_expected(src: np.ndarray, row_of_lane: np.ndarray, trans: bool) -> np.ndarray:
+    """What ``run_ldmatrix`` returns (PTX ISA, ldmatrix m8n8.x4 .b16): matrix m's row j is shared row
+    row_of_lane[8m + j]; lane l's word m holds elements (l // 4, 2(l % 4) + h) of matrix m, h = 0, 1
+    in the low / high half; with .trans elements (2(l % 4) + h, l // 4)."""
+    halves = src.view(np.uint32)
+    halves = np.stack([halves & 0xFFFF, halves >> 16], axis=-1).reshape(32, 8)
+    mats = halves[row_of_lane].reshape(4, 8, 8)
+    if trans:
+        mats = mats.transpose(0, 2, 1)
+    out = np.zeros((32, 4), np.uint32)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for m in range(4):
+            out[lane, m] = mats[m, g, 2 * t] | (mats[m, g, 2 * t + 1] << 16)
+    return out.view(np.int32)
 
 
 def run_cp_async(src: torch.Tensor, waits: str = "all", block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,6 +498,17 @@ def _check_mma(dev: torch.device, rng: np.random.Generator) -> list[Check]:
     return checks
 
 
+def _check_ldmatrix(dev: torch.device, rng: np.random.Generator) -> list[Check]:
+    checks = []
+    src = rng.integers(-(2**31), 2**31, (32, 4), dtype=np.int64).astype(np.int32)
+    rows = rng.permutation(32).astype(np.int32)
+    for trans in (False, True):
+        got = run_ldmatrix(torch.from_numpy(src).to(dev), torch.from_numpy(rows).to(dev), trans).cpu().numpy()
+        ok = np.array_equal(got, ldmatrix_expected(src, rows, trans))
+        checks.append((f"ldmatrix_x4{'_trans' if trans else ''}", ok, "one warp, rows in a random order"))
+    return checks
+
+
 def _check_cp_async(dev: torch.device, rng: np.random.Generator) -> list[Check]:
     block = 32
     src = rng.integers(-(2**31), 2**31, 8 * block, dtype=np.int64).astype(np.int32)
@@ -462,7 +523,7 @@ def run_selfcheck(device: str | torch.device | None = None) -> list[Check]:
     dev = resolve_device(device)
     rng = np.random.default_rng(2024)
     results: list[Check] = []
-    for part in (_check_convert, _check_load16, _check_ex2, _check_shuffles, _check_row8, _check_mma, _check_cp_async):
+    for part in (_check_convert, _check_load16, _check_ex2, _check_shuffles, _check_row8, _check_mma, _check_ldmatrix, _check_cp_async):
         try:
             results.extend(part(dev, rng))
         except Exception as exc:  # a crashing primitive is a failed check, not a crashed self-check
@@ -509,6 +570,15 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 make_mma_kernel(kind),
                 f"void({I32}, {I32}, {F32A}, {F32A})",
                 (f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32",),
+            )
+        )
+    for trans in (False, True):
+        specs.append(
+            CompileSpec(
+                f"selftest.ldmatrix[{'trans' if trans else 'plain'}]",
+                make_ldmatrix_kernel(trans),
+                f"void({I32}, {I32}, {I32})",
+                (f"ldmatrix.sync.aligned.m8n8.x4{'.trans' if trans else ''}.shared.b16",),
             )
         )
     for waits in ("all", "first"):
