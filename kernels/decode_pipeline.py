@@ -48,6 +48,7 @@ from .hooks import identity_pair as _identity_pair
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
+from .nan import NAN_PTX, fastmath_flags, nan_max
 from .tuning import DecodePipelineShape, decode_pipeline_shape
 
 if TYPE_CHECKING:
@@ -94,14 +95,6 @@ def paged_word_offset(t, page_base, kv_indices, page_size, magic, shift, page_st
         in_page = int32(t - page_index * page_size)
     page = kv_indices[page_base + page_index]
     return int64(page) * page_stride + int64(int32(in_page * token_stride) + head_offset)
-
-
-@cuda.jit(device=True, inline="always")
-def nan_max(a, b):
-    """max(a, b) that propagates a NaN from either side (a plain max may drop it)."""
-    if a != a or b != b:
-        return a + b
-    return max(a, b)
 
 
 @dataclass(frozen=True)
@@ -417,7 +410,7 @@ def decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Any:
     """The launchable kernel for ``cfg`` (compiled on first launch; ``TILEGRAPH_KERNEL_CACHE=1``:
     numba's disk cache on a GPU, keyed as in kernels.decode)."""
     disk = not SIMULATOR and os.environ.get("TILEGRAPH_KERNEL_CACHE") == "1"
-    return cuda.jit(make_decode_pipeline_kernel(cfg), fastmath=True, cache=disk)
+    return cuda.jit(make_decode_pipeline_kernel(cfg), fastmath=fastmath_flags(), cache=disk)
 
 
 @lru_cache(maxsize=1)
@@ -433,11 +426,11 @@ def gpu_compile_specs() -> list[CompileSpec]:
     """Covering set: every dtype, head_dim 16..256, group 1..16 (passes), default and hooked
     variants, every built-in variant at least once."""
     from .compile_spec import DECODE_CHECK_HOOKS as CHECK_HOOKS
-    from .compile_spec import CompileSpec
+    from .compile_spec import CompileSpec, PerfHints
     from .compile_spec import decode_variant_cases as builtin_variant_cases
 
     cases = [
-        (prim.BF16, 128, 4, DEFAULT_HOOKS),
+        (prim.BF16, 128, 4, DEFAULT_HOOKS),  # the benchmark shape (Hq 32 / Hkv 8)
         (prim.F16, 128, 1, DEFAULT_HOOKS),
         (prim.F16, 64, 16, DEFAULT_HOOKS),
         (prim.F32, 256, 2, DEFAULT_HOOKS),
@@ -453,8 +446,10 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 name=f"decode_pipeline[{DTYPE_NAMES[kind]},hd{head_dim},g{group},{hooks.name.split('#')[0]}]",
                 pyfunc=make_decode_pipeline_kernel(cfg),
                 signature=DECODE_PIPELINE_ARGS.signature,
-                expect=("cp.async.cg.shared.global", "cp.async.wait_group", "ex2.approx"),
-                fastmath=True,
+                expect=("cp.async.cg.shared.global", "cp.async.wait_group", "ex2.approx", NAN_PTX),
+                fastmath=fastmath_flags(),
+                # every copy moves K/V bytes; num_ctas = 2 x SMs; held to the decode family's budgets
+                perf=PerfHints(threads=cfg.shape.lanes * cfg.shape.heads * cfg.shape.rows, ctas_per_sm=2, family="decode"),
             )
         )
     return specs
