@@ -43,7 +43,7 @@ from .hooks import identity_pair as _identity_pair
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
-from .nan import NAN_PTX, fastmath_flags, nan_max
+from .nan import fastmath_flags, nan_expect, nan_max
 from .tuning import decode_rows, lanes_per_row
 
 if TYPE_CHECKING:
@@ -335,7 +335,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                     name=f"decode_merge[{DTYPE_NAMES[kind]},{hooks.name.split('#')[0]}]",
                     pyfunc=make_partial_merge_kernel(kind, hooks),
                     signature=PARTIAL_MERGE_SIGNATURE,
-                    expect=("ld.global.nc.v4.u32", NAN_PTX),
+                    expect=("ld.global.nc.v4.u32", *nan_expect(hooks)),
                     fastmath=fastmath_flags(),
                     perf=PerfHints(threads=GPU_THREADS, grid_ctas=PARTIAL_MERGE_CTAS),
                 )
@@ -348,7 +348,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 name=f"decode[{dtype},hd{head_dim},g{group},{hooks.name.split('#')[0]}]",
                 pyfunc=make_decode_kernel(cfg),
                 signature=decode_signature(),
-                expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx", NAN_PTX),
+                expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx", *nan_expect(hooks)),
                 fastmath=fastmath_flags(),
                 # lanes past head_dim / 8 load nothing; num_ctas = 2 x SMs
                 perf=PerfHints(threads=cfg.bdx * bdy, hbm_fraction=(head_dim // 8) / cfg.bdx, ctas_per_sm=2),

@@ -22,6 +22,12 @@ FASTMATH = frozenset({"contract", "afn", "arcp", "nsz", "reassoc"})
 NAN_PTX = "setp.nan"
 
 
+def nan_expect(hooks: object) -> tuple[str, ...]:
+    """The NaN PTX expectation of a kernel compiled with ``hooks``: softmax kernels take maxima
+    (NAN_PTX); softmax-free ones only sum, which propagates NaN by itself (nothing to look for)."""
+    return (NAN_PTX,) if getattr(hooks, "softmax", True) else ()
+
+
 def fastmath_flags() -> set[str]:
     """FASTMATH as the mutable set numba's ``fastmath=`` takes."""
     return set(FASTMATH)

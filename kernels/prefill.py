@@ -64,7 +64,7 @@ from .hooks import identity_pair as _identity_pair
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
-from .nan import NAN_PTX, fastmath_flags, nan_max
+from .nan import NAN_PTX, fastmath_flags, nan_expect, nan_max
 from .tuning import prefill_kv_block, prefill_threads
 
 if TYPE_CHECKING:
@@ -439,7 +439,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                     name=f"prefill_merge[{DTYPE_NAMES[kind]},{label}]",
                     pyfunc=make_partial_merge_kernel(kind, hooks, prefill=True),
                     signature=PARTIAL_MERGE_SIGNATURE,
-                    expect=("ld.global.nc.v4.u32", NAN_PTX),
+                    expect=("ld.global.nc.v4.u32", *nan_expect(hooks)),
                     fastmath=fastmath_flags(),
                     perf=PerfHints(threads=GPU_THREADS, grid_ctas=PARTIAL_MERGE_CTAS),
                 )
