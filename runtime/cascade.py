@@ -60,6 +60,7 @@ from tilegraph.planner.prefill_layout import H_NUM_TOKENS, PrefillLayout
 from ._device import resolve_device
 from .attention import next_plan_serial, padded_rows, resolve_num_ctas
 from .cascade_tables import CascadePlan, LevelTable, check_cascade_variant, check_groups, check_level_tables, request_kv_len
+from .checks import check_bucket
 from .kv_cache import KVCache, paged_kv
 from .merge import merge_state_in_place
 from .prefill import BatchPrefill
@@ -260,6 +261,7 @@ class CascadeAttention:
     def graph_prepare_capture(self, num_tokens: int) -> None:
         """A stand-in plan for a row bucket: at every level one entry of ``num_tokens`` rows over as
         many KV tokens, every page reference page 0."""
+        num_tokens = check_bucket(num_tokens, "num_tokens", self.settings.max_num_tokens, "max_num_tokens")
         pages = -(-num_tokens // self.settings.page_size)
         last = num_tokens - (pages - 1) * self.settings.page_size if pages else 1
         table = LevelTable(np.array([0, num_tokens], np.int32), np.array([0, pages], np.int32),

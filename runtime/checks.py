@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import InputError, PlanError
@@ -58,6 +59,13 @@ def span_words(q: torch.Tensor) -> torch.Tensor:
     per_word = 4 // q.element_size()
     span = -(-span // per_word) * per_word
     return torch.as_strided(q, (span,), (1,), q.storage_offset()).view(torch.int32)
+
+
+def check_bucket(value: Any, name: str, bound: int, bound_label: str) -> int:
+    """A graph bucket's row count: an integer in [0, bound] (InputError naming ``name`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= bound:
+        raise InputError(f"{name} must be an integer in [0, Settings.{bound_label}={bound}], got {value!r}")
+    return int(value)
 
 
 def check_on_device(named: dict[str, Any], device: torch.device) -> None:

@@ -31,6 +31,7 @@ from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import Plan
 
 from .attention import AttentionBase, define_attention_op, next_plan_serial, padded_rows, resolve_num_ctas
+from .checks import check_bucket
 from .kv_cache import PagedKV, paged_kv
 from .settings import Settings
 from .compiling import compile_with_progress
@@ -91,6 +92,7 @@ class BatchDecode(AttentionBase):
 
     def graph_prepare_capture(self, batch_size: int) -> None:
         """A stand-in plan for a bucket: ``batch_size`` one-token requests on page 0."""
+        batch_size = check_bucket(batch_size, "batch_size", self.settings.max_batch_size, "max_batch_size")
         indptr = np.arange(batch_size + 1, dtype=np.int32)
         self.plan(indptr, np.zeros(batch_size, np.int32), np.ones(batch_size, np.int32))
 

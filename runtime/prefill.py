@@ -44,6 +44,7 @@ from tilegraph.planner.prefill_layout import PrefillLayout
 
 from .attention import AttentionBase, define_attention_op, next_plan_serial, padded_rows, resolve_num_ctas
 from .decode import check_paged_kv
+from .checks import check_bucket
 from .kv_cache import PagedKV, strided_words
 from .settings import Settings
 from .compiling import compile_with_progress
@@ -218,6 +219,7 @@ class BatchPrefill(PrefillAttention):
     def graph_prepare_capture(self, num_tokens: int) -> None:
         """A stand-in plan for a token bucket: one request of ``num_tokens`` queries over as many KV
         tokens, every page reference page 0."""
+        num_tokens = check_bucket(num_tokens, "num_tokens", self.settings.max_num_tokens, "max_num_tokens")
         pages = -(-num_tokens // self.settings.page_size)
         last = num_tokens - (pages - 1) * self.settings.page_size
         self.plan(
@@ -248,6 +250,7 @@ class BatchPrefillRagged(PrefillAttention):
     def graph_prepare_capture(self, num_tokens: int) -> None:
         """A stand-in plan for a token bucket: one request of ``num_tokens`` queries over as many KV rows
         (k / v of the captured forward need at least ``num_tokens`` rows)."""
+        num_tokens = check_bucket(num_tokens, "num_tokens", self.settings.max_num_tokens, "max_num_tokens")
         indptr = np.array([0, num_tokens], np.int32)
         self.plan(indptr, indptr, padded_num_tokens=num_tokens)
 
