@@ -32,7 +32,7 @@ from tilegraph.kernels.tuning import PARTIAL_MERGE_CTAS
 from .checks import check_on_device, check_out, check_q, span_words
 from .kv_cache import KVCache, PagedKV
 from .settings import Settings
-from .variants import DEFAULT, ParamContext, Variant
+from .variant import DEFAULT, ParamContext, Variant
 from .workspace import StagedUpload, Workspace
 
 _plan_serials = itertools.count(1)

@@ -65,7 +65,7 @@ from .kv_cache import KVCache, paged_kv
 from .merge import merge_state_in_place
 from .prefill import BatchPrefill
 from .settings import Settings
-from .variants import Variant
+from .variant import Variant
 from .workspace import StagedUpload
 
 

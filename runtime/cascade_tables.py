@@ -13,7 +13,7 @@ from tilegraph.planner.prefill import PrefillPlan
 from tilegraph.planner.validation import as_index_array
 
 from .settings import Settings
-from .variants import Variant
+from .variant import Variant
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from .checks import check_bucket
 from .kv_cache import PagedKV, paged_kv
 from .settings import Settings
 from .compiling import compile_with_progress
-from .variants import ParamContext, Variant
+from .variant import ParamContext, Variant
 
 
 def workspace_nbytes(settings: Settings, device: str | torch.device | None = None) -> int:

@@ -48,7 +48,7 @@ from .checks import check_bucket
 from .kv_cache import PagedKV, strided_words
 from .settings import Settings
 from .compiling import compile_with_progress
-from .variants import ParamContext, Variant
+from .variant import ParamContext, Variant
 from .workspace import StagedUpload
 
 

@@ -34,6 +34,9 @@ _step_serials = itertools.count(1)
 LINK = "tilegraph_layer"  # the attention kwarg update() adds: the layer's id tensor
 registered_names: set[str] = set()  # attn_implementation names register() has set up
 
+#: the attribute a TilegraphCache tags a layer's new keys with (read by the attention function)
+LAYER_TAG = "tilegraph_layer"
+
 
 def layer_for(ref: torch.Tensor) -> "TilegraphLayer":
     layer = LAYERS.get(int(ref.reshape(-1)[0]))
@@ -157,7 +160,7 @@ class TilegraphLayer(CacheLayerMixin):
                 "so the compiled attention cannot find the pages; compile it with the static cache instead"
             )
         else:
-            key_states._tilegraph_layer = self.ref
+            setattr(key_states, LAYER_TAG, self.ref)
         if not compiling:
             self.pending = True
         return key_states, value_states

@@ -48,7 +48,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from tilegraph.errors import InputError
 from tilegraph.settings import TORCH_DTYPES
 
-from ._hf_cache import LINK, TilegraphCache, TilegraphLayer, registered_names
+from ._hf_cache import LAYER_TAG, LINK, TilegraphCache, TilegraphLayer, registered_names
 from ._hf_ops import ATTENTION_OBJECTS, FORWARD_LAYOUTS, dense_attention, paged_attention
 
 SUPPORTED = ((5, 24), (6, 0))  # [from, to): the cache-layer API this module implements
@@ -125,9 +125,9 @@ def tilegraph_attention(
 
 def _take_marked_layer(key: torch.Tensor) -> torch.Tensor | None:
     """The layer id a TilegraphCache put on ``key`` (models that call update() without kwargs)."""
-    ref = getattr(key, "_tilegraph_layer", None)
+    ref = getattr(key, LAYER_TAG, None)
     if ref is not None:
-        del key._tilegraph_layer
+        delattr(key, LAYER_TAG)
     return ref
 
 
