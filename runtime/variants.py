@@ -65,21 +65,6 @@ def _numbers(builtin: str, name: str, values: Any) -> np.ndarray:
         raise VariantError(f"{builtin}: {name} must be a sequence of numbers, got {values!r}") from None
 
 
-def _number(builtin: str, name: str, value: Any) -> float:
-    """A built-in's numeric argument as a float (VariantError naming it otherwise)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise VariantError(f"{builtin}: {name} must be a number, got {value!r}") from None
-
-
-def _numbers(builtin: str, name: str, values: Any) -> np.ndarray:
-    try:
-        return np.asarray(values, np.float32)
-    except (TypeError, ValueError):
-        raise VariantError(f"{builtin}: {name} must be a sequence of numbers, got {values!r}") from None
-
-
 def soft_cap(cap: float = 30.0) -> Variant:
     """Logits soft-capping: score -> cap * tanh(score / cap) (parameter ``logits_soft_cap``); cap 0
     means no soft-cap (FlashInfer's convention); a negative, infinite or NaN cap is refused."""
