@@ -42,6 +42,15 @@ def prefill_kv_block(head_dim: int) -> int:
     return 16 if head_dim <= 128 else 8
 
 
+def prefill_mma_kv_block(head_dim: int) -> int:
+    """KV tokens per stage of the tensor-core prefill (kernels.prefill_mma; a multiple of 16): two
+    fp16/bf16 K and V stages plus the Q tile under 48 KB of static shared memory on a GPU (64 up to
+    head_dim 64, 32 up to 128, else 16); 16 on the simulator (one P V k-step)."""
+    if SIMULATOR:
+        return 16
+    return 64 if head_dim <= 64 else 32 if head_dim <= 128 else 16
+
+
 def append_threads() -> int:
     """Target threads per append_kv CTA: 128 on a GPU, 16 on the simulator."""
     return 16 if SIMULATOR else GPU_THREADS

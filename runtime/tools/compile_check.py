@@ -52,6 +52,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "tilegraph.kernels.decode_pipeline",
     "tilegraph.kernels.append",
     "tilegraph.kernels.prefill",
+    "tilegraph.kernels.prefill_mma",
 )
 DEFAULT_CCS: tuple[tuple[int, int], ...] = ((8, 0), (9, 0))
 
