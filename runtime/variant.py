@@ -313,6 +313,9 @@ def combine(*variants: Variant, name: str | None = None) -> Variant:
     AND-ed, parameters concatenated (names must not clash), at most one sink, the same softmax."""
     if not variants:
         raise VariantError("combine() needs at least one variant")
+    for i, v in enumerate(variants):
+        if not isinstance(v, Variant):
+            raise VariantError(f"combine(): variants[{i}] is a {type(v).__name__}, not a tilegraph.Variant")
     softmax = {v.softmax for v in variants}
     if len(softmax) != 1:
         raise VariantError("combine(): softmax and softmax-free variants cannot be mixed")

@@ -206,6 +206,8 @@ CASES = [
     ("Variant", "rope theta", lambda c: tilegraph.variants.rope(theta=None), VariantError, "theta"),
     ("Variant", "sinks strs", lambda c: tilegraph.variants.attention_sinks(["x"]), VariantError, "sinks"),
     ("Variant", "sigmoid bias", lambda c: tilegraph.variants.sigmoid_attention("b"), VariantError, "bias"),
+    ("Variant", "combine str", lambda c: tilegraph.variants.combine("soft_cap"), VariantError, r"variants\[0\]"),
+    ("Variant", "combine none", lambda c: tilegraph.variants.combine(), VariantError, "at least one"),
     ("Param", "shape", lambda c: tilegraph.Variant("x", params=[tilegraph.Param("a", "nonsense")]), VariantError, "shape"),
     ("Param", "name", lambda c: tilegraph.Variant("x", params=[tilegraph.Param("not a name")]), VariantError, "not an identifier"),
     ("Param", "size", lambda c: tilegraph.Variant("x", params=[tilegraph.Param("a", -3)]), VariantError, "'a'"),
