@@ -181,7 +181,8 @@ class BatchPrefill(PrefillAttention):
     """Prefill / append attention over the paged KV cache (CUDA-graph safe: launch shapes never change).
 
     causal: mask aligned to the end of the KV (query i of a request with qo_len q and kv_len k sees
-    KV positions <= k - q + i); qo_len > kv_len is then an InputError at plan()."""
+    KV positions <= k - q + i); with qo_len > kv_len the first q - k rows see no key and get
+    output 0 and LSE -inf (FlashInfer's semantics)."""
 
     PAGED = True
     OP = define_attention_op("batch_prefill")
