@@ -83,12 +83,23 @@ def check_on_device(named: dict[str, Any], device: torch.device) -> None:
 def available_bytes(device: torch.device) -> tuple[int, int]:
     """(free bytes on ``device``, free host bytes): the GPU's free memory and the host's available
     RAM (on the simulator both are host RAM)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    host = int(os.sysconf("SC_AVPHYS_PAGES") * page)
+    host = _host_available_bytes()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free), host
     return host, host
+
+
+def _host_available_bytes() -> int:
+    """MemAvailable (free plus reclaimable page cache) from /proc/meminfo, else free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 _CAPACITY_FIELDS = ("max_page_refs", "max_batch_size", "max_num_tokens", "num_ctas")
