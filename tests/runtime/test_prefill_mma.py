@@ -6,7 +6,9 @@ Tolerances: q, k, v are fp16/bf16 and so is P (packed for the P V mma, as on the
 accumulate in fp32. P's rounding (2^-11 fp16, 2^-8 bf16 relative per weight) dominates: a relative
 error of a few units of that over the output -> 4e-3 fp16, 2e-2 bf16 (the CUDA-core kernel's
 bounds); the LSE depends on fp32 scores only: 1e-4 (1e-3 bf16: q and k rounded the same way, but
-the bf16 reference sees the same rounded inputs, so only fp32 summation order differs).
+the bf16 reference sees the same rounded inputs, so only fp32 summation order differs). With query /
+key transforms (RoPE, a key hook) the transformed q / k are rounded back to fp16 for the mma (the
+CUDA-core kernel keeps them fp32): 2^-11 relative per element on scores of a few units -> LSE 1e-3.
 """
 
 from __future__ import annotations
@@ -94,3 +96,158 @@ CASES = [
 def test_mma_prefill_matches_reference(case, device):
     _, overrides, requests, causal, split = case
     run_paged(overrides, requests, causal, device, split)
+
+
+MORE_CASES = [
+    # several KV stages (double buffering), a causal prefix, a decode row, GQA rows packed
+    ("f16-hd32-g2-p4-causal-stages", dict(num_qo_heads=4, num_kv_heads=2, head_dim=32, page_size=4, dtype="float16"),
+        [(6, 40), (1, 23)], True, False),
+    ("bf16-hd16-g1-p16-causal-split", dict(num_qo_heads=1, num_kv_heads=1, head_dim=16, page_size=16, dtype="bfloat16",
+        num_ctas=6), [(2, 100), (9, 9)], True, True),
+    ("f16-hd64-g1-p8-full", dict(num_qo_heads=1, num_kv_heads=1, head_dim=64, page_size=8, dtype="float16"),
+        [(3, 20)], False, False),
+    ("bf16-hd128-g1-p16-causal", dict(num_qo_heads=1, num_kv_heads=1, head_dim=128, page_size=16, dtype="bfloat16"),
+        [(2, 18)], True, False),
+    ("f16-hd16-g20-two-passes", dict(num_qo_heads=20, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16"),
+        [(2, 11)], True, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MORE_CASES, ids=[c[0] for c in MORE_CASES])
+def test_mma_prefill_more_shapes(case, device):
+    _, overrides, requests, causal, split = case
+    run_paged(overrides, requests, causal, device, split)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_mma_prefill_ragged(causal, device):
+    settings = tilegraph.Settings(num_qo_heads=4, num_kv_heads=2, head_dim=16, dtype="float16", max_batch_size=4,
+                                  max_num_tokens=32, num_ctas=3)  # fmt: skip
+    requests = [(7, 19), (1, 33), (4, 4), (3, 0)]
+    kv_indptr = torch.tensor(np.concatenate([[0], np.cumsum([kv for _, kv in requests])]), dtype=torch.int32)
+    qo_indptr = torch.tensor(np.concatenate([[0], np.cumsum([qo for qo, _ in requests])]), dtype=torch.int32)
+    shape = (int(kv_indptr[-1]) + 3, 2, 16)
+    k = torch.randn(shape).to(torch.float16).to(device)
+    v = torch.randn(shape).to(torch.float16).to(device)
+    v[int(kv_indptr[-1]) :] = float("nan")  # rows past the KV: never read
+    q = make_q(settings, int(qo_indptr[-1]), device)
+    pre = MmaPrefillRagged(settings, causal=causal, device=device)
+    plan = pre.plan(qo_indptr, kv_indptr)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
+    got, lse = pre.run(q, k, v, out=out, return_lse=True)
+
+    def kv_of(r):
+        a, b = int(kv_indptr[r]), int(kv_indptr[r + 1])
+        return k[a:b].double().cpu(), v[a:b].double().cpu()
+
+    ref_out, ref_lse = reference(q, settings, requests, causal, kv_of)
+    finite = torch.isfinite(ref_lse).all(dim=1)
+    assert (got[~finite] == 0).all() and torch.isneginf(lse[~finite]).all()  # the empty-KV request: 0 and -inf
+    check(got, lse, ref_out.nan_to_num(0.0), ref_lse, "float16", plan)
+
+
+def test_nan_in_v_reaches_only_the_rows_that_see_it(device):
+    """Causal diagonal block with NaN V at position p: rows before p stay finite and exact (the mma's
+    0 * NaN would poison them; the scalar path selects it out), rows from p on are NaN."""
+    settings = tilegraph.Settings(num_qo_heads=1, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16",
+                                  max_batch_size=2, max_num_pages=16, max_num_tokens=16, num_ctas=1)  # fmt: skip
+    rng = np.random.default_rng()
+    requests = [(10, 10)]
+    qo_indptr, kv_indptr, kv_indices, last = tables(requests, 4, 16, rng)
+    cache = make_cache(settings, device, False)
+    p = 6
+    page = int(kv_indices[p // 4])
+    cache[page, 1, p % 4] = float("nan")
+    q = make_q(settings, 10, device)
+    pre = MmaPrefill(settings, causal=True, device=device)
+    pre.plan(qo_indptr, kv_indptr, kv_indices, last)
+    got, lse = pre.run(q, cache, return_lse=True)
+    assert torch.isnan(got[p:]).all() and not torch.isnan(got[:p]).any()
+    kv_of = paged_kv_of(cache, settings, kv_indptr, kv_indices, requests)
+    ref_out, ref_lse = reference(q[:p], settings, [(p, p)], True, lambda r: tuple(t[:p] for t in kv_of(0)))
+    check(got[:p], lse[:p], ref_out, ref_lse, "float16", "rows before the NaN")
+
+
+# ---- variants: the mma kernel against the CUDA-core kernel (itself checked against float64) --------
+
+
+def _scale_keys(vals, dim0, request, kv_head, pos, params, key_gain):
+    for k in range(8):
+        vals[k] *= params[key_gain + request]
+
+
+def _square_out(vals, dim0, request, qo_head, pos, params, out_gain):
+    for k in range(8):
+        vals[k] = vals[k] * vals[k] * params[out_gain + request] + 0.25 * (pos % 3)
+
+
+def _variants():
+    from tilegraph import variants as V
+
+    user = tilegraph.Variant("user", key_transform=_scale_keys, output_transform=_square_out,
+                             params={"key_gain": "request", "out_gain": "request"})  # fmt: skip
+    return {
+        "window+sinks+softcap": (V.combine(V.sliding_window(5), V.attention_sinks(), V.soft_cap(1.5)),
+                                 {"sinks": torch.randn(4)}),
+        "alibi": (V.alibi(), None),
+        "rope": (V.rope(), None),
+        "sigmoid": (V.sigmoid_attention(0.3), None),
+        "user-key-output": (user, {"key_gain": torch.rand(4) + 0.5, "out_gain": torch.rand(4) + 0.5}),
+    }
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split"])
+@pytest.mark.parametrize("name", ["window+sinks+softcap", "alibi", "rope", "sigmoid", "user-key-output"])
+def test_mma_variants_match_the_cuda_core_kernel(name, split, device):
+    variant, params = _variants()[name]
+    settings = tilegraph.Settings(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16",
+                                  max_batch_size=4, max_num_pages=48, max_num_tokens=16,
+                                  num_ctas=8 if split else 1)  # fmt: skip
+    rng = np.random.default_rng()
+    requests = [(3, 40), (1, 37), (5, 5)]
+    qo_indptr, kv_indptr, kv_indices, last = tables(requests, 4, 48, rng)
+    cache = make_cache(settings, device, False)
+    q = make_q(settings, int(qo_indptr[-1]), device)
+    results = []
+    for cls in (tilegraph.BatchPrefill, MmaPrefill):
+        pre = cls(settings, causal=True, variant=variant, device=device)
+        plan = pre.plan(qo_indptr, kv_indptr, kv_indices, last)
+        assert (plan.num_merges > 0) == split, plan
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
+        result = pre.run(q, cache, out=out, return_lse=variant.softmax, params=params)
+        results.append(result if variant.softmax else (result, None))
+    (core, core_lse), (mma, mma_lse) = results
+    assert not torch.isnan(mma).any()
+    assert relative_error(mma, core.double()) < TOLERANCE["float16"], name
+    if variant.softmax:
+        lse_tol = 1e-3 if name in ("rope", "user-key-output") else LSE_TOLERANCE
+        assert relative_error(mma_lse, core_lse.double()) < lse_tol, name
+
+
+def test_mma_caller_positions_match_the_cuda_core_kernel(device):
+    """bind_positions (CascadeAttention's path): arbitrary query positions and a kv offset, seen by
+    the causal mask and a sliding window."""
+    from tilegraph import variants as V
+
+    settings = tilegraph.Settings(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=4, dtype="bfloat16",
+                                  max_batch_size=2, max_num_pages=32, max_num_tokens=16, num_ctas=2)  # fmt: skip
+    rng = np.random.default_rng()
+    requests = [(4, 30), (3, 12)]
+    qo_indptr, kv_indptr, kv_indices, last = tables(requests, 4, 32, rng)
+    cache = make_cache(settings, device, False)
+    q = make_q(settings, 7, device)
+    row_qo_pos = torch.tensor([40, 5, 44, 41, 20, 7, 25], dtype=torch.int32, device=device)
+    entry_kv_offset = torch.tensor([12, 9], dtype=torch.int32, device=device)
+    results = []
+    for cls in (tilegraph.BatchPrefill, MmaPrefill):
+        pre = cls(settings, causal=True, variant=V.sliding_window(9), device=device)
+        pre.plan(qo_indptr, kv_indptr, kv_indices, last)
+        pre.bind_positions(row_qo_pos, entry_kv_offset)
+        results.append(pre.run(q, cache, return_lse=True))
+    (core, core_lse), (mma, mma_lse) = results
+    assert torch.equal(torch.isneginf(core_lse), torch.isneginf(mma_lse))
+    visible = torch.isfinite(core_lse)
+    assert visible.any() and not visible.all()  # some rows see nothing: 0 and -inf in both
+    assert relative_error(mma[visible], core[visible].double()) < TOLERANCE["bfloat16"]
+    assert (mma[~visible] == 0).all()
+    assert relative_error(mma_lse[visible], core_lse[visible].double()) < LSE_TOLERANCE
