@@ -32,6 +32,7 @@ from tilegraph.planner.layout import H_BATCH_SIZE, H_NUM_MERGES
 from . import primitives as prim
 from .args import F32, I32, U8, KernelArgs
 from .hooks import DTYPE_NAMES, NEG_INF
+from .hooks import LOG2E as HOOKS_LOG2E
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_sink as _no_sink
 from .launch import as_words, launch
@@ -41,7 +42,7 @@ from .tuning import merge_block, merge_max_grid
 if TYPE_CHECKING:
     from .compile_spec import CompileSpec
 
-LOG2E = float32(1.4426950408889634)
+LOG2E = float32(HOOKS_LOG2E)  # as a float32 constant (a Python float would type as float64 in the kernel)
 PAIR_ARGS = KernelArgs("merge_state", (
     ("a_words", I32), ("a_lse", F32), ("b_words", I32), ("b_lse", F32), ("out_words", I32), ("out_lse", F32),
     ("mask", U8), ("use_mask", "int32"), ("num_rows", "int64"), ("heads", "int64"), ("head_dim", "int64"),

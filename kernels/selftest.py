@@ -18,6 +18,7 @@ from tilegraph._device import SIMULATOR, cuda, resolve_device
 
 from .compile_spec import CompileSpec
 from .launch import launch
+from .hooks import DTYPE_NAMES
 from .primitives import (
     BF16,
     F16,
@@ -48,7 +49,7 @@ from .primitives import (
 )
 
 REDUCE_WIDTHS = (2, 4, 8, 16, 32)
-KIND_NAMES = {F16: "float16", BF16: "bfloat16", F32: "float32"}
+KIND_NAMES = DTYPE_NAMES
 I32, F32A = "int32[::1]", "float32[::1]"
 
 
