@@ -83,6 +83,7 @@ class Record:
     lmem: int = -1
     smem: int = -1
     compile_s: float = 0.0
+    sass_s: float = 0.0  # nvdisasm + SASS analysis (overlaps the next compile)
     expect: dict[str, bool] = field(default_factory=dict)
     sass: dict[str, bool] | None = None  # expected PTX substring -> its SASS form found (None: not checked)
     perf: dict[str, Any] | None = None  # kernel_profile.profile(...) of the SASS
@@ -192,6 +193,7 @@ def check_sass(rec: Record, spec: CompileSpec, cubin: bytes, nvdisasm: str | Non
     if nvdisasm is None:
         rec.error = rec.error or NVDISASM_MISSING
         return rec
+    start = time.perf_counter()
     try:
         text = disassemble(nvdisasm, cubin)
         patterns = sass_expectations(spec.expect)
@@ -201,6 +203,7 @@ def check_sass(rec: Record, spec: CompileSpec, cubin: bytes, nvdisasm: str | Non
         rec.error = rec.error or f"SASS analysis: {_one_line(exc)}"
         return rec
     rec.budget = [r.as_json() for r in budget_rules.check(rec.as_json(), rules)]
+    rec.sass_s = time.perf_counter() - start
     return rec
 
 
@@ -283,11 +286,12 @@ def print_table(records: list[Record], sass_checked: bool) -> None:
     console.print(table)
     failed = sum(not r.ok for r in records)
     total = sum(r.compile_s for r in records)
+    sass_total = sum(r.sass_s for r in records)
     sass_note = "" if sass_checked else f" ({NVDISASM_MISSING})"
     for r in records:  # whole lines, never wrapped: CI logs and tests search them
         for message in budget_rules.failed(r.budget):
             console.print(escape(message), soft_wrap=True, highlight=False)
-    console.print(f"{len(records) - failed} passed, {failed} failed; compile {total:.1f} s{sass_note}")
+    console.print(f"{len(records) - failed} passed, {failed} failed; compile {total:.1f} s, SASS {sass_total:.1f} s{sass_note}")
 
 
 def _parse_ccs(text: str) -> tuple[tuple[int, int], ...]:
