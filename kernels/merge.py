@@ -37,6 +37,7 @@ from .hooks import identity_vec as _identity_vec
 from .hooks import no_sink as _no_sink
 from .launch import as_words, launch
 from .nan import NAN_PTX, fastmath_flags, nan_max
+from .tuning import MERGE_MAX_LANES as MAX_LANES  # noqa: F401  (lanes per merged row; tests read it here)
 from .tuning import merge_block, merge_max_grid
 
 if TYPE_CHECKING:
