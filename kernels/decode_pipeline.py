@@ -177,6 +177,10 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
     SOFTMAX = hooks.softmax
     NATURAL = HAS_LOGITS_HOOK or not SOFTMAX  # scores in natural units (else log2 units)
     HALF_LANES = LANES // 2
+    ALL_ACTIVE = LANES == BDX  # every lane holds 8 dims (head_dim / 8 a power of two)
+    # no mask and no logits hook: only zero-filled tail rows (V = 0) and -inf scores are left out, so P.V
+    # may run on every row with the weight selected to 0 (no branch); otherwise rows are skipped
+    DENSE_PV = SOFTMAX and not HAS_MASK and not HAS_LOGITS_HOOK
     CACHE_KEY = int(hashlib.sha256(f"{hooks.name}|{cfg.shape}|{_kernel_sources_digest()}".encode()).hexdigest()[:15], 16)
     q_hook = hooks.query_transform or _identity_vec
     k_hook = hooks.key_transform or _identity_vec
@@ -204,7 +208,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
         hy = cuda.threadIdx.y
         tz = cuda.threadIdx.z
         flat = tx + BDX * (hy + HEADS * tz)
-        active = tx < LANES
+        active = ALL_ACTIVE or tx < LANES
         dim0 = tx * 8
         if SIM:
             sh_k = cuda.shared.array(TILE_WORDS, int32)
@@ -273,16 +277,18 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                         commit()
                 for i in range(num_stages):
                     buf = i % STAGES
-                    t_stage = t_begin + i * T
+                    t_stage = int32(t_begin + i * T)
                     WAIT()  # K of stage i landed (this thread's copies) ...
                     cuda.syncthreads()  # ... and every thread's
                     # Q.K for this row's TPR tokens, every head reading the same K rows
+                    # a NaN score may be dropped by this max: its weight ex2(NaN - m) is NaN all the same,
+                    # and a NaN d sets m to NaN below (once per stage), so output and LSE turn NaN
                     m_stage = NEG_INF
+                    row0 = int32((buf * T + tz * TPR) * ROW_WORDS)  # this row's first token in the buffers
                     for j in range(TPR):
-                        li = tz * TPR + j
-                        t = t_stage + li
+                        t = int32(t_stage + tz * TPR + j)
                         valid = t < t_end
-                        row_w = (buf * T + li) * ROW_WORDS
+                        row_w = row0 + j * ROW_WORDS
                         for k in range(8):
                             kv8[k] = float32(0.0)
                         if active:
@@ -305,8 +311,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                                 include = False
                         score[j] = s_val
                         use[j] = 1 if include else 0
-                        if include:
-                            m_stage = nan_max(m_stage, s_val)
+                        m_stage = max(m_stage, s_val) if include else m_stage
                     # the offsets of stage i + STAGES into this buffer's slot (its V copies were issued long ago)
                     if i + STAGES < num_stages:
                         _stage_offsets(sh_off, buf, i + STAGES, T, flat, NTHREADS, t_begin, t_end, page_base,
@@ -317,6 +322,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                     commit()
                     # softmax: one max/rescale per stage
                     if SOFTMAX:
+                        m_new = m
                         if not (m_stage == NEG_INF):
                             m_new = nan_max(m, m_stage)
                             rescale = ex2(m - m_new)
@@ -324,17 +330,20 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                             for k in range(8):
                                 acc[k] *= rescale
                             m = m_new
-                            for j in range(TPR):
-                                if use[j] != 0:
-                                    score[j] = ex2(score[j] - m_new)
-                                    d += score[j]
+                        for j in range(TPR):
+                            w = ex2(score[j] - m_new)
+                            w = w if use[j] != 0 else float32(0.0)  # selected, so a left-out row adds nothing
+                            score[j] = w
+                            d += w
+                        if d != d:  # a NaN weight joined: the running max must carry it too
+                            m = float32(math.nan)
                     WAIT()  # V of stage i landed
                     cuda.syncthreads()
                     if active:
                         for j in range(TPR):
-                            if use[j] != 0:
+                            if DENSE_PV or use[j] != 0:
                                 w = score[j]  # the weight (softmax-free: the score itself)
-                                load_shared_row8(sh_v, (buf * T + tz * TPR + j) * ROW_WORDS + tx * WORDS8, KIND, kv8)
+                                load_shared_row8(sh_v, row0 + j * ROW_WORDS + tx * WORDS8, KIND, kv8)
                                 for k in range(8):
                                     acc[k] += w * kv8[k]
                     cuda.syncthreads()  # every thread done with sh_v[buf]
