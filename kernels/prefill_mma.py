@@ -17,8 +17,8 @@ are one m16 block owned by one warp. Per pass of HP heads:
         like the CUDA-core kernel (sink, output hook, LSE, partial slots).
 
 Shared tiles are int32 word arrays of rows of HEAD_DIM / 8 16-byte chunks; chunk c of row r is
-stored at chunk c ^ (r mod SW), SW = min(8, HEAD_DIM / 8) (the 128-byte XOR swizzle; head dims
-below 64 swizzle within their shorter rows), so the 8 rows one ldmatrix phase reads hit distinct
+stored at chunk c ^ (r mod SW), SW = min(8, the largest power of two dividing HEAD_DIM / 8) (the
+128-byte XOR swizzle; head dims below 64, or not a multiple of 64, swizzle within SW chunks), so the 8 rows one ldmatrix phase reads hit distinct
 bank groups.
 
 Causal: KV blocks past the tile's last visible position are skipped. NaN: a masked / out-of-range
@@ -106,7 +106,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     M = 16  # query rows per tile (one mma A block)
     CH = HEAD_DIM // 8  # 16-byte chunks per row
     RW = HEAD_DIM // 2  # int32 words per fp16/bf16 row
-    SW = min(8, CH)
+    SW = min(8, CH & -CH)  # the largest power of two dividing CH: the XOR stays inside the row
     KS = HEAD_DIM // 16  # k-steps of Q K^T
     NB = KB // 8  # n-blocks of S
     PK = KB // 16  # k-steps of P V
@@ -537,3 +537,14 @@ def gpu_compile_specs() -> list[CompileSpec]:
             )
         )
     return specs
+
+
+def tensor_core_config(kind: int, head_dim: int, group: int, paged: bool, causal: bool,
+                       hooks: AttentionHooks = DEFAULT_HOOKS) -> PrefillMmaConfig | None:  # fmt: skip
+    """The tensor-core specialization BatchPrefill launches, or None for the CUDA-core kernel: fp32,
+    head_dim % 16 != 0, and variants that transform q or k (their transformed values would be rounded
+    to fp16/bf16 for the mma; the CUDA-core kernel keeps them fp32) stay on CUDA cores."""
+    transforms = (hooks.query_transform, hooks.key_transform, hooks.query_pair_transform, hooks.key_pair_transform)
+    if kind not in (prim.F16, prim.BF16) or head_dim % 16 or any(h is not None for h in transforms):
+        return None
+    return PrefillMmaConfig(kind, head_dim, group, paged, causal, hooks)

@@ -108,6 +108,8 @@ MORE_CASES = [
         [(3, 20)], False, False),
     ("bf16-hd128-g1-p16-causal", dict(num_qo_heads=1, num_kv_heads=1, head_dim=128, page_size=16, dtype="bfloat16"),
         [(2, 18)], True, False),
+    ("f16-hd48-g2-p1-causal-HND", dict(num_qo_heads=2, num_kv_heads=1, head_dim=48, page_size=1, dtype="float16",
+        kv_layout="HND"), [(4, 19)], True, False),  # 6 chunks a row: a 2-chunk swizzle
     ("f16-hd16-g20-two-passes", dict(num_qo_heads=20, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16"),
         [(2, 11)], True, False),
 ]  # fmt: skip
