@@ -455,7 +455,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 name=f"decode_pipeline[{DTYPE_NAMES[kind]},hd{head_dim},g{group},{hooks.name.split('#')[0]}]",
                 pyfunc=make_decode_pipeline_kernel(cfg),
                 signature=DECODE_PIPELINE_ARGS.signature,
-                expect=("cp.async.cg.shared.global", "cp.async.wait_group", "ex2.approx", NAN_PTX),
+                # softmax-free variants take no maximum: NaN reaches them through the sums alone
+                expect=("cp.async.cg.shared.global", "cp.async.wait_group", "ex2.approx") + ((NAN_PTX,) if hooks.softmax else ()),
                 fastmath=fastmath_flags(),
                 # every copy moves K/V bytes; num_ctas = 2 x SMs; held to the decode family's budgets
                 perf=PerfHints(threads=cfg.shape.lanes * cfg.shape.heads * cfg.shape.rows, ctas_per_sm=2, family="decode"),
