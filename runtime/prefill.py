@@ -38,6 +38,7 @@ from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.kernels.prefill import PREFILL_ARGS, PrefillConfig, default_threads, prefill_kernel, prefill_signature
+from tilegraph.kernels.prefill_mma import prefill_mma_kernel, tensor_core_config
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_ragged
 from tilegraph.planner.prefill_layout import PrefillLayout
@@ -95,6 +96,9 @@ class PrefillAttention(AttentionBase):
             hooks=self.hooks,
         )
         assert self.config.q_tile == self.layout.q_tile, "kernel and planner disagree on the query tile"
+        # fp16/bf16: the tensor-core kernel on the same plan and arguments (None: the CUDA-core one)
+        self.mma_config = tensor_core_config(self.kind_code, settings.head_dim, settings.group_size, self.PAGED,
+                                             self.causal, self.hooks)  # fmt: skip
         # caller positions (CascadeAttention's levels): off by default -- one-word stand-ins, flag 0
         self._no_positions = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._positions: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -161,7 +165,8 @@ class PrefillAttention(AttentionBase):
     def launch(self, q: torch.Tensor, kv: PagedKV, out: torch.Tensor, lse: torch.Tensor | None) -> None:
         """One attention launch over the fixed grid, then one partial-merge launch (no host sync)."""
         s, hooks = self.settings, self.hooks
-        kernel = prefill_kernel(self.config)
+        mma = self.mma_config
+        kernel = prefill_kernel(self.config) if mma is None else prefill_mma_kernel(mma)
         label = f"prefill[{s.dtype},hd{s.head_dim},g{s.group_size},{self.kind.split(':', 1)[1].replace(':', ',')},{hooks.name}]"
         compile_with_progress(label, [(kernel, prefill_signature()),
                                       (partial_merge_kernel(self.kind_code, hooks, True), PARTIAL_MERGE_SIGNATURE)])  # fmt: skip
@@ -173,7 +178,7 @@ class PrefillAttention(AttentionBase):
             **self.shared_launch_values(q, kv, out_words, lse_arg, lse is not None),
             row_qo_pos=row_qo_pos, entry_kv_offset=entry_kv_offset, use_positions=np.int32(self._positions is not None),
         )  # fmt: skip
-        launch("prefill", kernel, (self.num_ctas,), self.config.block, values)
+        launch("prefill", kernel, (self.num_ctas,), self.config.block if mma is None else mma.block, values)
         self.launch_partial_merge(out_words, lse, prefill=True)
 
 
