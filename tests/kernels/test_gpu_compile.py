@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run_check(*args: str, pythonpath: Path | None = None, **env_extra: str | None) -> tuple[int, str]:
+def _run_check(*args: str, pythonpath: Path | None = None, timeout_s: float = 600, **env_extra: str | None) -> tuple[int, str]:
     """Run the check in a fresh process; ``env_extra`` overrides the environment (None: unset)."""
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "TILEGRAPH_SIMULATOR")}
     env.update({"TILEGRAPH_SIMULATOR": "0", **env_extra})
@@ -52,7 +52,7 @@ def _run_check(*args: str, pythonpath: Path | None = None, **env_extra: str | No
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "tilegraph.tools.compile_check", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -60,7 +60,8 @@ def _run_check(*args: str, pythonpath: Path | None = None, **env_extra: str | No
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, list[dict[str, Any]], dict[str, Any]]:
     folder = tmp_path_factory.mktemp("compile_check")
     path, perf_path = folder / "records.json", folder / "perf.json"
-    rc, output = _run_check("--json", str(path), "--cc", "80,90", "--perf-json", str(perf_path))
+    # a hang guard, not a speed limit: ~130 compiles take minutes on a loaded 2-core machine
+    rc, output = _run_check("--json", str(path), "--cc", "80,90", "--perf-json", str(perf_path), timeout_s=2400)
     REPORT_COPY.write_text(output)
     records = json.loads(path.read_text()) if path.exists() else []
     perf = json.loads(perf_path.read_text()) if perf_path.exists() else {}
