@@ -1,9 +1,8 @@
 """vLLM v1 attention backend on tilegraph (needs the ``vllm`` extra, its own environment).
 
 ``pip install "tilegraph[vllm]"`` registers the ``vllm.general_plugins`` entry point
-(``plugin.register``): it adds the backend ``TILEGRAPH`` to vLLM's registry, selected with
-``vllm.LLM(..., attention_config={"backend": "TILEGRAPH"})``. Modules: ``plugin`` (registration,
-imports neither tilegraph's kernels nor vLLM's backends), ``version`` (the supported vLLM range),
+(the top-level module ``tilegraph_vllm_plugin``): it adds the backend ``TILEGRAPH`` to vLLM's registry, selected with
+``vllm.LLM(..., attention_config={"backend": "TILEGRAPH"})``. Modules: ``version`` (the supported vLLM range),
 ``backend`` / ``builder`` / ``metadata`` / ``impl`` (vLLM's four classes), ``page_table`` (vLLM's
 block table to tilegraph's CSR page table), ``objects`` (the attention objects shared by layers).
 """

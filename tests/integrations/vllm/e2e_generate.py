@@ -2,6 +2,7 @@
 as JSON (run in a subprocess per backend by test_end_to_end.py: one vLLM engine per process)."""
 
 import json
+import os
 import sys
 
 
@@ -22,6 +23,7 @@ def write_model(path: str) -> None:
     model.save_pretrained(path)
 
 
+# 56 prompt tokens over a 32-token step budget: the 40-token prompt is chunked, so steps mix prefill and decode rows
 PROMPTS = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 13], list(range(30, 70))]
 
 
@@ -32,16 +34,27 @@ def generate(path: str, backend: str, max_tokens: int) -> list[list[int]]:
     load_general_plugins()  # vLLM validates the backend name before it loads the plugins itself
     llm = LLM(
         model=path, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
-        max_model_len=128, max_num_batched_tokens=128, max_num_seqs=4, block_size=32,
-        attention_config={"backend": backend}, seed=0,
+        max_model_len=128, max_num_batched_tokens=32, max_num_seqs=4, block_size=32,
+        attention_config={"backend": backend}, seed=0, distributed_executor_backend="uni",
+        kv_cache_memory_bytes=1 << 20, gpu_memory_utilization=0.5,
     )  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def tilegraph_steps() -> int:
+    """Steps tilegraph planned in this process (0: its backend never ran)."""
+    if "tilegraph.integrations.vllm.objects" not in sys.modules:
+        return 0
+    held = sys.modules["tilegraph.integrations.vllm.objects"]._HELD.values()
+    return max((h.step + 1 for h in held if h.step is not None), default=0)
+
+
 if __name__ == "__main__":
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: a registered backend name does not survive spawn
     if sys.argv[1] == "write":
         write_model(sys.argv[2])
     else:
-        print("TOKENS " + json.dumps(generate(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        tokens = generate(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        print("RESULT " + json.dumps({"tokens": tokens, "tilegraph_steps": tilegraph_steps()}))

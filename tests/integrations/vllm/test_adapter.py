@@ -102,7 +102,11 @@ def test_slot_writer_writes_real_rows_only():
     assert torch.equal(cache[untouched], before[untouched])
 
 
-def _reference(query, cache, meta, window=None, cap=0.0):
+SINKS = torch.tensor([0.5, -1.0, 2.0, 0.0])
+SLOPES = [0.5, 0.25, 0.125, 0.0625]
+
+
+def _reference(query, cache, meta, window=None, cap=0.0, sinks=None, alibi=None):
     out = torch.zeros(query.shape[0], HQ, D, dtype=torch.float64)
     qsl = meta.query_start_loc_cpu.tolist()
     for r, (q_len, s) in enumerate(ROWS):
@@ -118,15 +122,26 @@ def _reference(query, cache, meta, window=None, cap=0.0):
             scores = cap * torch.tanh(scores / cap)
         qpos = torch.arange(s - q_len, s)[:, None]
         kpos = torch.arange(s)[None, :]
+        if alibi is not None:  # vLLM: slope * (key position - query position), after the scale
+            scores = scores + torch.tensor(alibi, dtype=torch.float64)[:, None, None] * (kpos - qpos)
         masked = kpos > qpos
         if window is not None:
             masked |= kpos <= qpos - window
         scores = scores.masked_fill(masked, float("-inf"))
-        out[qsl[r] : qsl[r + 1]] = torch.einsum("hnl,lhd->nhd", torch.softmax(scores, -1), v)
+        if sinks is not None:  # one extra logit per head in the softmax's denominator (vLLM's s_aux)
+            sink = sinks.double()[:, None, None].expand(-1, scores.shape[1], 1)
+            weights = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+        else:
+            weights = torch.softmax(scores, -1)
+        out[qsl[r] : qsl[r + 1]] = torch.einsum("hnl,lhd->nhd", weights, v)
     return out
 
 
-@pytest.mark.parametrize("features", [{}, {"sliding_window": 6, "logits_soft_cap": 2.0}], ids=["plain", "window+softcap"])
+@pytest.mark.parametrize(
+    "features",
+    [{}, {"sliding_window": 6, "logits_soft_cap": 2.0}, {"sinks": SINKS, "alibi_slopes": SLOPES}],
+    ids=["plain", "window+softcap", "sinks+alibi"],
+)
 def test_forward_matches_reference(features):
     objects.clear()
     meta, gen = _step(2)
@@ -135,7 +150,7 @@ def test_forward_matches_reference(features):
     query = torch.randn(meta.num_actual_tokens, HQ, D, generator=gen)
     output = torch.full((meta.num_actual_tokens, HQ * D), float("nan"))
     _impl(**features).forward(None, query, None, None, cache, built, output)
-    expected = _reference(query, cache, meta, features.get("sliding_window"), features.get("logits_soft_cap", 0.0))
+    expected = _reference(query, cache, meta, features.get("sliding_window"), features.get("logits_soft_cap", 0.0), features.get("sinks"), features.get("alibi_slopes"))
     assert relative_error(output.view(-1, HQ, D), expected) < 1e-5
     assert torch.equal(output[10:], torch.zeros_like(output[10:]))  # padding tokens: 0
     if features:  # the features matter: the plain reference differs
