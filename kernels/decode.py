@@ -1,4 +1,8 @@
-"""Split-KV paged decode: persistent CTAs walk their tile lists from the plan buffer.
+"""The CUDA-core split-KV paged decode kernel: superseded by ``kernels/decode_pipeline.py`` (what
+``BatchDecode`` launches), kept as the static performance model's documented baseline
+(docs/perf-model.md) and as the home of the partial-merge specs of decode variants.
+
+Persistent CTAs walk their tile lists from the plan buffer.
 
 Thread block (BDX, BDY): BDX lanes (a power of two <= 32) split head_dim into 8-element vectors
 (one 16-byte load each for fp16/bf16, two for fp32); the BDY rows walk a tile's tokens in an
@@ -310,8 +314,9 @@ def decode_signature(q_ndim: int = 1) -> str:
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
-    """Covering set: every dtype, several head_dims and group sizes, default and hooked variants,
-    every built-in variant (tilegraph.variants) at least once, with its partial-merge kernel."""
+    """The partial-merge kernel of every decode variant that needs one (every dtype, every built-in
+    variant at least once), and this superseded kernel at the benchmark shape (bf16, hd128, group 4)
+    as the perf model's baseline (family ``decode_baseline``: no budgets)."""
     from .compile_spec import DECODE_CHECK_HOOKS as CHECK_HOOKS
     from .compile_spec import CompileSpec, PerfHints
     from .compile_spec import decode_variant_cases as builtin_variant_cases
@@ -328,7 +333,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
         *builtin_variant_cases(),
     ]
     specs = []
-    for kind, head_dim, group, hooks in cases:
+    for index, (kind, head_dim, group, hooks) in enumerate(cases):
         if hooks.sink is not None or hooks.output_transform is not None or not hooks.softmax:
             specs.append(
                 CompileSpec(
@@ -340,6 +345,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                     perf=PerfHints(threads=GPU_THREADS, grid_ctas=PARTIAL_MERGE_CTAS),
                 )
             )
+        if index:  # BatchDecode launches decode_pipeline: of this kernel only the baseline shape is checked
+            continue
         bdy = max(1, 128 // DecodeConfig(kind, head_dim, group, 1).bdx)
         cfg = DecodeConfig(kind, head_dim, group, bdy, hooks)
         dtype = DTYPE_NAMES[kind]
@@ -351,7 +358,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 expect=("ld.global.nc.v4.u32", "shfl.sync.bfly", "ex2.approx", *nan_expect(hooks)),
                 fastmath=fastmath_flags(),
                 # lanes past head_dim / 8 load nothing; num_ctas = 2 x SMs
-                perf=PerfHints(threads=cfg.bdx * bdy, hbm_fraction=(head_dim // 8) / cfg.bdx, ctas_per_sm=2),
+                perf=PerfHints(threads=cfg.bdx * bdy, hbm_fraction=(head_dim // 8) / cfg.bdx, ctas_per_sm=2,
+                               family="decode_baseline"),
             )
         )
     return specs

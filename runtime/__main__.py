@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+    if argv and argv[0] == "compile-check":  # its options go to it whole (argparse's REMAINDER drops --flags)
+        return _compile_check(argv[1:])
     args = _parser().parse_args(argv)
 
     if args.command == "selfcheck":
@@ -40,14 +42,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return selfcheck()
     if args.command == "compile-check":
-        import os
-        import subprocess
-
-        env = dict(os.environ, TILEGRAPH_SIMULATOR="0")
-        env.pop("NUMBA_ENABLE_CUDASIM", None)
-        cmd = [sys.executable, "-m", "tilegraph.tools.compile_check", *args.rest]
-        return subprocess.call(cmd, env=env)
+        return _compile_check(args.rest)
     return 2
+
+
+def _compile_check(rest: list[str]) -> int:
+    """The driverless compile check, in a process without the simulator (compile_ptx needs that)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, TILEGRAPH_SIMULATOR="0")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    return subprocess.call([sys.executable, "-m", "tilegraph.tools.compile_check", *rest], env=env)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import perf_model as pm
 
-DECODE_SPEC = "decode[bfloat16,hd128,g4,default]"
+DECODE_SPEC = "decode_pipeline[bfloat16,hd128,g4,default]"  # what BatchDecode launches
 
 
 def model_gpu(device_name: str) -> pm.Gpu:
@@ -67,7 +67,7 @@ def calibrate(run_dir: Path) -> dict[str, Any]:
     gpu = model_gpu(name)
     ceilings = _read(run_dir / "ceilings.json")
     copy_gbs = ((ceilings or {}).get("copy") or {}).get("gbs")
-    records = [r.as_json() for r in compile_check.run_check(("tilegraph.kernels.decode",), (cc,), DECODE_SPEC)]
+    records = [r.as_json() for r in compile_check.run_check(("tilegraph.kernels.decode_pipeline",), (cc,), DECODE_SPEC)]
     measured = measured_decode(_read(run_dir / "decode" / "decode.json"))
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -13,7 +13,7 @@ from typing import Any
 from . import perf_model as pm
 from .kernel_profile import MODEL_CC
 
-BENCH_DECODE = "decode[bfloat16,hd128,g4,default]"
+BENCH_DECODE = "decode_pipeline[bfloat16,hd128,g4,default]"  # what BatchDecode launches
 BENCH_MERGE = "partial_merge[bfloat16]"
 HEADLINE = "predicted by the static model from sm_90 SASS (docs/perf-model.md); nothing here ran on a GPU"
 

@@ -194,3 +194,12 @@ def test_bench_plan_writes_what_the_plan_benchmark_returns(tmp_path, monkeypatch
     data = json.loads((tmp_path / "plan.json").read_text())
     assert data["suite"] == "plan" and len(data["rows"]) == 4 and data["meta"]["device"]["type"] == "cpu"
     assert (tmp_path / "plan.png").exists() == HAS_MATPLOTLIB
+
+
+def test_compile_check_receives_its_options_through_the_cli(capfd):
+    """`python -m tilegraph compile-check --only ...`: the flags reach the check (argparse's REMAINDER
+    would drop them and exit with a usage error)."""
+    rc = tilegraph_main(["compile-check", "--only", "no-such-spec", "--cc", "90"])
+    out = capfd.readouterr()
+    assert "no spec matched --only 'no-such-spec'" in out.out + out.err, out
+    assert rc == 2
