@@ -27,6 +27,7 @@ class PlanState:
     serial: int  # 0: no plan yet
     padded_batch_size: int  # the bucket the plan was made for (its q/out rows)
     key: str  # identifies the Settings and variant the plan was made under
+    page_table_address: int = 0  # data_ptr of the caller's device page table the plan reads; 0: none
 
 
 @runtime_checkable
@@ -49,4 +50,5 @@ class GraphAware(Protocol):
 
 # Optional, outside the protocol (a GraphAware object need not have it): ``graph_max_rows() ->
 # (rows, name)``, the most q/out rows the object can plan and the Settings field that bounds them;
-# GraphRunner then refuses larger buckets up front.
+# GraphRunner then refuses larger buckets up front. ``graph_after_replay()``, also optional: called
+# after every replay (the attention objects' debug page-id check).

@@ -31,7 +31,7 @@ import torch
 from rich.progress import Progress
 
 from tilegraph import nvtx_ranges
-from tilegraph.errors import InputError, StateError
+from tilegraph.errors import InputError, PageTableMovedError, StateError
 from tilegraph.settings import Settings
 
 from .protocol import GraphAware
@@ -55,6 +55,7 @@ class _Bucket:
     output: torch.Tensor
     addresses: dict[str, int]
     keys: list[str]  # each attention object's Settings/variant key at capture
+    page_tables: list[int]  # each attention object's device page-table address at capture (0: none)
 
 
 class GraphRunner:
@@ -147,8 +148,9 @@ class GraphRunner:
                     att.graph_before_replay()
                 with nvtx_ranges.CAPTURE, self.capture(batch_size) as graph:
                     output = self.forward(inputs)
-                keys = [att.graph_plan_state().key for att in self.attention]
-                self._graphs[batch_size] = _Bucket(batch_size, graph, inputs, output, self._addresses(inputs, output), keys)
+                states = [att.graph_plan_state() for att in self.attention]
+                keys, tables = [st.key for st in states], [st.page_table_address for st in states]
+                self._graphs[batch_size] = _Bucket(batch_size, graph, inputs, output, self._addresses(inputs, output), keys, tables)
                 seconds = time.perf_counter() - start
                 self.stats.capture_s[batch_size] = seconds
                 progress.update(task, advance=1, description=f"captured batch {batch_size} in {seconds:.2f} s")
@@ -230,6 +232,12 @@ class GraphRunner:
                 raise StateError(
                     f"attention object {i}'s plan is for bucket {state.padded_batch_size}, not {batch_size}"
                 )
+            if state.page_table_address != entry.page_tables[i]:
+                raise PageTableMovedError(
+                    f"attention object {i}'s plan reads page ids from the tensor at {state.page_table_address:#x}, "
+                    f"but the graph for bucket {batch_size} was captured reading {entry.page_tables[i]:#x}: keep one "
+                    f"page-table tensor (a fixed address) for every plan of a captured graph"
+                )
             serials.append(state.serial)
         if self.debug:
             now = self._addresses(entry.inputs, entry.output)
@@ -241,6 +249,10 @@ class GraphRunner:
         with nvtx_ranges.REPLAY:
             entry.graph.replay()
         self._last_replayed_serials = serials
+        for att in self.attention:
+            after = getattr(att, "graph_after_replay", None)
+            if after is not None:
+                after()  # the debug page-id check (a host sync) when the object's Settings ask for it
         self.stats.replays += 1
 
 

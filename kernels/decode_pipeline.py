@@ -49,6 +49,7 @@ from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
 from .nan import NAN_PTX, fastmath_flags, nan_max
+from .page_table import guarded_page
 from .tuning import DecodePipelineShape, decode_pipeline_shape
 
 if TYPE_CHECKING:
@@ -83,18 +84,22 @@ def page_divisor(page_size: int) -> tuple[int, int]:
 
 
 @cuda.jit(device=True, inline="always")
-def paged_word_offset(t, page_base, kv_indices, page_size, magic, shift, page_stride, token_stride, head_offset):
+def paged_word_offset(t, page_base, kv_indices, page_size, magic, shift, page_stride, token_stride, head_offset,
+                      header, request):  # fmt: skip
     """Word offset of token ``t`` (< 2^31) of a request whose pages start at kv_indices[page_base]:
     the page id (int32) times page_stride in int64, plus the int32 offset inside the page
-    (token_in_page * token_stride + head_offset); ``(magic, shift)`` from page_divisor(page_size)."""
+    (token_in_page * token_stride + head_offset); ``(magic, shift)`` from page_divisor(page_size).
+    -1 when the page id is outside the pool (kernels/page_table.py; the token is then zero-filled)."""
     if magic == 0:
         page_index = int32(t >> shift)
         in_page = int32(t & (page_size - 1))
     else:
         page_index = int32((int64(t) * magic) >> shift)
         in_page = int32(t - page_index * page_size)
-    page = kv_indices[page_base + page_index]
-    return int64(page) * page_stride + int64(int32(in_page * token_stride) + head_offset)
+    page = guarded_page(kv_indices, page_base + page_index, header, request)
+    if page < 0:
+        return int64(-1)
+    return page * page_stride + int64(int32(in_page * token_stride) + head_offset)
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def pipeline_config(kind: int, head_dim: int, group: int, hooks: AttentionHooks 
 
 @cuda.jit(device=True, inline="always")
 def _stage_offsets(sh_off, slot, stage, T, flat, nthreads, t_begin, t_end, page_base, kv_indices, page_size,
-                   magic, shift, page_stride, token_stride, head_offset):  # fmt: skip
+                   magic, shift, page_stride, token_stride, head_offset, header, request):  # fmt: skip
     """Word offsets of the T tokens of ``stage`` into sh_off[slot * T:], -1 past the tile's end."""
     for l0 in range(0, T, nthreads):  # compile-time trip count
         li = l0 + flat
@@ -133,7 +138,7 @@ def _stage_offsets(sh_off, slot, stage, T, flat, nthreads, t_begin, t_end, page_
             continue
         if t < t_end:
             off = paged_word_offset(t, page_base, kv_indices, page_size, magic, shift, page_stride, token_stride,
-                                    head_offset)
+                                    head_offset, header, request)
         sh_off[slot * T + li] = off
 
 
@@ -266,7 +271,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                     # prologue: offsets, then K and V of the first STAGES stages in flight
                     for s in range(STAGES):
                         _stage_offsets(sh_off, s, s, T, flat, NTHREADS, t_begin, t_end, page_base, kv_indices, ps,
-                                       magic, shift, page_stride, ts32, head_offset)  # fmt: skip
+                                       magic, shift, page_stride, ts32, head_offset, header, request)  # fmt: skip
                     cuda.syncthreads()
                     for s in range(STAGES):
                         if s < num_stages:
@@ -315,7 +320,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                     # the offsets of stage i + STAGES into this buffer's slot (its V copies were issued long ago)
                     if i + STAGES < num_stages:
                         _stage_offsets(sh_off, buf, i + STAGES, T, flat, NTHREADS, t_begin, t_end, page_base,
-                                       kv_indices, ps, magic, shift, page_stride, ts32, head_offset)  # fmt: skip
+                                       kv_indices, ps, magic, shift, page_stride, ts32, head_offset, header, request)  # fmt: skip
                     cuda.syncthreads()  # every thread done with sh_k[buf]; new offsets visible
                     if i + STAGES < num_stages:
                         _issue_stage(sh_k, k_words, sh_off, buf, T, CPR, ROW_WORDS, flat, NTHREADS)

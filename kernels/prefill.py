@@ -65,6 +65,7 @@ from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
 from .nan import NAN_PTX, fastmath_flags, nan_expect, nan_max
+from .page_table import guarded_page
 from .tuning import prefill_kv_block, prefill_threads
 
 if TYPE_CHECKING:
@@ -166,10 +167,12 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
     load_row8, store_row8, ex2 = prim.load_row8, prim.store_row8, prim.ex2
 
     @cuda.jit(device=True, inline="always")
-    def kv_row(request, t, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size):
+    def kv_row(request, t, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size, header):
         """First word of KV token t (request-local) of kv_head: paged through the page table, or ragged."""
         if PAGED:
-            page = int64(kv_indices[int64(kv_indptr[request]) + t // page_size])
+            page = guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header, request)
+            if page < 0:  # outside the pool (kernels/page_table.py): the caller reads nothing
+                return int64(-1)
             return page * page_stride + (t % page_size) * token_stride + kv_head * head_stride
         return (int64(kv_indptr[request]) + t) * token_stride + kv_head * head_stride
 
@@ -330,7 +333,13 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                     for item in range(tid, n_kv * LANES, NT):
                         c = item // LANES
                         dim0 = (item - c * LANES) * 8
-                        row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size)
+                        row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size,
+                                     header)  # fmt: skip
+                        if row < 0:  # a page id outside the pool: read nothing, stage zeros
+                            for k in range(8):
+                                sk[c, dim0 + k] = float32(0.0)
+                                sv[c, dim0 + k] = float32(0.0)
+                            continue
                         load_row8(k_words, row + (dim0 // 8) * WORDS8, KIND, v8)
                         if HAS_K_PAIR:
                             load_row8(k_words, row + partner_words(dim0), KIND, pair8)

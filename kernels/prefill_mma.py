@@ -48,6 +48,7 @@ from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
 from .nan import NAN_PTX, fastmath_flags, nan_max
+from .page_table import guarded_page
 from .prefill import PREFILL_ARGS
 from .tuning import prefill_mma_kv_block
 
@@ -149,9 +150,11 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         return row * RW + 4 * (chunk ^ (row & (SW - 1)))
 
     @cuda.jit(device=True, inline="always")
-    def kv_row(request, t, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size):
+    def kv_row(request, t, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size, header):
         if PAGED:
-            page = int64(kv_indices[int64(kv_indptr[request]) + t // page_size])
+            page = guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header, request)
+            if page < 0:  # outside the pool (kernels/page_table.py): the caller reads nothing
+                return int64(-1)
             return page * page_stride + (t % page_size) * token_stride + kv_head * head_stride
         return (int64(kv_indptr[request]) + t) * token_stride + kv_head * head_stride
 
@@ -163,7 +166,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
 
     @cuda.jit(device=True, inline="always")
     def load_block(sk, sv, stage, kb0, n_kv, request, kv_head, kv_indptr, kv_indices, k_words, v_words,
-                   page_stride, token_stride, head_stride, page_size, params, kv_off, tid, v8, pair8):  # fmt: skip
+                   page_stride, token_stride, head_stride, page_size, params, kv_off, tid, v8, pair8, header):  # fmt: skip
         """Issue the copies of KV block kb0 (n_kv tokens; rows past them zero-filled) into ``stage``."""
         base = stage * STAGE
         for item in range(tid, KB * CH, NT):
@@ -172,7 +175,10 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             valid = c < n_kv
             row = int64(0)
             if valid:
-                row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size)
+                row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size,
+                             header)  # fmt: skip
+                valid = row >= 0  # a page id outside the pool reads nothing: zero-filled (kernels/page_table.py)
+                row = max(row, int64(0))
             dst = base + swz(c, chunk)
             cp_async_16(sv, dst, v_words, row + chunk * WORDS8, valid)
             if HAS_K_HOOK:
@@ -280,7 +286,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                 if kv_start < kv_stop:
                     load_block(sk, sv, 0, kv_start, min(int64(KB), kv_stop - kv_start), request, kv_head, kv_indptr,
                                kv_indices, k_words, v_words, page_stride, token_stride, head_stride, page_size,
-                               params, kv_off, tid, v8, pair8)  # fmt: skip
+                               params, kv_off, tid, v8, pair8, header)  # fmt: skip
                 cuda.syncthreads()
                 # A fragments of Q: matrices (rows 0-7 | 8-15) x (chunk 2ks | 2ks + 1)
                 a_row = (tid & 7) + 8 * ((tid >> 3) & 1)
@@ -300,7 +306,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                     if kb0 + KB < kv_stop:  # the next block flies while this one is computed
                         load_block(sk, sv, 1 - stage, kb0 + KB, min(int64(KB), kv_stop - kb0 - KB), request, kv_head,
                                    kv_indptr, kv_indices, k_words, v_words, page_stride, token_stride, head_stride,
-                                   page_size, params, kv_off, tid, v8, pair8)  # fmt: skip
+                                   page_size, params, kv_off, tid, v8, pair8, header)  # fmt: skip
                         wait_1()
                     else:
                         wait_0()

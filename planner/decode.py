@@ -37,9 +37,10 @@ from tilegraph.errors import InputError, PlanError
 
 from .validation import E_CAPACITY, INT32_MAX, R_ERROR, R_INDEX, R_KV_TOKENS, R_MAKESPAN, R_MAX_PAGE  # noqa: F401
 from .validation import R_MERGES, R_SLOTS, R_TILES, R_VALUE, R_WORDS, as_index_array, raise_plan_error, validate_page_table  # noqa: F401
+from .validation import validate_block_lengths, validate_page_lengths
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
-from .layout import H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
+from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
 from .anchors import chunk_groups, decode_chunk_tokens, longest_first, lpt_assign, persistent_chunk_tokens
 from .plan import TILE_OVERHEAD_TOKENS, Plan
 
@@ -313,11 +314,34 @@ def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, param
     """Validate, copy, schedule and write the header. ``result`` gets the R_* words."""
     result[:] = 0
     off = params[P_OFFSETS:]
+    if validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
+        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, result)
+
+
+@njit(cache=True, nogil=True)
+def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, serial, params, buf, result):
+    """As _plan_core for page ids that stay on the device: lengths checked, nothing copied."""
+    result[:] = 0
+    off = params[P_OFFSETS:]
+    if validate_page_lengths(kv_indptr, kv_last_page_len, num_indices, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
+        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, result)
+
+
+@njit(cache=True, nogil=True)
+def _plan_core_blocks(seq_lens, row_stride, max_blocks, span, num_pages, serial, params, buf, result):
+    """As _plan_core for a device block table: per-request lengths checked, nothing copied."""
+    result[:] = 0
+    off = params[P_OFFSETS:]
+    if validate_block_lengths(seq_lens, row_stride, max_blocks, span, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
+        _schedule(seq_lens.shape[0], num_pages, serial, params, buf, result)
+
+
+@njit(cache=True, nogil=True)
+def _schedule(batch, num_pages, serial, params, buf, result):
+    """Schedule the batch whose kv_len is in ``buf`` and write the header (the R_* words in ``result``)."""
+    off = params[P_OFFSETS:]
     page_size, num_kv_heads, num_ctas = params[P_PAGE_SIZE], params[P_KV_HEADS], params[P_NUM_CTAS]
     tile_cap, merge_cap = params[P_TILE_CAP], params[P_MERGE_CAP]
-    if not validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, params[P_MAX_PAGE_REFS], buf, off, result):
-        return
-    batch = kv_last_page_len.shape[0]
     kv_len = buf[off[S_KV_LEN] : off[S_KV_LEN] + batch]
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     kv_tokens = np.int64(0)
@@ -372,6 +396,7 @@ def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, param
     header[:] = 0
     header[H_NUM_TILES], header[H_NUM_MERGES], header[H_BATCH_SIZE] = num_tiles, num_merges, batch
     header[H_NUM_SLOTS], header[H_PLAN_SERIAL] = num_slots, serial
+    header[H_NUM_PAGES] = min(num_pages, INT32_MAX)
     result[R_TILES], result[R_MERGES], result[R_SLOTS], result[R_MAKESPAN] = num_tiles, num_merges, num_slots, makespan
     result[R_KV_TOKENS] = kv_tokens
 
@@ -411,19 +436,59 @@ def plan_decode(
     indptr = as_index_array(kv_indptr, "kv_indptr")
     indices = as_index_array(kv_indices, "kv_indices")
     last_page_len = as_index_array(kv_last_page_len, "kv_last_page_len")
-    batch = last_page_len.shape[0]
+    check_csr_batch(layout, indptr, last_page_len.shape[0], num_pages)
+    return _run_core(layout, _plan_core, (indptr, indices, last_page_len), num_pages, serial, last_page_len.shape[0], None)
+
+
+def plan_decode_device(layout: DecodeLayout, kv_indptr: Any, kv_last_page_len: Any, num_indices: int, num_pages: int,
+                       serial: int = 0) -> Plan:  # fmt: skip
+    """``plan_decode`` for page ids that stay on the device (``num_indices`` of them, a caller-owned
+    int32 tensor the kernels read): only kv_indptr and kv_last_page_len (host int32) are read and
+    checked; the kernels guard each id against ``num_pages`` (kernels/page_table.py). The plan's
+    ``max_page_index`` is ``num_pages - 1``: every page of the pool may be referenced."""
+    indptr = as_index_array(kv_indptr, "kv_indptr")
+    last_page_len = as_index_array(kv_last_page_len, "kv_last_page_len")
+    check_csr_batch(layout, indptr, last_page_len.shape[0], num_pages)
+    args = (indptr, last_page_len, np.int64(num_indices))
+    return _run_core(layout, _plan_core_device, args, num_pages, serial, last_page_len.shape[0], "device")
+
+
+def plan_decode_block_table(layout: DecodeLayout, seq_lens: Any, row_stride: int, max_blocks: int, span: int,
+                            num_pages: int, serial: int = 0) -> Plan:  # fmt: skip
+    """``plan_decode`` for a device block table: request r's page ids are ``row_stride`` apart, at
+    flat index r * row_stride of a view of ``span`` ids, at most ``max_blocks`` of them; only
+    ``seq_lens`` [B] (host int32 KV tokens per request) is read. Page ids are guarded on the device."""
+    lengths = as_index_array(seq_lens, "seq_lens")
+    batch = lengths.shape[0]
+    if batch > layout.max_batch_size:
+        raise PlanError(f"batch size {batch} exceeds max_batch_size={layout.max_batch_size} (Settings)")
+    if num_pages < 0:
+        raise InputError(f"num_pages must be >= 0, got {num_pages}")
+    args = (lengths, np.int64(row_stride), np.int64(max_blocks), np.int64(span))
+    return _run_core(layout, _plan_core_blocks, args, num_pages, serial, batch, "block_table")
+
+
+def check_csr_batch(layout: DecodeLayout, indptr: np.ndarray, batch: int, num_pages: int) -> None:
+    """kv_indptr has B + 1 entries, B fits the layout and num_pages is not negative."""
     if indptr.shape[0] != batch + 1:
         raise InputError(f"kv_indptr must have len(kv_last_page_len) + 1 = {batch + 1} entries, got {indptr.shape[0]}")
     if batch > layout.max_batch_size:
         raise PlanError(f"batch size {batch} exceeds max_batch_size={layout.max_batch_size} (Settings)")
     if num_pages < 0:
         raise InputError(f"num_pages must be >= 0, got {num_pages}")
+
+
+def _run_core(layout: DecodeLayout, core: Any, args: tuple[Any, ...], num_pages: int, serial: int, batch: int,
+              device_table: str | None) -> Plan:  # fmt: skip
     params, words = _layout_params(layout)
     buffer = np.empty(words, dtype=np.int32)
     result = np.empty(R_WORDS, dtype=np.int64)
-    _plan_core(indptr, indices, last_page_len, num_pages, serial, params, buffer, result)
+    core(*args, num_pages, serial, params, buffer, result)
     error, _, _, num_tiles, num_merges, num_slots, makespan, max_page, kv_tokens = result.tolist()
     if error:
         raise_plan_error(result, layout, num_pages, batch)
+    if device_table is not None:
+        max_page = num_pages - 1
     ideal = layout.num_kv_heads * (kv_tokens + batch * TILE_OVERHEAD_TOKENS) / layout.num_ctas
-    return Plan(layout, buffer, serial, batch, num_tiles, num_merges, num_slots, makespan, ideal, max_page)
+    return Plan(layout, buffer, serial, batch, num_tiles, num_merges, num_slots, makespan, ideal, max_page,
+                device_table or "host")  # fmt: skip

@@ -2,7 +2,9 @@
 
 One plan is one flat int32 buffer (so it reaches the device in ONE copy). Its sections, in order:
 
-    header            [HEADER_WORDS]      num_tiles, num_merges, batch_size, num_slots, plan_serial, 0, 0, 0
+    header            [HEADER_WORDS]      num_tiles, num_merges, batch_size, num_slots, plan_serial, 0,
+                                          num_pages (page-id guard bound), page_error (0; the kernels set
+                                          1 + a request whose page id is outside [0, num_pages))
     cta_tile_indptr   [num_ctas + 1]      CTA c runs tiles cta_tile_indptr[c] : cta_tile_indptr[c+1]
     tile_request      [tile_capacity]     tiles are stored grouped by CTA, in the order each CTA runs them
     tile_kv_head      [tile_capacity]
@@ -29,6 +31,9 @@ from tilegraph.settings import Settings
 
 HEADER_WORDS = 8
 H_NUM_TILES, H_NUM_MERGES, H_BATCH_SIZE, H_NUM_SLOTS, H_PLAN_SERIAL = 0, 1, 2, 3, 4
+#: header words of the device page-id guard (kernels/page_table.py): the pool bound the kernels check
+#: every page id against, and the error word they set (1 + request) when one is outside it
+H_NUM_PAGES, H_PAGE_ERROR = 6, 7
 
 #: chunk length (tokens) of ``deterministic=True`` plans: a request is split by its own length only
 DETERMINISTIC_CHUNK_TOKENS = 512

@@ -55,6 +55,7 @@ class Plan:
         makespan: int,
         ideal: float,
         max_page_index: int,
+        page_table: str = "host",
     ) -> None:
         self.layout = layout
         self.buffer = buffer
@@ -68,6 +69,10 @@ class Plan:
         self.ideal = ideal  # total unsplit cost / num_ctas
         self.balance = balance_of(ideal, makespan)
         self.max_page_index = max_page_index  # largest page referenced; -1 when no page is
+        # where the kernels read page ids: "host" (copied into the plan), "device" (a caller's CSR
+        # kv_indices tensor) or "block_table" (a caller's [B, max_blocks] tensor); the last two are
+        # guarded on the device and max_page_index is then num_pages - 1
+        self.page_table = page_table
 
     def section(self, name: str) -> np.ndarray:
         """A read-only view of one buffer section at full capacity (names: layout.section_sizes())."""

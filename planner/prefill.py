@@ -36,7 +36,8 @@ from tilegraph.errors import InputError, PlanError
 
 from .decode import E_CAPACITY, INT32_MAX, R_ERROR, R_INDEX, R_MAX_PAGE, R_VALUE, S_KV_INDICES, S_KV_INDPTR
 from .decode import S_KV_LEN, raise_plan_error, validate_page_table
-from .layout import H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS
+from .validation import validate_block_lengths, validate_page_lengths
+from .layout import H_NUM_PAGES, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS
 from .plan import TILE_OVERHEAD_TOKENS, balance_of
 from .validation import as_index_array
 from .prefill_layout import H_NUM_TOKENS, PREFILL_SECTIONS, TILE_SECTIONS, PrefillLayout
@@ -246,11 +247,45 @@ def _plan_paged(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_pages, s
     if not _validate_qo(qo_indptr, params[P_MAX_TOKENS], buf, off[O_QO_INDPTR], result):
         return
     # the decode planner's page-table validation, pointed at this layout's sections
-    decode_off = np.zeros(14, np.int64)
-    decode_off[S_KV_INDPTR], decode_off[S_KV_INDICES], decode_off[S_KV_LEN] = off[O_KV_INDPTR], off[O_KV_INDICES], off[O_KV_LEN]
+    decode_off = _decode_offsets(off)
     if not validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, decode_off, result):
         return
     _plan_core(qo_indptr, serial, params, buf, result)
+    buf[off[O_HEADER] + H_NUM_PAGES] = min(num_pages, INT32_MAX)
+
+
+@njit(cache=True, nogil=True)
+def _decode_offsets(off):
+    """The decode planner's page-table section offsets, pointed at this layout's sections."""
+    decode_off = np.zeros(14, np.int64)
+    decode_off[S_KV_INDPTR], decode_off[S_KV_INDICES], decode_off[S_KV_LEN] = off[O_KV_INDPTR], off[O_KV_INDICES], off[O_KV_LEN]
+    return decode_off
+
+
+@njit(cache=True, nogil=True)
+def _plan_paged_device(qo_indptr, kv_indptr, kv_last_page_len, num_indices, num_pages, serial, params, buf, result):
+    """As _plan_paged for page ids that stay on the device: lengths checked, nothing copied."""
+    result[:] = 0
+    off = params[P_OFFSETS:]
+    if not _validate_qo(qo_indptr, params[P_MAX_TOKENS], buf, off[O_QO_INDPTR], result):
+        return
+    if not validate_page_lengths(kv_indptr, kv_last_page_len, num_indices, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, _decode_offsets(off), result):
+        return
+    _plan_core(qo_indptr, serial, params, buf, result)
+    buf[off[O_HEADER] + H_NUM_PAGES] = min(num_pages, INT32_MAX)
+
+
+@njit(cache=True, nogil=True)
+def _plan_paged_blocks(qo_indptr, seq_lens, row_stride, max_blocks, span, num_pages, serial, params, buf, result):
+    """As _plan_paged for a device block table: per-request lengths checked, nothing copied."""
+    result[:] = 0
+    off = params[P_OFFSETS:]
+    if not _validate_qo(qo_indptr, params[P_MAX_TOKENS], buf, off[O_QO_INDPTR], result):
+        return
+    if not validate_block_lengths(seq_lens, row_stride, max_blocks, span, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, _decode_offsets(off), result):
+        return
+    _plan_core(qo_indptr, serial, params, buf, result)
+    buf[off[O_HEADER] + H_NUM_PAGES] = min(num_pages, INT32_MAX)
 
 
 @njit(cache=True, nogil=True)
@@ -288,6 +323,7 @@ class PrefillPlan:
         self.ideal = int(result[R_IDEAL_TOTAL]) / layout.num_ctas  # unsplit cost spread evenly
         self.balance = balance_of(self.ideal, self.makespan)
         self.max_page_index = int(result[R_MAX_PAGE])  # -1: no page referenced (or ragged)
+        self.page_table = "host"  # or "device" / "block_table" (planner.plan.Plan.page_table)
 
     def section(self, name: str) -> np.ndarray:
         """A read-only view of one buffer section at full capacity (names: PREFILL_SECTIONS)."""
@@ -392,6 +428,65 @@ def plan_prefill(
     if result[R_ERROR]:
         _raise_prefill(result, layout, num_pages, batch)
     return PrefillPlan(layout, buffer, serial, bool(causal), batch, result)
+
+
+def plan_prefill_device(layout: PrefillLayout, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any, num_indices: int,
+                        num_pages: int, causal: bool, serial: int = 0, allow_split: bool = True) -> PrefillPlan:  # fmt: skip
+    """``plan_prefill`` for page ids that stay on the device (``num_indices`` of them, read by the
+    kernels and guarded there against ``num_pages``); only the host lengths are read."""
+    qo, indptr, last = _paged_lengths(layout, qo_indptr, kv_indptr, kv_last_page_len, num_pages)
+    args = (qo, indptr, last, np.int64(num_indices))
+    return _run_paged(layout, _plan_paged_device, args, num_pages, causal, serial, allow_split, "device")
+
+
+def plan_prefill_block_table(layout: PrefillLayout, qo_indptr: Any, seq_lens: Any, row_stride: int, max_blocks: int,
+                             span: int, num_pages: int, causal: bool, serial: int = 0,
+                             allow_split: bool = True) -> PrefillPlan:  # fmt: skip
+    """``plan_prefill`` for a device block table (planner.decode.plan_decode_block_table's contract):
+    ``seq_lens`` [B] host int32 KV tokens per request (query tokens included)."""
+    if not layout.paged:
+        raise InputError("plan_prefill_block_table needs a paged layout")
+    qo = as_index_array(qo_indptr, "qo_indptr")
+    lengths = as_index_array(seq_lens, "seq_lens")
+    batch = qo.shape[0] - 1
+    _check_batch(layout, qo, batch, "qo_indptr", batch + 1)
+    if lengths.shape[0] != batch:
+        raise InputError(f"seq_lens must have len(qo_indptr) - 1 = {batch} entries, got {lengths.shape[0]}")
+    if num_pages < 0:
+        raise InputError(f"num_pages must be >= 0, got {num_pages}")
+    args = (qo, lengths, np.int64(row_stride), np.int64(max_blocks), np.int64(span))
+    return _run_paged(layout, _plan_paged_blocks, args, num_pages, causal, serial, allow_split, "block_table")
+
+
+def _paged_lengths(layout: PrefillLayout, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any,
+                   num_pages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    if not layout.paged:
+        raise InputError("plan_prefill needs a paged layout (use plan_prefill_ragged)")
+    qo = as_index_array(qo_indptr, "qo_indptr")
+    indptr = as_index_array(kv_indptr, "kv_indptr")
+    last = as_index_array(kv_last_page_len, "kv_last_page_len")
+    batch = qo.shape[0] - 1
+    _check_batch(layout, qo, batch, "kv_indptr", indptr.shape[0])
+    if last.shape[0] != batch:
+        raise InputError(f"kv_last_page_len must have len(qo_indptr) - 1 = {batch} entries, got {last.shape[0]}")
+    if num_pages < 0:
+        raise InputError(f"num_pages must be >= 0, got {num_pages}")
+    return qo, indptr, last
+
+
+def _run_paged(layout: PrefillLayout, core: Any, args: tuple[Any, ...], num_pages: int, causal: bool, serial: int,
+               allow_split: bool, page_table: str) -> PrefillPlan:  # fmt: skip
+    params, words = _layout_params(layout, bool(causal), bool(allow_split))
+    buffer = np.empty(words, dtype=np.int32)
+    result = np.zeros(RESULT_WORDS, dtype=np.int64)
+    core(*args, num_pages, serial, params, buffer, result)
+    batch = args[0].shape[0] - 1
+    if result[R_ERROR]:
+        _raise_prefill(result, layout, num_pages, batch)
+    plan = PrefillPlan(layout, buffer, serial, bool(causal), batch, result)
+    plan.page_table = page_table
+    plan.max_page_index = num_pages - 1
+    return plan
 
 
 def plan_prefill_ragged(

@@ -22,6 +22,7 @@ R_WORDS = 9
 # validation error codes
 E_INDPTR_START, E_INDPTR_DECREASING, E_INDPTR_END, E_PAGE_REFS = 1, 2, 3, 4
 E_LAST_PAGE_LEN, E_PAGE_INDEX, E_KV_LEN, E_CAPACITY = 5, 6, 7, 8
+E_SEQ_LEN, E_BLOCKS, E_BLOCK_SPAN = 9, 10, 11
 
 
 # the page-table sections validate_page_table writes (indices into the planner's offsets array)
@@ -49,8 +50,9 @@ def as_index_array(value: Any, name: str) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, max_page_refs, buf, off, result):
-    """Check the page table and copy it (and the derived kv_len) into ``buf``. False on an error."""
+def validate_page_lengths(kv_indptr, kv_last_page_len, num_indices, page_size, max_page_refs, buf, off, result):
+    """Check a CSR page table's lengths (kv_indptr, kv_last_page_len; ``num_indices`` page ids exist)
+    and write kv_len and kv_indptr (each request's first page-id index) into ``buf``. False on an error."""
     batch = kv_last_page_len.shape[0]
     if kv_indptr[0] != 0:
         result[R_ERROR], result[R_VALUE] = E_INDPTR_START, kv_indptr[0]
@@ -60,7 +62,7 @@ def validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page
             result[R_ERROR], result[R_INDEX] = E_INDPTR_DECREASING, i
             return False
     nnz = np.int64(kv_indptr[batch])
-    if nnz > kv_indices.shape[0]:
+    if nnz > num_indices:
         result[R_ERROR], result[R_VALUE] = E_INDPTR_END, nnz
         return False
     if nnz > max_page_refs:
@@ -81,6 +83,16 @@ def validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page
             result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_KV_LEN, i, tokens
             return False
         kv_len[i] = tokens
+    buf[off[S_KV_INDPTR] : off[S_KV_INDPTR] + batch + 1] = kv_indptr
+    return True
+
+
+@njit(cache=True, nogil=True)
+def validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page_size, max_page_refs, buf, off, result):
+    """Check the page table and copy it (and the derived kv_len) into ``buf``. False on an error."""
+    if not validate_page_lengths(kv_indptr, kv_last_page_len, kv_indices.shape[0], page_size, max_page_refs, buf, off, result):
+        return False
+    nnz = np.int64(kv_indptr[kv_last_page_len.shape[0]])
     indices = buf[off[S_KV_INDICES] : off[S_KV_INDICES] + nnz]
     top, bottom = np.int32(-1), np.int32(0)
     for j in range(nnz):  # branch-free body: vectorizes
@@ -93,8 +105,38 @@ def validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page
             if kv_indices[j] < 0 or kv_indices[j] >= num_pages:
                 result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_PAGE_INDEX, j, kv_indices[j]
                 return False
-    buf[off[S_KV_INDPTR] : off[S_KV_INDPTR] + batch + 1] = kv_indptr
     result[R_MAX_PAGE] = top
+    return True
+
+
+@njit(cache=True, nogil=True)
+def validate_block_lengths(seq_lens, row_stride, max_blocks, span, page_size, max_page_refs, buf, off, result):
+    """Check per-request KV lengths against a block table [rows, max_blocks] (row r's page ids at
+    r * row_stride of a flat view of ``span`` ids) and write kv_len and each request's first page-id
+    index (r * row_stride) into ``buf``. False on an error."""
+    batch = seq_lens.shape[0]
+    kv_len = buf[off[S_KV_LEN] : off[S_KV_LEN] + batch]
+    base = buf[off[S_KV_INDPTR] : off[S_KV_INDPTR] + batch + 1]
+    refs = np.int64(0)
+    for i in range(batch):
+        tokens = np.int64(seq_lens[i])
+        if tokens < 0:
+            result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_SEQ_LEN, i, tokens
+            return False
+        pages = (tokens + page_size - 1) // page_size
+        if pages > max_blocks:
+            result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_BLOCKS, i, pages
+            return False
+        if pages > 0 and np.int64(i) * row_stride + pages > span:
+            result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_BLOCK_SPAN, i, pages
+            return False
+        refs += pages
+        kv_len[i] = tokens
+        base[i] = np.int64(i) * row_stride if pages > 0 else 0
+    if refs > max_page_refs:
+        result[R_ERROR], result[R_VALUE] = E_PAGE_REFS, refs
+        return False
+    base[batch] = 0
     return True
 
 
@@ -112,6 +154,12 @@ def raise_plan_error(result: np.ndarray, layout: DecodeLayout, num_pages: int, b
         raise InputError(f"kv_last_page_len[{index}]={value} is outside [1, page_size={layout.page_size}] for a non-empty request")
     if code == E_PAGE_INDEX:
         raise InputError(f"kv_indices[{index}]={value} is outside [0, num_pages={num_pages})")
+    if code == E_SEQ_LEN:
+        raise InputError(f"seq_lens[{index}]={value} must be >= 0")
+    if code == E_BLOCKS:
+        raise PlanError(f"request {index} needs {value} pages, more than block_table has columns")
+    if code == E_BLOCK_SPAN:
+        raise InputError(f"block_table row {index} (its {value} pages) lies outside block_table: it has fewer rows than seq_lens")
     if code == E_KV_LEN:
         raise PlanError(f"request {index} has kv_len {value} > {INT32_MAX} (int32 token positions)")
     raise PlanError(f"internal: the schedule of {batch} requests exceeds the plan capacities (a planner bug)")

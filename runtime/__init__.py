@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import _device  # noqa: F401  (first: decides simulator vs GPU before numba.cuda loads)
 from . import _moved
 from ._device import SIMULATOR
-from .errors import DeviceError, InputError, PlanError, StateError, TilegraphError
+from .errors import DeviceError, InputError, PageTableError, PageTableMovedError, PlanError, StateError, TilegraphError
 from .settings import GraphSettings, Settings
 
 _moved.install()  # old import paths of moved modules (tilegraph.bench, tilegraph.demo, ...) for one release
@@ -98,6 +98,8 @@ __all__ = [
     "profile",
     "TilegraphError",
     "InputError",
+    "PageTableError",
+    "PageTableMovedError",
     "PlanError",
     "StateError",
     "DeviceError",

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from tilegraph._device import default_num_ctas, resolve_device
-from tilegraph.errors import InputError, PlanError, StateError
+from tilegraph.errors import InputError, PageTableError, PlanError, StateError
 from tilegraph.graphs.protocol import PlanState
 from tilegraph.kernels import primitives as prim
 from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
 from tilegraph.kernels.launch import as_words
 from tilegraph.kernels.tuning import PARTIAL_MERGE_CTAS
+from tilegraph.planner.layout import H_NUM_PAGES, H_PAGE_ERROR
 
 from .checks import check_on_device, check_out, check_q, span_words
 from .kv_cache import KVCache, PagedKV
@@ -69,6 +70,32 @@ def padded_rows(value: Any, arg: str, real_rows: int, real_label: str, max_rows:
     if value < real_rows or value > max_rows:
         raise PlanError(f"{arg}={value} must lie in [{real_label}={real_rows}, {max_label}={max_rows}]")
     return int(value)
+
+
+def device_page_ids(table: Any, name: str, device: torch.device, block_table: bool) -> tuple[torch.Tensor, int, int]:
+    """A caller's device page table as the flat int32 view the kernels read, with (row_stride,
+    max_blocks): a CSR ``kv_indices`` [nnz] (contiguous; row_stride and max_blocks 0) or a block
+    table [rows, max_blocks] whose last dim is contiguous (request r's ids at r * row_stride).
+    InputError naming ``name`` otherwise. The host never reads the ids."""
+    if not isinstance(table, torch.Tensor):
+        raise InputError(f"{name} must be an int32 torch.Tensor on {device}, got {type(table).__name__}")
+    if table.dtype is not torch.int32:
+        raise InputError(f"{name} must be int32, got {table.dtype}")
+    if table.device != device:
+        raise InputError(f"{name} must live on {device} (the kernels read it there), got {table.device}")
+    if not block_table:
+        if table.dim() != 1 or (table.numel() > 1 and table.stride(0) != 1):
+            raise InputError(f"{name} must be a contiguous 1-D tensor, got shape {tuple(table.shape)} strides {table.stride()}")
+        return table, 0, 0
+    if table.dim() != 2 or (table.shape[1] > 1 and table.stride(1) != 1) or table.stride(0) < table.shape[1]:
+        raise InputError(f"{name} must be 2-D [rows, max_blocks] with a contiguous last dim, got shape "
+                         f"{tuple(table.shape)} strides {table.stride()}")  # fmt: skip
+    rows, cols = table.shape
+    row_stride = table.stride(0) if rows > 1 else cols
+    span = (rows - 1) * row_stride + cols if rows and cols else 0
+    if span >= 2**31:
+        raise InputError(f"{name} spans {span} int32 ids, more than 2^31 - 1 (int32 page-id offsets)")
+    return torch.as_strided(table, (span,), (1,)), int(row_stride), int(cols)
 
 
 def split_kv_cache(kv_cache: Any) -> tuple[Any, Any, bool]:
@@ -139,6 +166,10 @@ class AttentionBase:
         self._plan: Any = None
         self._rows = 0  # q/out rows the current plan expects (its batch / tokens, or the padded bucket)
         self._capturing = False
+        # the caller's device page table the current plan reads ("device" | "block_table", tensor as
+        # given) and the flat view the kernels take as kv_indices; None: the plan's own copy (host path)
+        self._page_source: tuple[str, torch.Tensor] | None = None
+        self._page_ids: torch.Tensor | None = None
         defaults, self._missing_params = self.variant.defaults(settings)
         self._write_params(defaults)
         self._handle = next(_handles)
@@ -199,6 +230,35 @@ class AttentionBase:
         self._plan, self._rows = plan, int(rows)
         return plan
 
+    def use_page_table(self, kind: str | None, source: torch.Tensor | None, flat: torch.Tensor | None) -> None:
+        """Make the kernels read page ids from ``flat`` (a view of the caller's ``source``, of page
+        table ``kind``) instead of the plan's own copy; ``None``: the plan's copy (host path)."""
+        self._page_source = (kind, source) if kind is not None and source is not None else None
+        self._page_ids = flat if self._page_source is not None else None
+
+    @property
+    def page_table(self) -> torch.Tensor | None:
+        """The caller's device page table the current plan reads (None: the plan's host-copied one)."""
+        return self._page_source[1] if self._page_source is not None else None
+
+    def check_page_errors(self) -> None:
+        """Read the kernels' page-id guard word (a host sync) and raise PageTableError naming a
+        request whose device page id lay outside [0, num_pages) since the last check; the word is
+        then cleared. Runs after every step when Settings.debug_page_table is set."""
+        header = self.workspace.sections["header"]
+        word = int(header[H_PAGE_ERROR].item())
+        if word == 0:
+            return
+        header[H_PAGE_ERROR] = 0
+        bound = int(header[H_NUM_PAGES].item())
+        raise PageTableError(f"request {word - 1}: its device page table holds a page id outside [0, num_pages={bound}); "
+                             f"the kernels did not read those tokens (its output is not valid)", word - 1)  # fmt: skip
+
+    def graph_after_replay(self) -> None:
+        """After a replay: the debug page-id check (Settings.debug_page_table), else nothing."""
+        if self.settings.debug_page_table:
+            self.check_page_errors()
+
     def has_work(self) -> bool:
         """Whether the current plan launches anything (an empty batch launches nothing)."""
         return bool(self._plan.batch_size)
@@ -211,11 +271,13 @@ class AttentionBase:
     def graph_buffers(self) -> dict[str, torch.Tensor]:
         ws = self.workspace
         return {"plan": ws.plan_words, "partial_out": ws.partial_out, "partial_lse": ws.partial_lse,
-                "no_lse": ws.no_lse, "no_params": ws.no_params, "params": self.params}  # fmt: skip
+                "no_lse": ws.no_lse, "no_params": ws.no_params, "params": self.params,
+                **({"page_table": self._page_ids} if self._page_ids is not None else {})}  # fmt: skip
 
     def graph_plan_state(self) -> PlanState:
         serial = self._plan.serial if self._plan is not None else 0
-        return PlanState(serial=serial, padded_batch_size=self._rows, key=self.plan_key)
+        address = self._page_ids.data_ptr() if self._page_ids is not None else 0
+        return PlanState(serial=serial, padded_batch_size=self._rows, key=self.plan_key, page_table_address=address)
 
     def graph_before_replay(self) -> None:
         self.workspace.flush()
@@ -348,6 +410,8 @@ class AttentionBase:
             self.workspace.flush()
         if self.has_work():
             self.launch(q, kv, out, lse if return_lse else None)
+            if self.settings.debug_page_table and not self._capturing and self._page_ids is not None:
+                self.check_page_errors()
 
     # ---- launch helpers ------------------------------------------------------------------------
 
@@ -373,7 +437,10 @@ class AttentionBase:
     def plan_sections(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """The device views of the plan sections among ``names`` (a kernel's argument names)."""
         sections = self.workspace.sections
-        return {name: sections[name] for name in names if name in sections}
+        found = {name: sections[name] for name in names if name in sections}
+        if self._page_ids is not None and "kv_indices" in found:
+            found["kv_indices"] = self._page_ids  # a device page table: the caller's tensor
+        return found
 
     def launch_partial_merge(self, out_words: torch.Tensor, lse: torch.Tensor | None, prefill: bool) -> None:
         """The partial merge over this object's plan (fixed grid; live merges read on the device)."""
@@ -387,4 +454,4 @@ class AttentionBase:
         return as_words(out)
 
 
-__all__ = ["AttentionBase", "define_attention_op", "instance", "next_plan_serial", "padded_rows", "resolve_num_ctas"]
+__all__ = ["AttentionBase", "define_attention_op", "device_page_ids", "instance", "next_plan_serial", "padded_rows", "resolve_num_ctas"]

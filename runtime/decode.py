@@ -26,11 +26,11 @@ from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.nvtx_ranges import plan_range
-from tilegraph.planner.decode import plan_decode
+from tilegraph.planner.decode import plan_decode, plan_decode_block_table, plan_decode_device
 from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import Plan
 
-from .attention import AttentionBase, define_attention_op, next_plan_serial, padded_rows, resolve_num_ctas
+from .attention import AttentionBase, define_attention_op, device_page_ids, next_plan_serial, padded_rows, resolve_num_ctas
 from .checks import check_bucket
 from .kv_cache import PagedKV, paged_kv
 from .settings import Settings
@@ -70,29 +70,64 @@ class BatchDecode(AttentionBase):
         return DecodeLayout.from_settings(self.settings, self.num_ctas)
 
     @plan_range
-    def plan(self, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any, padded_batch_size: int | None = None) -> Plan:
+    def plan(self, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any, padded_batch_size: int | None = None,
+             page_table: str = "host") -> Plan:  # fmt: skip
         """Validate the page table, balance it over the CTAs and stage it for upload.
 
         kv_indptr [B+1], kv_indices [nnz_pages], kv_last_page_len [B]: int32 CPU tensors or numpy
         arrays. ``padded_batch_size`` (>= B; the graph runtime's bucket): q/out then have that many
         rows and the rows past B are neither read nor written. The staged plan reaches the device in
-        ONE async copy on the stream of the next ``run()`` (or graph replay)."""
+        ONE async copy on the stream of the next ``run()`` (or graph replay).
+
+        ``page_table="device"``: kv_indices is an int32 tensor on this object's device that the
+        kernels read in place (never copied or read by the host; its address is what a captured
+        graph binds). Only kv_indptr and kv_last_page_len are checked here; the kernels guard each
+        id against Settings.max_num_pages (``check_page_errors``; Settings.debug_page_table)."""
         self.refuse_while_capturing()
-        plan = plan_decode(
-            self.layout,
-            kv_indptr,
-            kv_indices,
-            kv_last_page_len,
-            num_pages=self.settings.max_num_pages,
-            serial=next_plan_serial(),
-        )
+        if page_table not in ("host", "device"):
+            raise InputError(f"page_table must be 'host' or 'device', got {page_table!r}")
+        flat = None
+        if page_table == "device":
+            flat, _, _ = device_page_ids(kv_indices, "kv_indices", self.device, block_table=False)
+            plan = plan_decode_device(self.layout, kv_indptr, kv_last_page_len, num_indices=flat.numel(),
+                                      num_pages=self.settings.max_num_pages, serial=next_plan_serial())  # fmt: skip
+        else:
+            plan = plan_decode(self.layout, kv_indptr, kv_indices, kv_last_page_len,
+                               num_pages=self.settings.max_num_pages, serial=next_plan_serial())  # fmt: skip
+        return self.stage_decode_plan(plan, padded_batch_size, page_table, kv_indices, flat)
+
+    @plan_range
+    def plan_block_table(self, block_table: torch.Tensor, seq_lens: Any, padded_batch_size: int | None = None) -> Plan:
+        """Plan from a device block table (vLLM's / SGLang's shape) and host lengths.
+
+        block_table [rows >= B, max_blocks] int32 on this object's device, last dim contiguous: row r
+        holds request r's page ids in order; the kernels read it in place (the host never does).
+        seq_lens [B]: int32 CPU tensor or numpy array, KV tokens per request (ceil(len / page_size)
+        <= max_blocks pages used). Page ids are guarded on the device as with ``page_table="device"``."""
+        self.refuse_while_capturing()
+        flat, row_stride, max_blocks = device_page_ids(block_table, "block_table", self.device, block_table=True)
+        plan = plan_decode_block_table(self.layout, seq_lens, row_stride, max_blocks, flat.numel(),
+                                       num_pages=self.settings.max_num_pages, serial=next_plan_serial())  # fmt: skip
+        return self.stage_decode_plan(plan, padded_batch_size, "block_table", block_table, flat)
+
+    def stage_decode_plan(self, plan: Plan, padded_batch_size: int | None, page_table: str, source: Any,
+                          flat: torch.Tensor | None) -> Plan:  # fmt: skip
+        """Make ``plan`` current (its padded rows checked) with the page table it reads, and stage it."""
         rows = padded_rows(padded_batch_size, "padded_batch_size", plan.batch_size, "B",
                            self.settings.max_batch_size, "max_batch_size")  # fmt: skip
+        self.use_page_table(page_table if flat is not None else None, source, flat)
         return self.stage_plan(plan, rows)
 
     def graph_prepare_capture(self, batch_size: int) -> None:
         """A stand-in plan for a bucket: ``batch_size`` one-token requests on page 0."""
         batch_size = check_bucket(batch_size, "batch_size", self.settings.max_batch_size, "max_batch_size")
+        if self._page_source is not None:  # a device page table stays bound: empty requests read none of it
+            kind, table = self._page_source
+            if kind == "block_table":
+                self.plan_block_table(table, np.zeros(batch_size, np.int32))
+            else:
+                self.plan(np.zeros(batch_size + 1, np.int32), table, np.zeros(batch_size, np.int32), page_table="device")
+            return
         indptr = np.arange(batch_size + 1, dtype=np.int32)
         self.plan(indptr, np.zeros(batch_size, np.int32), np.ones(batch_size, np.int32))
 
@@ -129,7 +164,8 @@ def check_paged_kv(k: Any, v: Any, paired: bool, settings: Settings, device: tor
     """A paged KV cache (packed, or a pair) checked for Settings and for the plan's highest page."""
     kv = paged_kv((k, v) if paired else k, settings, device)
     if max_page_index >= kv.num_pages:
-        raise InputError(f"kv_cache has {kv.num_pages} pages but the plan references page {max_page_index}")
+        raise InputError(f"kv_cache has {kv.num_pages} pages but the plan references page {max_page_index} "
+                         f"(a device page table may reference any page below Settings.max_num_pages)")  # fmt: skip
     return kv
 
 

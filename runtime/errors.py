@@ -2,8 +2,10 @@
 
     TilegraphError            base of everything below
     ├── InputError            bad tensors or page tables        (also a ValueError)
+    │   └── PageTableError    a device page table held an id outside the pool (debug check)
     ├── PlanError             a batch beyond the Settings bounds (also a ValueError)
     ├── StateError            a call in the wrong order          (also a RuntimeError)
+    │   └── PageTableMovedError  a graph replay with another page-table tensor than at capture
     └── DeviceError           no usable device for the request   (also a RuntimeError)
 """
 
@@ -24,6 +26,20 @@ class PlanError(TilegraphError, ValueError):
 
 class StateError(TilegraphError, RuntimeError):
     """A call made in the wrong order: run before plan, replay without a fresh plan, ..."""
+
+
+class PageTableError(InputError):
+    """A page id read on the device (a device page table or block table) lay outside [0, num_pages):
+    the kernels read nothing for it and flagged the request; ``request`` names it."""
+
+    def __init__(self, message: str, request: int) -> None:
+        super().__init__(message)
+        self.request = request
+
+
+class PageTableMovedError(StateError):
+    """A CUDA-graph replay whose plan reads page ids from another tensor (address) than the one the
+    graph was captured with: the captured kernels would read the old one."""
 
 
 class DeviceError(TilegraphError, RuntimeError):

@@ -40,10 +40,10 @@ from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kerne
 from tilegraph.kernels.prefill import PREFILL_ARGS, PrefillConfig, default_threads, prefill_kernel, prefill_signature
 from tilegraph.kernels.prefill_mma import prefill_mma_kernel, tensor_core_config
 from tilegraph.nvtx_ranges import plan_range
-from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_ragged
+from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_block_table, plan_prefill_device, plan_prefill_ragged
 from tilegraph.planner.prefill_layout import PrefillLayout
 
-from .attention import AttentionBase, define_attention_op, next_plan_serial, padded_rows, resolve_num_ctas
+from .attention import AttentionBase, define_attention_op, device_page_ids, next_plan_serial, padded_rows, resolve_num_ctas
 from .decode import check_paged_kv
 from .checks import check_bucket
 from .kv_cache import PagedKV, strided_words
@@ -211,21 +211,62 @@ class BatchPrefill(PrefillAttention):
         kv_indices: Any,
         kv_last_page_len: Any,
         padded_num_tokens: int | None = None,
+        page_table: str = "host",
     ) -> PrefillPlan:
         """Validate the batch, balance its tiles over the CTAs and stage the plan for upload.
 
         qo_indptr [B+1] (query token offsets into q), kv_indptr [B+1], kv_indices [nnz_pages],
         kv_last_page_len [B]: int32 CPU tensors or numpy arrays. ``padded_num_tokens`` (>=
         qo_indptr[-1], <= max_num_tokens): q/out then have that many rows. The staged plan reaches
-        the device in ONE async copy on the stream of the next ``run()`` (or graph replay)."""
+        the device in ONE async copy on the stream of the next ``run()`` (or graph replay).
+        ``page_table="device"``: kv_indices stays on the device, read in place by the kernels
+        (BatchDecode.plan's contract)."""
         self.refuse_while_capturing()
-        plan = self.make_plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
-        return self.stage_prefill_plan(plan, padded_num_tokens)
+        if page_table not in ("host", "device"):
+            raise InputError(f"page_table must be 'host' or 'device', got {page_table!r}")
+        if page_table == "host":
+            plan = self.stage_prefill_plan(self.make_plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len), padded_num_tokens)
+            self.use_page_table(None, None, None)
+            return plan
+        flat, _, _ = device_page_ids(kv_indices, "kv_indices", self.device, block_table=False)
+        plan = plan_prefill_device(self.layout, qo_indptr, kv_indptr, kv_last_page_len, flat.numel(),
+                                   num_pages=self.settings.max_num_pages, causal=self.causal,
+                                   serial=next_plan_serial(), allow_split=self.splittable)  # fmt: skip
+        return self.stage_device_plan(plan, padded_num_tokens, "device", kv_indices, flat)
+
+    @plan_range
+    def plan_block_table(self, qo_indptr: Any, block_table: torch.Tensor, seq_lens: Any,
+                         padded_num_tokens: int | None = None) -> PrefillPlan:  # fmt: skip
+        """Plan from a device block table [rows >= B, max_blocks] (BatchDecode.plan_block_table's
+        contract) and host int32 ``qo_indptr`` [B+1] and ``seq_lens`` [B] (KV tokens per request,
+        its new query tokens included)."""
+        self.refuse_while_capturing()
+        flat, row_stride, max_blocks = device_page_ids(block_table, "block_table", self.device, block_table=True)
+        plan = plan_prefill_block_table(self.layout, qo_indptr, seq_lens, row_stride, max_blocks, flat.numel(),
+                                        num_pages=self.settings.max_num_pages, causal=self.causal,
+                                        serial=next_plan_serial(), allow_split=self.splittable)  # fmt: skip
+        return self.stage_device_plan(plan, padded_num_tokens, "block_table", block_table, flat)
+
+    def stage_device_plan(self, plan: PrefillPlan, padded_num_tokens: int | None, kind: str, source: torch.Tensor,
+                          flat: torch.Tensor) -> PrefillPlan:  # fmt: skip
+        """Stage a device-page-table plan and bind the caller's table it reads."""
+        staged = self.stage_prefill_plan(plan, padded_num_tokens)
+        self.use_page_table(kind, source, flat)
+        return staged
 
     def graph_prepare_capture(self, num_tokens: int) -> None:
         """A stand-in plan for a token bucket: one request of ``num_tokens`` queries over as many KV
         tokens, every page reference page 0."""
         num_tokens = check_bucket(num_tokens, "num_tokens", self.settings.max_num_tokens, "max_num_tokens")
+        qo = np.array([0, num_tokens], np.int32)
+        if self._page_source is not None:  # a device page table stays bound: a request without KV reads none of it
+            kind, table = self._page_source
+            if kind == "block_table":
+                self.plan_block_table(qo, table, np.zeros(1, np.int32), padded_num_tokens=num_tokens)
+            else:
+                self.plan(qo, np.zeros(2, np.int32), table, np.zeros(1, np.int32), padded_num_tokens=num_tokens,
+                          page_table="device")  # fmt: skip
+            return
         pages = -(-num_tokens // self.settings.page_size)
         last = num_tokens - (pages - 1) * self.settings.page_size
         self.plan(

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     deterministic: bool = Field(
         default=False, description="split requests independently of the rest of the batch (bitwise-stable outputs)"
     )
+    debug_page_table: bool = Field(
+        default=False,
+        description="after every step with a device page table, read the kernels' page-id guard and raise PageTableError (a host sync)",
+    )
     max_cascade_levels: int = Field(
         default=4, ge=1, le=16, description="levels of a CascadeAttention (shared-prefix levels + the request level)"
     )

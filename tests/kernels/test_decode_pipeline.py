@@ -12,6 +12,7 @@ import tilegraph
 from tilegraph import variants
 from tilegraph._device import cuda
 from tilegraph.kernels import primitives as prim
+from tilegraph.planner.layout import H_NUM_PAGES, H_PAGE_ERROR
 from tilegraph.kernels.decode_pipeline import MAX_TOKEN, page_divisor, paged_word_offset, pipeline_config
 from tilegraph.kernels.launch import launch
 from tilegraph.serving.reference import decode_reference, relative_error
@@ -62,11 +63,11 @@ def test_page_divisor_refuses_out_of_range():
             page_divisor(bad)
 
 
-def _offset_kernel(ts, kv_indices, page_size, magic, shift, page_stride, token_stride, head_offset, out):
+def _offset_kernel(ts, kv_indices, page_size, magic, shift, page_stride, token_stride, head_offset, header, out):
     i = cuda.grid(1)
     if i < ts.shape[0]:
         out[i] = paged_word_offset(ts[i], int64(1), kv_indices, page_size, magic, shift, page_stride, token_stride,
-                                   head_offset)  # fmt: skip
+                                   head_offset, header, 0)  # fmt: skip
 
 
 @pytest.mark.parametrize("page_size", [16, 24])
@@ -78,14 +79,17 @@ def test_page_offsets_above_2_pow_31(page_size):
     ts = np.arange(0, 4 * page_size, 5, dtype=np.int32)
     magic, shift = page_divisor(page_size)
     out = torch.zeros(len(ts), dtype=torch.int64)
+    header = torch.zeros(8, dtype=torch.int32)
+    header[H_NUM_PAGES] = 65536  # the page-id guard's pool bound: every id here is inside it
     head = 7
     kernel = cuda.jit(_offset_kernel)
     args = (torch.from_numpy(ts), torch.from_numpy(kv_indices), np.int32(page_size), np.int64(magic), np.int32(shift),
-            np.int64(page_stride), np.int32(token_stride), np.int32(head * head_stride), out)  # fmt: skip
+            np.int64(page_stride), np.int32(token_stride), np.int32(head * head_stride), header, out)  # fmt: skip
     launch("test.offsets", kernel, (1,), (32,), args)
     want = [int(kv_indices[1 + t // page_size]) * page_stride + (t % page_size) * token_stride + head * head_stride for t in ts.tolist()]
     assert max(want) > 2**31
     assert out.tolist() == want
+    assert int(header[H_PAGE_ERROR]) == 0
 
 
 # ---- stage boundaries ---------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def check_plan(plan: Plan, kv_len: list[int], table: tuple[np.ndarray, ...]) -> 
     batch, heads, n = len(kv_len), layout.num_kv_heads, plan.num_tiles
     assert plan.buffer.dtype == np.int32 and plan.buffer.shape == (layout.plan_words,)
     header = plan.section("header")
-    assert header.tolist() == [n, plan.num_merges, batch, plan.num_slots, 7, 0, 0, 0]
+    assert header.tolist() == [n, plan.num_merges, batch, plan.num_slots, 7, 0, NUM_PAGES, 0]  # guard bound, no error
     assert n <= layout.tile_capacity and plan.num_merges <= layout.merge_capacity and plan.num_slots <= layout.slot_capacity
     # tiles grouped by CTA: CTAs without work have empty ranges, every live tile belongs to one CTA
     indptr = plan.cta_tile_indptr.astype(np.int64)
