@@ -32,6 +32,10 @@ def balance_of(ideal: float, makespan: int) -> float:
     return ideal / makespan if makespan > 0 else 1.0
 
 
+#: live ranges of a plan buffer closer than this (int32 words) are staged as one range
+STAGE_GAP_WORDS = 1024
+
+
 @lru_cache(maxsize=64)
 def _offsets(layout: DecodeLayout) -> dict[str, tuple[int, int]]:
     return layout.offsets()
@@ -92,6 +96,25 @@ class Plan:
     merge_request = cached_property(lambda self: self.section("merge_request"))
     merge_kv_head = cached_property(lambda self: self.section("merge_kv_head"))
     kv_len = cached_property(lambda self: self.section("kv_len"))
+
+    def live_ranges(self) -> list[tuple[int, int]]:
+        """The (start, stop) word ranges of ``buffer`` the kernels read for this plan: the header, the
+        CTA index, the live tiles and merges and the live page-table entries (a device page table
+        has none here). Staging only these keeps plan() independent of the Settings capacities."""
+        offsets = _offsets(self.layout)
+        n, m, b = self.num_tiles, self.num_merges, self.batch_size
+        nnz = int(self.buffer[offsets["kv_indptr"][0] + b]) if self.page_table == "host" else 0
+        live = {"header": None, "cta_tile_indptr": None, "merge_slot_indptr": m + 1, "merge_request": m,
+                "merge_kv_head": m, "kv_indptr": b + 1, "kv_indices": nnz, "kv_len": b}  # fmt: skip
+        ranges: list[tuple[int, int]] = []
+        for name, (start, stop) in offsets.items():
+            count = live.get(name, n)  # the tile_* sections: the live tiles
+            end = stop if count is None else start + count
+            if ranges and start - ranges[-1][1] <= STAGE_GAP_WORDS:  # a short gap: one copy is cheaper
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
+        return ranges
 
     def tiles_per_cta(self) -> np.ndarray:
         """Number of tiles each CTA runs."""

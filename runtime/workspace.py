@@ -92,6 +92,13 @@ class Workspace:
         """Write ``plan_buffer`` (int32, layout.plan_words) into the staging buffer of the next upload."""
         self._upload.stage(self._offset, plan_buffer)
 
+    def stage_ranges(self, plan_buffer: np.ndarray, ranges: list[tuple[int, int]]) -> None:
+        """Stage only the word ranges ``ranges`` of ``plan_buffer`` (the rest of the staging buffer
+        keeps older words the kernels never read); the next flush still copies it whole, once."""
+        for start, stop in ranges:
+            if stop > start:
+                self._upload.stage(self._offset + start, plan_buffer[start:stop])
+
     def flush(self) -> None:
         """Copy the staged plan (if any) into the fixed device buffer on the current stream."""
         self._upload.flush()

@@ -1,9 +1,14 @@
-"""``python -m tilegraph bench plan``: host cost and balance of ``plan_decode`` (CPU only, no kernels).
+"""``python -m tilegraph bench plan``: host cost and balance of decode planning (CPU only, no kernels).
 
 For every length mix (uniform, skewed, ShareGPT-like log-normal) and batch size: microseconds per
-``plan_decode`` call with int32 CPU torch tensors (median and p90 over many calls after a warm-up,
-garbage collection paused), the plan's balance (ideal / makespan, planner/plan.py) and the two
-anchors' balance on the same batch (planner/anchors.py). Settings are sized to fit each batch.
+plan (median and p90 over many calls after a warm-up, garbage collection paused), the plan's balance
+(ideal / makespan, planner/plan.py) and the two anchors' balance on the same batch
+(planner/anchors.py). ``--page-table``: ``host`` times ``plan_decode`` (int32 CPU torch tensors,
+kv_indices validated and copied), ``device`` ``plan_decode_device`` (kv_indices stays on the device:
+only kv_indptr / kv_last_page_len are read) and ``block_table`` ``plan_decode_block_table`` (only
+per-request lengths). ``--stage`` adds what ``BatchDecode.plan`` does next: staging the plan's live
+words into the workspace's upload buffer. Settings are sized to fit each batch, or to
+``--capacity-pages`` pages of pool and page references (the cost should not depend on it).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 
 from tilegraph.planner.anchors import anchors
-from tilegraph.planner.decode import plan_decode
+from tilegraph.planner.decode import plan_decode, plan_decode_block_table, plan_decode_device
 from tilegraph.planner.layout import DecodeLayout
 from tilegraph.settings import Settings
 
@@ -37,6 +42,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=4, help="query heads per kv head")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--page-table", choices=("host", "device", "block_table"), default="host",
+                        help="where the kernels read page ids: planned from the host table, or lengths only")
+    parser.add_argument("--capacity-pages", type=int, default=None,
+                        help="Settings.max_num_pages / max_page_refs (default: the batch's own pages)")
+    parser.add_argument("--stage", action="store_true", help="also stage the plan's live words (BatchDecode.plan)")
     parser.add_argument("--time-s", type=float, default=0.5, help="timing budget per case (seconds)")
     parser.add_argument("--smoke", action="store_true", help="a few calls per case (checks that it runs)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
@@ -63,15 +73,19 @@ def _time_us(call: Any, budget_s: float, max_reps: int) -> tuple[list[float], in
 def run_case(mix: str, batch_size: int, args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
     lengths = length_mix(mix, batch_size, rng)
     kv_indptr, kv_indices, kv_last_page_len = page_table(lengths, args.page_size, rng)
-    pages = max(int(kv_indptr[-1]), 1)
+    pages = max(int(kv_indptr[-1]), 1, args.capacity_pages or 0)
     settings = Settings(num_qo_heads=args.num_kv_heads * args.group_size, num_kv_heads=args.num_kv_heads,
                         head_dim=128, page_size=args.page_size, max_batch_size=batch_size, max_num_pages=pages,
                         num_ctas=args.num_ctas, deterministic=args.deterministic)  # fmt: skip
     layout = DecodeLayout.from_settings(settings, args.num_ctas)
-    tensors = [torch.from_numpy(a) for a in (kv_indptr, kv_indices, kv_last_page_len)]
+    planner = _planner(args.page_table, layout, lengths, (kv_indptr, kv_indices, kv_last_page_len), pages)
+    stage = _stager(layout) if args.stage else None
 
     def call() -> Any:
-        return plan_decode(layout, *tensors, num_pages=pages)
+        plan = planner()
+        if stage is not None:
+            stage(plan)
+        return plan
 
     plan = call()
     samples, reps = _time_us(call, 0.0 if args.smoke else args.time_s, 5 if args.smoke else 20000)
@@ -80,6 +94,10 @@ def run_case(mix: str, batch_size: int, args: argparse.Namespace, rng: np.random
     return {
         "mix": mix,
         "batch_size": batch_size,
+        "page_table": args.page_table,
+        "capacity_pages": pages,
+        "plan_words": layout.plan_words,
+        "staged": bool(args.stage),
         "plan_us_median": float(np.median(samples)),
         "plan_us_p90": float(np.percentile(samples, 90)),
         "reps": reps,
@@ -98,6 +116,27 @@ def run_case(mix: str, batch_size: int, args: argparse.Namespace, rng: np.random
     }
 
 
+def _planner(page_table: str, layout: DecodeLayout, lengths: Any, table: tuple[np.ndarray, ...], pages: int) -> Any:
+    """A no-argument call planning the batch the ``page_table`` way."""
+    kv_indptr, kv_indices, kv_last_page_len = (torch.from_numpy(a) for a in table)
+    if page_table == "host":
+        return lambda: plan_decode(layout, kv_indptr, kv_indices, kv_last_page_len, num_pages=pages)
+    if page_table == "device":
+        return lambda: plan_decode_device(layout, kv_indptr, kv_last_page_len, int(kv_indices.numel()), num_pages=pages)
+    seq_lens = torch.tensor(np.asarray(lengths), dtype=torch.int32)
+    max_blocks = max(int(np.diff(table[0]).max(initial=0)), 1)
+    span = max_blocks * len(lengths)
+    return lambda: plan_decode_block_table(layout, seq_lens, max_blocks, max_blocks, span, num_pages=pages)
+
+
+def _stager(layout: DecodeLayout) -> Any:
+    """What BatchDecode.plan does after planning: the plan's live words into a host upload buffer."""
+    from tilegraph.workspace import Workspace
+
+    workspace = Workspace(layout, torch.device("cpu"))
+    return lambda plan: workspace.stage_ranges(plan.buffer, plan.live_ranges())
+
+
 def render(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -105,7 +144,8 @@ def render(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     first = rows[0]
-    title = (f"plan_decode on the host: {first['num_ctas']} CTAs, {first['num_kv_heads']} kv heads"
+    title = (f"decode plan on the host ({first['page_table']} page table{', staged' if first['staged'] else ''}, "
+             f"capacity {first['capacity_pages']} pages): {first['num_ctas']} CTAs, {first['num_kv_heads']} kv heads"
              + (", deterministic" if first["deterministic"] else ""))  # fmt: skip
     table = Table(title=title)
     for column in ("mix", "B", "µs median", "µs p90", "tiles", "merges", "balance", "FI decode", "FI persistent"):
