@@ -1,0 +1,126 @@
+"""Planning for device-resident page tables: from host lengths only, the same schedule as the host path
+(plan_decode / plan_prefill on the same batch), page bases per request (CSR offsets or r * row_stride),
+the guard's pool bound in the header, the live ranges staged, and every length error typed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tilegraph
+from tilegraph import InputError, PlanError
+from tilegraph.planner.decode import plan_decode, plan_decode_block_table, plan_decode_device
+from tilegraph.planner.layout import H_NUM_PAGES, H_PAGE_ERROR, DecodeLayout
+from tilegraph.planner.prefill import plan_prefill, plan_prefill_block_table, plan_prefill_device
+from tilegraph.planner.prefill_layout import PrefillLayout
+
+PS, POOL = 4, 4096
+SETTINGS = tilegraph.Settings(num_qo_heads=8, num_kv_heads=2, head_dim=16, page_size=PS, max_batch_size=16,
+                              max_num_pages=POOL, max_num_tokens=128)  # fmt: skip
+TILE_FIELDS = ("tile_request", "tile_kv_head", "tile_token_start", "tile_token_end", "tile_slot", "tile_cta")
+
+
+def csr(kv_lens, rng):
+    counts = [-(-n // PS) for n in kv_lens]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    indices = rng.permutation(POOL)[: indptr[-1]].astype(np.int32)
+    last = np.array([(n - 1) % PS + 1 if n else 0 for n in kv_lens], np.int32)
+    return indptr, indices, last
+
+
+def live(plan, names, count):
+    return [plan.section(n)[:count].tolist() for n in names]
+
+
+@given(kv_lens=st.lists(st.integers(0, 300), min_size=0, max_size=16), num_ctas=st.sampled_from([1, 3, 8]),
+       deterministic=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_decode_device_plans_schedule_as_the_host_plan(kv_lens, num_ctas, deterministic, seed):
+    rng = np.random.default_rng(seed)
+    layout = DecodeLayout.from_settings(SETTINGS.model_copy(update={"deterministic": deterministic}), num_ctas)
+    indptr, indices, last = csr(kv_lens, rng)
+    host = plan_decode(layout, indptr, indices, last, num_pages=POOL, serial=3)
+    device = plan_decode_device(layout, indptr, last, num_indices=len(indices), num_pages=POOL, serial=3)
+    row_stride = 80
+    blocks = plan_decode_block_table(layout, np.array(kv_lens, np.int32), row_stride, 76, row_stride * 16, POOL, serial=3)
+    b = len(kv_lens)
+    for plan in (device, blocks):
+        assert plan.num_tiles == host.num_tiles and plan.num_merges == host.num_merges
+        assert live(plan, TILE_FIELDS, host.num_tiles) == live(host, TILE_FIELDS, host.num_tiles)
+        assert plan.kv_len[:b].tolist() == list(kv_lens)
+        assert plan.max_page_index == POOL - 1  # any pool page may be referenced
+        assert plan.section("header").tolist() == host.section("header").tolist()
+    assert host.section("header")[H_NUM_PAGES] == POOL and host.section("header")[H_PAGE_ERROR] == 0
+    assert (host.page_table, device.page_table, blocks.page_table) == ("host", "device", "block_table")
+    assert device.section("kv_indptr")[: b + 1].tolist() == indptr.tolist()
+    bases = [r * row_stride if n else 0 for r, n in enumerate(kv_lens)]
+    assert blocks.section("kv_indptr")[:b].tolist() == bases
+
+
+def test_live_ranges_cover_what_the_kernels_read_and_skip_a_device_table():
+    rng = np.random.default_rng()
+    layout = DecodeLayout.from_settings(SETTINGS.model_copy(update={"max_page_refs": POOL}), 4)
+    indptr, indices, last = csr([37, 5, 120], rng)
+    offsets = layout.offsets()
+    host = plan_decode(layout, indptr, indices, last, num_pages=POOL)
+    device = plan_decode_device(layout, indptr, last, num_indices=len(indices), num_pages=POOL)
+
+    def covered(plan):
+        mask = np.zeros(layout.plan_words, bool)
+        for start, stop in plan.live_ranges():
+            mask[start:stop] = True
+        return mask
+
+    start = offsets["kv_indices"][0]
+    assert covered(host)[start : start + len(indices)].all()
+    assert not covered(device)[start + 1024 : offsets["kv_indices"][1]].any()  # the big section is not staged
+    for plan in (host, device):
+        mask = covered(plan)
+        for name in ("header", "cta_tile_indptr"):
+            assert mask[slice(*offsets[name])].all()
+        assert mask[offsets["tile_request"][0] : offsets["tile_request"][0] + plan.num_tiles].all()
+        assert mask[offsets["kv_len"][0] : offsets["kv_len"][0] + 3].all()
+
+
+def test_prefill_device_plans_schedule_as_the_host_plan():
+    rng = np.random.default_rng()
+    kv_lens, qo_lens = [30, 9, 0, 64], [4, 9, 3, 1]
+    layout = PrefillLayout.from_settings(SETTINGS, 3, paged=True)
+    indptr, indices, last = csr(kv_lens, rng)
+    qo = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    host = plan_prefill(layout, qo, indptr, indices, last, num_pages=POOL, causal=True)
+    device = plan_prefill_device(layout, qo, indptr, last, len(indices), num_pages=POOL, causal=True)
+    blocks = plan_prefill_block_table(layout, qo, np.array(kv_lens, np.int32), 20, 20, 80, num_pages=POOL, causal=True)
+    for plan in (device, blocks):
+        assert plan.num_tiles == host.num_tiles
+        for name, values in host.tiles().items():
+            assert plan.tiles()[name].tolist() == values.tolist(), name
+        assert plan.section("header").tolist() == host.section("header").tolist()
+    assert host.section("header")[H_NUM_PAGES] == POOL
+    assert blocks.section("kv_indptr")[:4].tolist() == [0, 20, 0, 60]
+
+
+def test_length_errors_are_typed_and_named():
+    layout = DecodeLayout.from_settings(SETTINGS.model_copy(update={"max_page_refs": 8}), 2)
+    with pytest.raises(InputError, match=r"kv_indptr\[-1\]=3 exceeds len\(kv_indices\)"):
+        plan_decode_device(layout, np.array([0, 3], np.int32), np.array([1], np.int32), 2, POOL)
+    with pytest.raises(InputError, match=r"kv_last_page_len\[0\]=9"):
+        plan_decode_device(layout, np.array([0, 3], np.int32), np.array([9], np.int32), 3, POOL)
+    with pytest.raises(PlanError, match="exceed max_page_refs=8"):
+        plan_decode_device(layout, np.array([0, 9], np.int32), np.array([1], np.int32), 9, POOL)
+    with pytest.raises(InputError, match="kv_indptr must have"):
+        plan_decode_device(layout, np.array([0], np.int32), np.array([1], np.int32), 9, POOL)
+    with pytest.raises(InputError, match=r"seq_lens\[1\]=-2"):
+        plan_decode_block_table(layout, np.array([3, -2], np.int32), 4, 4, 8, POOL)
+    with pytest.raises(PlanError, match="request 0 needs 2 pages"):
+        plan_decode_block_table(layout, np.array([5], np.int32), 1, 1, 1, POOL)
+    with pytest.raises(InputError, match="block_table row 1"):
+        plan_decode_block_table(layout, np.array([4, 4], np.int32), 4, 4, 4, POOL)
+    with pytest.raises(PlanError, match="exceed max_page_refs=8"):
+        plan_decode_block_table(layout, np.array([16, 16, 4], np.int32), 8, 8, 24, POOL)
+    with pytest.raises(InputError, match="seq_lens must be int32"):
+        plan_decode_block_table(layout, np.array([3], np.int64), 4, 4, 4, POOL)
+    pre = PrefillLayout.from_settings(SETTINGS, 2, paged=True)
+    with pytest.raises(InputError, match="seq_lens must have len"):
+        plan_prefill_block_table(pre, np.array([0, 1], np.int32), np.array([3, 3], np.int32), 4, 4, 8, POOL, causal=True)
