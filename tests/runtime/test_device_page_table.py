@@ -183,3 +183,24 @@ def test_graph_replay_refuses_another_page_table_tensor(device):
     other = table.clone()
     with pytest.raises(PageTableMovedError, match="captured reading"):
         runner.step({"q": q}, lambda n: dec.plan_block_table(other, np.array(kv_lens, np.int32), padded_batch_size=n))
+
+
+def test_capture_stand_ins_keep_the_bound_device_table(device):
+    """graph_prepare_capture after a device plan plans requests without KV over the same tensor, so
+    the capture binds its address (no kernel runs here)."""
+    s = settings()
+    table = torch.zeros(4, 6, dtype=torch.int32, device=device)
+    csr_ids = torch.zeros(8, dtype=torch.int32, device=device)
+    dec = tilegraph.BatchDecode(s, device=device)
+    dec.plan(np.array([0, 2], np.int32), csr_ids, np.array([1], np.int32), page_table="device")
+    dec.graph_prepare_capture(3)
+    assert dec.graph_plan_state().page_table_address == csr_ids.data_ptr() and dec.page_table is csr_ids
+    assert dec.current_plan.kv_len[:3].tolist() == [0, 0, 0]
+    pre = tilegraph.BatchPrefill(s, causal=True, device=device)
+    pre.plan_block_table(np.array([0, 2], np.int32), table, np.array([5], np.int32))
+    pre.graph_prepare_capture(4)
+    state = pre.graph_plan_state()
+    assert state.page_table_address == table.data_ptr() and state.padded_batch_size == 4
+    assert pre.current_plan.page_table == "block_table" and pre.current_plan.section("kv_len")[:1].tolist() == [0]
+    pre.plan(np.array([0, 1], np.int32), np.array([0, 1], np.int32), np.zeros(1, np.int32), np.array([1], np.int32))
+    assert pre.graph_plan_state().page_table_address == 0 and pre.page_table is None  # back on the host path
