@@ -6,6 +6,9 @@
     out, lse = dec.run(q, kv_cache, return_lse=True)           # lse float32 [B, Hq], natural log
     dec.run(q, kv_cache, out=buffer)                           # writes into buffer, returns it
 
+    dec.plan(kv_indptr, kv_indices_on_device, kv_last_page_len, page_table="device")  # ids stay on the device
+    dec.plan_block_table(block_table, seq_lens)                # [B, max_blocks] device table + host lengths
+
     dec = tilegraph.BatchDecode(settings, variant=variants.soft_cap(30.0))  # from tilegraph import variants
     dec.run(q, kv_cache, params={"logits_soft_cap": 50.0})     # its run-time parameters (they persist)
 

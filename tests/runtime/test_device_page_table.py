@@ -19,9 +19,9 @@ HKV, HQ, HD, PS, PAGES = 2, 4, 16, 4, 16
 
 
 def settings(**extra):
-    return tilegraph.Settings(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=HD, page_size=PS, dtype="float16",
-                              max_batch_size=4, max_num_pages=PAGES, max_num_tokens=16, num_ctas=2,
-                              debug_page_table=True, **extra)  # fmt: skip
+    base = dict(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=HD, page_size=PS, dtype="float16", max_batch_size=4,
+                max_num_pages=PAGES, max_num_tokens=16, num_ctas=2, debug_page_table=True)  # fmt: skip
+    return tilegraph.Settings(**{**base, **extra})
 
 
 def csr(kv_lens, rng):
@@ -122,19 +122,25 @@ def test_prefill_device_page_tables_match_host_and_float64(device):
     assert torch.equal(dev, host) and torch.equal(blocks, host)
 
 
-def test_prefill_out_of_pool_id_raises_naming_the_request(device):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])  # the tensor-core kernel, the CUDA-core kernel
+def test_prefill_out_of_pool_id_raises_naming_the_request(device, dtype):
     rng = np.random.default_rng()
-    s = settings()
-    cache = cache_for(device)
+    s = settings(dtype=dtype)
+    cache = cache_for(device).to(s.torch_dtype)
     kv_lens = [5, 6]
     indptr, indices, last = csr(kv_lens, rng)
     bad = torch.from_numpy(indices.copy())
     bad[0] = -4  # request 0's first page
     pre = tilegraph.BatchPrefill(s, causal=False, device=device)
     pre.plan(np.array([0, 1, 2], np.int32), indptr, bad.to(device), last, page_table="device")
-    q = torch.randn(2, HQ, HD).half().to(device)
+    q = torch.randn(2, HQ, HD).to(s.torch_dtype).to(device)
+    out = poisoned(q)
     with pytest.raises(PageTableError, match="request 0"):
-        pre.run(q, cache, out=poisoned(q))
+        pre.run(q, cache, out=out)
+    k, v = gather_kv(cache, s, indices[indptr[1] : indptr[2]], kv_lens[1])
+    want, _ = attention_reference(q[1:], k, v, s.sm_scale)
+    assert relative_error(out[1:], want) < 4e-3  # the other request is untouched
+    assert torch.isfinite(out[:1].float()).all()  # the bad one read zeros, not memory outside the pool
 
 
 def test_device_page_table_arguments_are_checked_before_any_launch(device):
