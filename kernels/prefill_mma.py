@@ -2,28 +2,40 @@
 
 Same launch contract as ``kernels.prefill`` (PREFILL_ARGS, the plan of planner/prefill_layout.py,
 slots and slot strides of split tiles, caller positions, natural-log LSE, every AttentionHooks
-field); fp32 stays on the CUDA-core kernel. A tile's query rows (token x head, ROWS_PER_TILE = 16)
-are one m16 block owned by one warp. Per pass of HP heads:
+field); fp32 stays on the CUDA-core kernel. Launch shape (kernels.tuning.prefill_mma_shape): W warps,
+each owning 16 query rows, so a pass covers R = 16 W rows of (token x GQA head) -- 128 rows up to
+head_dim 64, 64 up to 128 on a GPU; 16 on the simulator. A plan tile (the tuning table's tile rows,
+or any other size) runs as passes of R // HP tokens x HP heads; per pass:
 
-    Q   rows -> registers (query hooks) -> fp16/bf16 shared tile (swizzled) -> A fragments (ldmatrix)
-    K/V blocks of KB tokens -> shared by cp.async (16 B, zero-filled past the range), 2 stages:
-        block j + 1 is in flight while block j is computed (one commit group per block)
+    Q   rows -> registers (query hooks) -> fp16/bf16 shared tile (swizzled, in the KV stage words)
+        -> A fragments (ldmatrix) held in registers for the whole pass
+    K/V blocks of KB tokens -> shared by cp.async (16 B, zero-filled past the range), 2 stages shared
+        by all W warps: block j + 1 is in flight while block j is computed (one commit group each)
         (key hooks: K goes through registers instead, V still by cp.async)
-    S = Q K^T: B fragments by ldmatrix from the K rows, fp32 accumulators; scale, logits hook,
-        causal / hook / range masks SELECT -inf; online softmax on the C fragments (row max and sum
-        over the quad by shuffles, nan_max); P packed to A fragments in registers
+    S = Q K^T per warp: B fragments by ldmatrix from the K rows, fp32 accumulators; scale, logits
+        hook, causal / hook / range masks SELECT -inf; online softmax on the C fragments (row max and
+        sum over the quad by shuffles, nan_max); P packed to A fragments in registers
     O += P V: B fragments by ldmatrix.trans from the V rows, O in C fragments (fp32)
-    epilogue: O (normalized) staged as fp32 rows in shared memory, then written by 8-vectors exactly
-        like the CUDA-core kernel (sink, output hook, LSE, partial slots).
+    epilogue: O (normalized) staged as fp32 rows in the (idle) KV stage words, then written by
+        8-vectors exactly like the CUDA-core kernel (sink, output hook, LSE, partial slots).
 
-Shared tiles are int32 word arrays of rows of HEAD_DIM / 8 16-byte chunks; chunk c of row r is
-stored at chunk c ^ (r mod SW), SW = min(8, the largest power of two dividing HEAD_DIM / 8) (the
-128-byte XOR swizzle; head dims below 64, or not a multiple of 64, swizzle within SW chunks), so the 8 rows one ldmatrix phase reads hit distinct
-bank groups.
+A warp whose 16 rows lie past the pass's rows (a short query) skips the math (warp-uniform) but
+still issues its share of the copies and meets every barrier.
 
-Causal: KV blocks past the tile's last visible position are skipped. NaN: a masked / out-of-range
-score is selected out; P V is a product, so a block that has a masked entry AND a non-finite V
-element takes a scalar path that skips masked positions (0 * Inf must not reach a row).
+Shared memory: one int32 word array of 4 stages x KB rows of HEAD_DIM / 8 16-byte chunks (K stage
+0, 1, then V stage 0, 1): 4 KB HEAD_DIM 2 bytes, under 48 KB of static shared memory (64 tokens at
+head_dim 128 would need 64 KB, i.e. dynamic shared memory: not expressible in numba-cuda today).
+Chunk c of row r is stored at chunk c ^ (r mod SW) (``swizzle_chunks``): the 128-byte XOR swizzle
+(SW = 8) for rows of >= 128 bytes with head_dim / 8 a multiple of 8; smaller or odd head dims
+swizzle within the largest power of two of chunks dividing the row (32 -> 64-byte swizzle, 16 ->
+32-byte, 48 -> 32-byte), so the 8 rows one ldmatrix phase reads hit distinct bank groups where the
+row allows it.
+
+Causal: KV blocks past the pass's last visible position are skipped (tiles above the diagonal
+never load), the diagonal block is masked. NaN: a masked / out-of-range score is selected out; P V
+is a product, so a block that has a masked entry AND a non-finite V element takes a CUDA-core path
+that skips masked positions (0 * Inf must not reach a row), its weights staged in the block's idle
+K stage. Fragment arrays are indexed at compile-time positions only: no local memory.
 """
 
 from __future__ import annotations
