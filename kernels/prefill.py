@@ -112,7 +112,7 @@ class PrefillConfig:
 
     @property
     def q_tile(self) -> int:
-        """Query tokens per tile (the planner's ``layout.q_tile``)."""
+        """Query tokens per pass (a plan's tiles may hold more: the kernel runs them in passes)."""
         return query_tile_tokens(self.group)
 
     @property
@@ -143,6 +143,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
     KIND, HEAD_DIM, GROUP, NT = cfg.kind, cfg.head_dim, cfg.group, cfg.threads
     PAGED, CAUSAL = cfg.paged, cfg.causal
     HP, ROWS, KB = cfg.heads_per_pass, cfg.rows, cfg.kv_block
+    QT = cfg.q_tile  # query tokens of one pass
     LANES = HEAD_DIM // 8
     WORDS8 = prim.words_per_row8(KIND)
     ROW_WORDS = LANES * WORDS8
@@ -167,11 +168,17 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
     load_row8, store_row8, ex2 = prim.load_row8, prim.store_row8, prim.ex2
 
     @cuda.jit(device=True, inline="always")
-    def kv_row(request, t, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size, header):
+    def kv_page_id(request, t, kv_indptr, kv_indices, header, page_size):
+        """The page id holding KV token t (request-local) of ``request``: the ONE place this kernel
+        reads the page table, through the guard (kernels/page_table.py): -1 for an id outside the pool."""
+        return guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header, request)
+
+    @cuda.jit(device=True, inline="always")
+    def kv_row(request, t, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride, head_stride, page_size):
         """First word of KV token t (request-local) of kv_head: paged through the page table, or ragged."""
         if PAGED:
-            page = guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header, request)
-            if page < 0:  # outside the pool (kernels/page_table.py): the caller reads nothing
+            page = kv_page_id(request, t, kv_indptr, kv_indices, header, page_size)
+            if page < 0:  # outside the pool: the caller reads nothing
                 return int64(-1)
             return page * page_stride + (t % page_size) * token_stride + kv_head * head_stride
         return (int64(kv_indptr[request]) + t) * token_stride + kv_head * head_stride
@@ -261,6 +268,119 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                         for k in range(8):
                             acc[i * 8 + k] += p * sv[c, dim0 + k]
 
+    @cuda.jit(device=True, inline="always")
+    def prefill_pass(sq, sk, sv, ss, sm, sd, acc, v8, pair8, sscale, tid, q_scale, work, geo, kv_indptr, kv_indices, header,
+                     q_words, k_words, v_words, out_words, lse, partial_out, partial_lse, params, row_qo_pos):  # fmt: skip
+        """Query tokens q_start .. q_start + n_tok of the tile (n_tok <= QT) against KV [kv_start,
+        kv_end), in passes of HP heads: load, scores, softmax, P V per KV block, then the epilogue.
+        ``work`` = (request, kv_head, q_start, n_tok, n_rows, kv_start, kv_end, slot, slot_stride,
+        qo_begin, qo_pos0, row0, kv_off); ``geo`` = (q_stride_n, q_stride_h, page_stride, token_stride,
+        head_stride, page_size, write_lse, num_qo_heads, use_positions) (tuples: a device call takes
+        at most 30 arguments)."""
+        request, kv_head, q_start, n_tok, n_rows, kv_start, kv_end, slot, slot_stride, qo_begin, qo_pos0, row0, kv_off = work
+        q_stride_n, q_stride_h, page_stride, token_stride, head_stride, page_size, write_lse, num_qo_heads, use_positions = geo
+        for head0 in range(0, GROUP, HP):
+            # query rows -> sq (zeros past the tile), fresh softmax state
+            for item in range(tid, ROWS * LANES, NT):
+                r = item // LANES
+                dim0 = (item - r * LANES) * 8
+                tok = r // HP
+                head = head0 + r - tok * HP
+                for k in range(8):
+                    v8[k] = float32(0.0)
+                if tok < n_tok and head < GROUP:
+                    qo_head = kv_head * GROUP + head
+                    q_row = (qo_begin + q_start + tok) * q_stride_n + qo_head * q_stride_h
+                    load_row8(q_words, q_row + (dim0 // 8) * WORDS8, KIND, v8)
+                    if HAS_Q_PAIR:
+                        load_row8(q_words, q_row + partner_words(dim0), KIND, pair8)
+                        q_pair_hook(v8, pair8, dim0, HEAD_DIM, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
+                    q_hook(v8, dim0, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
+                for k in range(8):
+                    sq[r, dim0 + k] = v8[k] * q_scale
+            for r in range(tid, ROWS, NT):
+                sm[r] = NEG_INF
+                sd[r] = float32(0.0)
+            for k in range(ACC):
+                acc[k] = float32(0.0)
+            cuda.syncthreads()
+            for kb0 in range(kv_start, kv_end, KB):
+                n_kv = min(int64(KB), kv_end - kb0)
+                for item in range(tid, n_kv * LANES, NT):
+                    c = item // LANES
+                    dim0 = (item - c * LANES) * 8
+                    row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride,
+                                 head_stride, page_size)  # fmt: skip
+                    if row < 0:  # a page id outside the pool: read nothing, stage zeros
+                        for k in range(8):
+                            sk[c, dim0 + k] = float32(0.0)
+                            sv[c, dim0 + k] = float32(0.0)
+                        continue
+                    load_row8(k_words, row + (dim0 // 8) * WORDS8, KIND, v8)
+                    if HAS_K_PAIR:
+                        load_row8(k_words, row + partner_words(dim0), KIND, pair8)
+                        k_pair_hook(v8, pair8, dim0, HEAD_DIM, request, kv_head, kv_off + kb0 + c, params)
+                    k_hook(v8, dim0, request, kv_head, kv_off + kb0 + c, params)
+                    for k in range(8):
+                        sk[c, dim0 + k] = v8[k]
+                    load_row8(v_words, row + (dim0 // 8) * WORDS8, KIND, v8)
+                    for k in range(8):
+                        sv[c, dim0 + k] = v8[k]
+                cuda.syncthreads()
+                scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params,
+                       use_positions, row_qo_pos, row0, kv_off)
+                cuda.syncthreads()
+                softmax_step(ss, sm, sd, sscale, tid, n_rows, n_kv)
+                cuda.syncthreads()
+                accumulate_pv(acc, ss, sv, sscale, tid, n_rows, n_kv)
+                cuda.syncthreads()
+            # epilogue: normalize, natural LSE, final rows or partial slots
+            for i in range(ITEMS):
+                item = tid + i * NT
+                r = item // LANES
+                tok = r // HP
+                head = head0 + r - tok * HP
+                if r < n_rows and head < GROUP:
+                    dim0 = (item - r * LANES) * 8
+                    qo_head = kv_head * GROUP + head
+                    lse_value = NEG_INF
+                    for k in range(8):
+                        v8[k] = float32(0.0)
+                    if not SOFTMAX:
+                        for k in range(8):
+                            v8[k] = acc[i * 8 + k]  # plain sums: split partials are added by the merge
+                        lse_value = float32(0.0)
+                    else:
+                        m_row = sm[r]
+                        d = sd[r]
+                        rescale = float32(1.0)
+                        if HAS_SINK and slot < 0:
+                            # the sink joins the denominator once: here for final rows, in the merge for split ones
+                            sink = float32(sink_hook(qo_head, params) * LOG2E)
+                            if not (sink == NEG_INF):
+                                m_new = nan_max(m_row, sink)
+                                rescale = ex2(m_row - m_new)
+                                d = d * rescale + ex2(sink - m_new)
+                                m_row = m_new
+                        if d > float32(0.0) or d != d:  # NaN: the row shows it
+                            inv = rescale / d
+                            for k in range(8):
+                                v8[k] = acc[i * 8 + k] * inv
+                            lse_value = float32((m_row + math.log2(d)) * LN2)
+                    if slot < 0:
+                        o_hook(v8, dim0, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
+                        out_row = (qo_begin + q_start + tok) * num_qo_heads + qo_head
+                        store_row8(out_words, out_row * ROW_WORDS + (dim0 // 8) * WORDS8, KIND, v8)
+                        if dim0 == 0 and write_lse != 0:
+                            lse[out_row] = lse_value
+                    else:
+                        part_row = (slot + tok * slot_stride) * GROUP + head
+                        for k in range(8):
+                            partial_out[part_row * HEAD_DIM + dim0 + k] = v8[k]
+                        if dim0 == 0:
+                            partial_lse[part_row] = lse_value
+            cuda.syncthreads()
+
     def prefill_kernel(
         header, cta_tile_indptr, tile_request, tile_q_start, tile_q_end, tile_kv_head, tile_kv_start, tile_kv_end,
         tile_slot, tile_slot_stride,
@@ -284,126 +404,37 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
         pair8 = cuda.local.array(8, float32)
         # q pre-scaled into the log2 domain, unless a logits hook (or no softmax) needs the natural score
         q_scale = float32(sm_scale) if NATURAL else float32(sm_scale * LOG2E)
+        geo = (int64(q_stride_n), int64(q_stride_h), int64(page_stride), int64(token_stride), int64(head_stride),
+               int64(page_size), int64(write_lse), int64(num_qo_heads), int64(use_positions))  # fmt: skip
         num_tiles = header[H_NUM_TILES]
         cta = cuda.blockIdx.x
         tile_stop = min(cta_tile_indptr[cta + 1], num_tiles)
         for tile in range(cta_tile_indptr[cta], tile_stop):
             request = int64(tile_request[tile])
             kv_head = int64(tile_kv_head[tile])
-            q_start = int64(tile_q_start[tile])
-            n_tok = int64(tile_q_end[tile]) - q_start
+            tile_q0 = int64(tile_q_start[tile])
+            n_tok_tile = int64(tile_q_end[tile]) - tile_q0
             kv_start = int64(tile_kv_start[tile])
             kv_end = int64(tile_kv_end[tile])
-            slot = int64(tile_slot[tile])
+            tile_slot0 = int64(tile_slot[tile])
             slot_stride = int64(tile_slot_stride[tile])
             qo_begin = int64(qo_indptr[request])
-            qo_pos0 = int64(kv_len[request]) - (int64(qo_indptr[request + 1]) - qo_begin) + q_start
-            row0 = qo_begin + q_start
             kv_off = int64(0)
             if use_positions != 0:
                 kv_off = int64(entry_kv_offset[request])
-            n_rows = n_tok * HP
-            for head0 in range(0, GROUP, HP):
-                # query rows -> sq (zeros past the tile), fresh softmax state
-                for item in range(tid, ROWS * LANES, NT):
-                    r = item // LANES
-                    dim0 = (item - r * LANES) * 8
-                    tok = r // HP
-                    head = head0 + r - tok * HP
-                    for k in range(8):
-                        v8[k] = float32(0.0)
-                    if tok < n_tok and head < GROUP:
-                        qo_head = kv_head * GROUP + head
-                        q_row = (qo_begin + q_start + tok) * q_stride_n + qo_head * q_stride_h
-                        load_row8(q_words, q_row + (dim0 // 8) * WORDS8, KIND, v8)
-                        if HAS_Q_PAIR:
-                            load_row8(q_words, q_row + partner_words(dim0), KIND, pair8)
-                            q_pair_hook(v8, pair8, dim0, HEAD_DIM, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
-                        q_hook(v8, dim0, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
-                    for k in range(8):
-                        sq[r, dim0 + k] = v8[k] * q_scale
-                for r in range(tid, ROWS, NT):
-                    sm[r] = NEG_INF
-                    sd[r] = float32(0.0)
-                for k in range(ACC):
-                    acc[k] = float32(0.0)
-                cuda.syncthreads()
-                for kb0 in range(kv_start, kv_end, KB):
-                    n_kv = min(int64(KB), kv_end - kb0)
-                    for item in range(tid, n_kv * LANES, NT):
-                        c = item // LANES
-                        dim0 = (item - c * LANES) * 8
-                        row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size,
-                                     header)  # fmt: skip
-                        if row < 0:  # a page id outside the pool: read nothing, stage zeros
-                            for k in range(8):
-                                sk[c, dim0 + k] = float32(0.0)
-                                sv[c, dim0 + k] = float32(0.0)
-                            continue
-                        load_row8(k_words, row + (dim0 // 8) * WORDS8, KIND, v8)
-                        if HAS_K_PAIR:
-                            load_row8(k_words, row + partner_words(dim0), KIND, pair8)
-                            k_pair_hook(v8, pair8, dim0, HEAD_DIM, request, kv_head, kv_off + kb0 + c, params)
-                        k_hook(v8, dim0, request, kv_head, kv_off + kb0 + c, params)
-                        for k in range(8):
-                            sk[c, dim0 + k] = v8[k]
-                        load_row8(v_words, row + (dim0 // 8) * WORDS8, KIND, v8)
-                        for k in range(8):
-                            sv[c, dim0 + k] = v8[k]
-                    cuda.syncthreads()
-                    scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params,
-                           use_positions, row_qo_pos, row0, kv_off)
-                    cuda.syncthreads()
-                    softmax_step(ss, sm, sd, sscale, tid, n_rows, n_kv)
-                    cuda.syncthreads()
-                    accumulate_pv(acc, ss, sv, sscale, tid, n_rows, n_kv)
-                    cuda.syncthreads()
-                # epilogue: normalize, natural LSE, final rows or partial slots
-                for i in range(ITEMS):
-                    item = tid + i * NT
-                    r = item // LANES
-                    tok = r // HP
-                    head = head0 + r - tok * HP
-                    if r < n_rows and head < GROUP:
-                        dim0 = (item - r * LANES) * 8
-                        qo_head = kv_head * GROUP + head
-                        lse_value = NEG_INF
-                        for k in range(8):
-                            v8[k] = float32(0.0)
-                        if not SOFTMAX:
-                            for k in range(8):
-                                v8[k] = acc[i * 8 + k]  # plain sums: split partials are added by the merge
-                            lse_value = float32(0.0)
-                        else:
-                            m_row = sm[r]
-                            d = sd[r]
-                            rescale = float32(1.0)
-                            if HAS_SINK and slot < 0:
-                                # the sink joins the denominator once: here for final rows, in the merge for split ones
-                                sink = float32(sink_hook(qo_head, params) * LOG2E)
-                                if not (sink == NEG_INF):
-                                    m_new = nan_max(m_row, sink)
-                                    rescale = ex2(m_row - m_new)
-                                    d = d * rescale + ex2(sink - m_new)
-                                    m_row = m_new
-                            if d > float32(0.0) or d != d:  # NaN: the row shows it
-                                inv = rescale / d
-                                for k in range(8):
-                                    v8[k] = acc[i * 8 + k] * inv
-                                lse_value = float32((m_row + math.log2(d)) * LN2)
-                        if slot < 0:
-                            o_hook(v8, dim0, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
-                            out_row = (qo_begin + q_start + tok) * num_qo_heads + qo_head
-                            store_row8(out_words, out_row * ROW_WORDS + (dim0 // 8) * WORDS8, KIND, v8)
-                            if dim0 == 0 and write_lse != 0:
-                                lse[out_row] = lse_value
-                        else:
-                            part_row = (slot + tok * slot_stride) * GROUP + head
-                            for k in range(8):
-                                partial_out[part_row * HEAD_DIM + dim0 + k] = v8[k]
-                            if dim0 == 0:
-                                partial_lse[part_row] = lse_value
-                cuda.syncthreads()
+            # the plan's tile may hold more tokens than one pass of ROWS rows: passes of QT tokens
+            for tok0 in range(0, n_tok_tile, QT):
+                q_start = tile_q0 + tok0
+                n_tok = min(int64(QT), n_tok_tile - tok0)
+                slot = tile_slot0 + tok0 * slot_stride if tile_slot0 >= 0 else tile_slot0
+                qo_pos0 = int64(kv_len[request]) - (int64(qo_indptr[request + 1]) - qo_begin) + q_start
+                row0 = qo_begin + q_start
+                n_rows = n_tok * HP
+                work = (request, kv_head, q_start, n_tok, n_rows, kv_start, kv_end, slot, slot_stride, qo_begin,
+                        qo_pos0, row0, kv_off)  # fmt: skip
+                prefill_pass(sq, sk, sv, ss, sm, sd, acc, v8, pair8, sscale, tid, q_scale, work, geo, kv_indptr,
+                             kv_indices, header, q_words, k_words, v_words, out_words, lse, partial_out, partial_lse, params,
+                             row_qo_pos)  # fmt: skip
 
     return PREFILL_ARGS.check(prefill_kernel)
 

@@ -2,28 +2,40 @@
 
 Same launch contract as ``kernels.prefill`` (PREFILL_ARGS, the plan of planner/prefill_layout.py,
 slots and slot strides of split tiles, caller positions, natural-log LSE, every AttentionHooks
-field); fp32 stays on the CUDA-core kernel. A tile's query rows (token x head, ROWS_PER_TILE = 16)
-are one m16 block owned by one warp. Per pass of HP heads:
+field); fp32 stays on the CUDA-core kernel. Launch shape (kernels.tuning.prefill_mma_shape): W warps,
+each owning 16 query rows, so a pass covers R = 16 W rows of (token x GQA head) -- 128 rows up to
+head_dim 64, 64 up to 128 on a GPU; 16 on the simulator. A plan tile (the tuning table's tile rows,
+or any other size) runs as passes of R // HP tokens x HP heads; per pass:
 
-    Q   rows -> registers (query hooks) -> fp16/bf16 shared tile (swizzled) -> A fragments (ldmatrix)
-    K/V blocks of KB tokens -> shared by cp.async (16 B, zero-filled past the range), 2 stages:
-        block j + 1 is in flight while block j is computed (one commit group per block)
+    Q   rows -> registers (query hooks) -> fp16/bf16 shared tile (swizzled, in the KV stage words)
+        -> A fragments (ldmatrix) held in registers for the whole pass
+    K/V blocks of KB tokens -> shared by cp.async (16 B, zero-filled past the range), 2 stages shared
+        by all W warps: block j + 1 is in flight while block j is computed (one commit group each)
         (key hooks: K goes through registers instead, V still by cp.async)
-    S = Q K^T: B fragments by ldmatrix from the K rows, fp32 accumulators; scale, logits hook,
-        causal / hook / range masks SELECT -inf; online softmax on the C fragments (row max and sum
-        over the quad by shuffles, nan_max); P packed to A fragments in registers
+    S = Q K^T per warp: B fragments by ldmatrix from the K rows, fp32 accumulators; scale, logits
+        hook, causal / hook / range masks SELECT -inf; online softmax on the C fragments (row max and
+        sum over the quad by shuffles, nan_max); P packed to A fragments in registers
     O += P V: B fragments by ldmatrix.trans from the V rows, O in C fragments (fp32)
-    epilogue: O (normalized) staged as fp32 rows in shared memory, then written by 8-vectors exactly
-        like the CUDA-core kernel (sink, output hook, LSE, partial slots).
+    epilogue: O (normalized) staged as fp32 rows in the (idle) KV stage words, then written by
+        8-vectors exactly like the CUDA-core kernel (sink, output hook, LSE, partial slots).
 
-Shared tiles are int32 word arrays of rows of HEAD_DIM / 8 16-byte chunks; chunk c of row r is
-stored at chunk c ^ (r mod SW), SW = min(8, the largest power of two dividing HEAD_DIM / 8) (the
-128-byte XOR swizzle; head dims below 64, or not a multiple of 64, swizzle within SW chunks), so the 8 rows one ldmatrix phase reads hit distinct
-bank groups.
+A warp whose 16 rows lie past the pass's rows (a short query) skips the math (warp-uniform) but
+still issues its share of the copies and meets every barrier.
 
-Causal: KV blocks past the tile's last visible position are skipped. NaN: a masked / out-of-range
-score is selected out; P V is a product, so a block that has a masked entry AND a non-finite V
-element takes a scalar path that skips masked positions (0 * Inf must not reach a row).
+Shared memory: one int32 word array of 4 stages x KB rows of HEAD_DIM / 8 16-byte chunks (K stage
+0, 1, then V stage 0, 1): 4 KB HEAD_DIM 2 bytes, under 48 KB of static shared memory (64 tokens at
+head_dim 128 would need 64 KB, i.e. dynamic shared memory: not expressible in numba-cuda today).
+Chunk c of row r is stored at chunk c ^ (r mod SW) (``swizzle_chunks``): the 128-byte XOR swizzle
+(SW = 8) for rows of >= 128 bytes with head_dim / 8 a multiple of 8; smaller or odd head dims
+swizzle within the largest power of two of chunks dividing the row (32 -> 64-byte swizzle, 16 ->
+32-byte, 48 -> 32-byte), so the 8 rows one ldmatrix phase reads hit distinct bank groups where the
+row allows it.
+
+Causal: KV blocks past the pass's last visible position are skipped (tiles above the diagonal
+never load), the diagonal block is masked. NaN: a masked / out-of-range score is selected out; P V
+is a product, so a block that has a masked entry AND a non-finite V element takes a CUDA-core path
+that skips masked positions (0 * Inf must not reach a row), its weights staged in the block's idle
+K stage. Fragment arrays are indexed at compile-time positions only: no local memory.
 """
 
 from __future__ import annotations
@@ -38,7 +50,6 @@ from numba import float32, int32, int64
 from tilegraph._device import SIMULATOR, cuda
 from tilegraph.errors import InputError
 from tilegraph.planner.layout import H_NUM_TILES
-from tilegraph.planner.prefill_layout import ROWS_PER_TILE, query_tile_tokens
 
 from . import primitives as prim
 from .hooks import DEFAULT_HOOKS, DTYPE_NAMES, LN2, LOG2E, NEG_INF, AttentionHooks
@@ -50,7 +61,7 @@ from .hooks import no_sink as _no_sink
 from .nan import NAN_PTX, fastmath_flags, nan_max
 from .page_table import guarded_page
 from .prefill import PREFILL_ARGS
-from .tuning import prefill_mma_kv_block
+from .tuning import PrefillMmaShape, prefill_mma_shape
 
 if TYPE_CHECKING:
     from .compile_spec import CompileSpec
@@ -69,53 +80,91 @@ class PrefillMmaConfig:
     causal: bool
     hooks: AttentionHooks = DEFAULT_HOOKS
 
+    #: warps of the CTA, each owning 16 query rows of a pass (0: the tuning table's choice)
+    warps: int = 0
+    #: KV tokens per shared-memory stage (0: the tuning table's choice; a multiple of 16)
+    kv_tokens: int = 0
+
     def __post_init__(self) -> None:
         if self.kind not in (prim.F16, prim.BF16):
             raise InputError(f"the tensor-core prefill kernel takes float16 / bfloat16, got dtype code {self.kind}")
         if self.head_dim % 16 or self.head_dim <= 0:
             raise InputError(f"the tensor-core prefill kernel needs head_dim % 16 == 0, got {self.head_dim}")
+        if self.warps < 0 or self.kv_tokens < 0 or self.kv_tokens % 16:
+            raise InputError(f"warps must be >= 0 and kv_tokens a multiple of 16, got {self.warps}, {self.kv_tokens}")
+        if self.rows > 2 * self.kv_block or 16 * self.rows > self.kv_block * self.head_dim:
+            raise InputError(f"{self.rows} query rows need kv_tokens >= {self.rows // 2} and kv_tokens x head_dim >= "
+                             f"{16 * self.rows} (Q, O and the selected path's weights are staged in the KV stages)")
+
+    @property
+    def shape(self) -> PrefillMmaShape:
+        """The tuning table's launch shape with this config's overrides."""
+        base = prefill_mma_shape(self.head_dim)
+        return PrefillMmaShape(self.warps or base.warps, self.kv_tokens or base.kv_tokens)
+
+    @property
+    def rows(self) -> int:
+        """Query rows (tokens x GQA heads) of one pass: 16 per warp."""
+        return 16 * self.shape.warps
 
     @property
     def q_tile(self) -> int:
-        return query_tile_tokens(self.group)
+        """Query tokens one pass covers (the planner's tiles may hold more: the kernel loops)."""
+        return max(1, self.rows // self.group)
 
     @property
     def heads_per_pass(self) -> int:
-        return min(self.group, ROWS_PER_TILE)
+        return min(self.group, self.rows)
 
     @property
     def kv_block(self) -> int:
-        return prefill_mma_kv_block(self.head_dim)
+        return self.shape.kv_tokens
 
     @property
     def threads(self) -> int:
-        return WARP
+        return WARP * self.shape.warps
 
     @property
     def block(self) -> tuple[int]:
-        return (WARP,)
+        return (self.threads,)
 
     @property
     def splittable(self) -> bool:
         return True
 
+    @property
+    def shared_bytes(self) -> int:
+        """Static shared memory: K and V, two stages each, plus the per-row max and sum."""
+        return 4 * self.kv_block * self.head_dim * 2 + 2 * 4 * self.rows
+
+
+def swizzle_chunks(head_dim: int) -> int:
+    """XOR width (in 16-byte chunks) of the shared tiles: chunk c of row r sits at c ^ (r mod SW).
+    head_dim >= 64 with head_dim / 8 a multiple of 8 (rows of >= 128 bytes): the 128-byte swizzle,
+    SW = 8. Smaller or odd head dims: SW = the largest power of two dividing head_dim / 8 (64 -> 8,
+    32 -> 4, 16 -> 2, 48 -> 2), a 16 * SW-byte swizzle that stays inside the row; the 8 rows one
+    ldmatrix phase reads then meet in at most 8 / SW bank groups (a 2-way conflict at head_dim 32)."""
+    chunks = head_dim // 8
+    return min(8, chunks & -chunks)
+
 
 def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     """The plain Python kernel function for ``cfg`` (cuda.jit it to launch, compile_ptx to check)."""
     KIND, HEAD_DIM, GROUP, PAGED, CAUSAL = cfg.kind, cfg.head_dim, cfg.group, cfg.paged, cfg.causal
-    HP, KB, NT, SIM = cfg.heads_per_pass, cfg.kv_block, WARP, SIMULATOR
-    M = 16  # query rows per tile (one mma A block)
+    HP, KB, NT, SIM = cfg.heads_per_pass, cfg.kv_block, cfg.threads, SIMULATOR
+    R = cfg.rows  # query rows of one pass: 16 per warp
+    TP = R // HP  # query tokens of one pass
     CH = HEAD_DIM // 8  # 16-byte chunks per row
     RW = HEAD_DIM // 2  # int32 words per fp16/bf16 row
-    SW = min(8, CH & -CH)  # the largest power of two dividing CH: the XOR stays inside the row
+    SW = swizzle_chunks(HEAD_DIM)  # the XOR stays inside the row
     KS = HEAD_DIM // 16  # k-steps of Q K^T
     NB = KB // 8  # n-blocks of S
     PK = KB // 16  # k-steps of P V
     DB = HEAD_DIM // 8  # n-blocks of O
     STAGE = KB * RW  # words per K (or V) stage
-    Q_WORDS = M * RW
+    V_BASE = 2 * STAGE
+    SMEM_WORDS = 4 * STAGE  # K and V, two stages each; Q (R * RW) and fp32 O (R * HEAD_DIM) fit: R <= 2 KB
     QA, SA, OA = KS * 4, NB * 4, DB * 4  # fragment registers per lane: Q (A), S (C), O (C)
-    KV_WORDS = 2 * STAGE  # two stages; the fp32 O staging (M * HEAD_DIM words) reuses the K ones
     WORDS8 = 4
     HALF_EXP = 0x7C00 if KIND == prim.F16 else 0x7F80
     hooks = cfg.hooks
@@ -150,10 +199,16 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         return row * RW + 4 * (chunk ^ (row & (SW - 1)))
 
     @cuda.jit(device=True, inline="always")
-    def kv_row(request, t, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size, header):
+    def kv_page_id(request, t, kv_indptr, kv_indices, header, page_size):
+        """The page id holding KV token t (request-local) of ``request``: the ONE place this kernel
+        reads the page table, through the guard (kernels/page_table.py): -1 for an id outside the pool."""
+        return guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header, request)
+
+    @cuda.jit(device=True, inline="always")
+    def kv_row(request, t, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride, head_stride, page_size):
         if PAGED:
-            page = guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header, request)
-            if page < 0:  # outside the pool (kernels/page_table.py): the caller reads nothing
+            page = kv_page_id(request, t, kv_indptr, kv_indices, header, page_size)
+            if page < 0:  # outside the pool: the caller reads nothing
                 return int64(-1)
             return page * page_stride + (t % page_size) * token_stride + kv_head * head_stride
         return (int64(kv_indptr[request]) + t) * token_stride + kv_head * head_stride
@@ -165,9 +220,10 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         return qo_pos0 + tok
 
     @cuda.jit(device=True, inline="always")
-    def load_block(sk, sv, stage, kb0, n_kv, request, kv_head, kv_indptr, kv_indices, k_words, v_words,
-                   page_stride, token_stride, head_stride, page_size, params, kv_off, tid, v8, pair8, header):  # fmt: skip
-        """Issue the copies of KV block kb0 (n_kv tokens; rows past them zero-filled) into ``stage``."""
+    def load_block(skv, stage, kb0, n_kv, request, kv_head, kv_indptr, kv_indices, header, k_words, v_words,
+                   page_stride, token_stride, head_stride, page_size, params, kv_off, tid, v8, pair8):  # fmt: skip
+        """Issue the copies of KV block kb0 (n_kv tokens; rows past them zero-filled) into ``stage``
+        (K words at stage * STAGE, V words at (2 + stage) * STAGE)."""
         base = stage * STAGE
         for item in range(tid, KB * CH, NT):
             c = item // CH
@@ -175,12 +231,12 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             valid = c < n_kv
             row = int64(0)
             if valid:
-                row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, page_stride, token_stride, head_stride, page_size,
-                             header)  # fmt: skip
+                row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride,
+                             head_stride, page_size)  # fmt: skip
                 valid = row >= 0  # a page id outside the pool reads nothing: zero-filled (kernels/page_table.py)
                 row = max(row, int64(0))
             dst = base + swz(c, chunk)
-            cp_async_16(sv, dst, v_words, row + chunk * WORDS8, valid)
+            cp_async_16(skv, V_BASE + dst, v_words, row + chunk * WORDS8, valid)
             if HAS_K_HOOK:
                 for k in range(8):
                     v8[k] = float32(0.0)
@@ -191,20 +247,342 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                         k_pair_hook(v8, pair8, chunk * 8, HEAD_DIM, request, kv_head, kv_off + kb0 + c, params)
                     k_hook(v8, chunk * 8, request, kv_head, kv_off + kb0 + c, params)
                 for k in range(4):
-                    sk[dst + k] = pack2(v8[2 * k], v8[2 * k + 1])
+                    skv[dst + k] = pack2(v8[2 * k], v8[2 * k + 1])
             else:
-                cp_async_16(sk, dst, k_words, row + chunk * WORDS8, valid)
+                cp_async_16(skv, dst, k_words, row + chunk * WORDS8, valid)
         cp_async_commit()
 
     @cuda.jit(device=True, inline="always")
-    def has_non_finite(sv, stage, tid):
+    def has_non_finite(skv, stage, tid):
         """This thread's share of V stage ``stage``: any Inf/NaN half?"""
         bad = 0
         for w in range(tid, STAGE, NT):
-            word = sv[stage * STAGE + w]
+            word = skv[V_BASE + stage * STAGE + w]
             if (word & HALF_EXP) == HALF_EXP or ((word >> 16) & HALF_EXP) == HALF_EXP:
                 bad = 1
         return bad
+
+    @cuda.jit(device=True, inline="always")
+    def stage_q(skv, v8, pair8, tid, request, kv_head, n_tok, tok0, head0, row0, qo_pos0, q_words,
+                q_stride_n, q_stride_h, params, row_qo_pos, use_positions):  # fmt: skip
+        """The pass's R query rows (query hooks in fp32) -> fp16/bf16 swizzled tile at word 0; zeros
+        for rows past the pass."""
+        for item in range(tid, R * CH, NT):
+            r = item // CH
+            chunk = item - r * CH
+            tok = r // HP
+            head = head0 + r - tok * HP
+            for k in range(8):
+                v8[k] = float32(0.0)
+            if tok < n_tok and head < GROUP:
+                qo_head = kv_head * GROUP + head
+                q_row = (row0 + tok0 + tok) * q_stride_n + qo_head * q_stride_h
+                load_row8(q_words, q_row + chunk * WORDS8, KIND, v8)
+                qo_pos = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0 + tok)
+                if HAS_Q_PAIR:
+                    load_row8(q_words, q_row + ((chunk * 8 + HEAD_DIM // 2) % HEAD_DIM // 8) * WORDS8, KIND, pair8)
+                    q_pair_hook(v8, pair8, chunk * 8, HEAD_DIM, request, qo_head, qo_pos, params)
+                q_hook(v8, chunk * 8, request, qo_head, qo_pos, params)
+            w = swz(r, chunk)
+            for k in range(4):
+                skv[w + k] = pack2(v8[2 * k], v8[2 * k + 1])
+
+    @cuda.jit(device=True, inline="always")
+    def q_fragments(skv, qa, lane, wrow):
+        """A fragments of this warp's 16 Q rows: matrices (rows 0-7 | 8-15) x (chunk 2ks | 2ks + 1)."""
+        a_row = wrow + (lane & 7) + 8 * ((lane >> 3) & 1)
+        for ks in range(KS):
+            f = ldsm(skv, swz(a_row, 2 * ks + (lane >> 4)))
+            for k in range(4):
+                qa[ks * 4 + k] = f[k]
+
+    @cuda.jit(device=True, inline="always")
+    def scores(skv, qa, s, kbase, lane):
+        """S = Q K^T for this warp's rows: B fragments of n-block nb for k-steps 2j, 2j + 1 from one ldmatrix."""
+        for nb in range(NB):
+            for k in range(4):
+                s[nb * 4 + k] = float32(0.0)
+            for j in range(KS // 2):
+                f = ldsm(skv, kbase + swz(nb * 8 + (lane & 7), 4 * j + (lane >> 3)))
+                r = mma(qa[8 * j], qa[8 * j + 1], qa[8 * j + 2], qa[8 * j + 3], f[0], f[1],
+                        s[nb * 4], s[nb * 4 + 1], s[nb * 4 + 2], s[nb * 4 + 3])  # fmt: skip
+                r = mma(qa[8 * j + 4], qa[8 * j + 5], qa[8 * j + 6], qa[8 * j + 7], f[2], f[3], r[0], r[1], r[2], r[3])
+                for k in range(4):
+                    s[nb * 4 + k] = r[k]
+            if KS % 2:
+                f = ldsm(skv, kbase + swz(nb * 8 + (lane & 7), 2 * (KS - 1) + ((lane >> 3) & 1)))
+                r = mma(qa[4 * (KS - 1)], qa[4 * (KS - 1) + 1], qa[4 * (KS - 1) + 2], qa[4 * (KS - 1) + 3],
+                        f[0], f[1], s[nb * 4], s[nb * 4 + 1], s[nb * 4 + 2], s[nb * 4 + 3])  # fmt: skip
+                for k in range(4):
+                    s[nb * 4 + k] = r[k]
+
+    @cuda.jit(device=True, inline="always")
+    def mask_scores(s, km, g, t4, wrow, s_scale, n_tok, tok0, head0, n_kv, kb0, request, kv_head, qo_pos0,
+                    row0, kv_off, params, row_qo_pos, use_positions):  # fmt: skip
+        """Scale, logits hook, causal / hook / range masks (selected: -inf). Returns (any masked, row
+        max of g, row max of g + 8) over this lane's fragment entries."""
+        masked_any = 0
+        mx0 = NEG_INF
+        mx1 = NEG_INF
+        # the two rows of this lane: token, head, whether they exist, their position (once per block)
+        tok_a = (wrow + g) // HP
+        head_a = head0 + wrow + g - tok_a * HP
+        tok_b = (wrow + g + 8) // HP
+        head_b = head0 + wrow + g + 8 - tok_b * HP
+        ok_a = tok_a < n_tok and head_a < GROUP
+        ok_b = tok_b < n_tok and head_b < GROUP
+        pos_a = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0 + tok_a) if ok_a else int64(0)
+        pos_b = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0 + tok_b) if ok_b else int64(0)
+        for e in range(SA):  # one flat loop over the fragment's entries (unrolled: static indices)
+            upper = (e & 2) != 0
+            c = (e >> 2) * 8 + 2 * t4 + (e & 1)
+            keep = (ok_b if upper else ok_a) and c < n_kv
+            sc = s[e] * s_scale
+            if keep:
+                qo_pos = pos_b if upper else pos_a
+                kv_pos = kv_off + kb0 + c
+                qo_head = kv_head * GROUP + (head_b if upper else head_a)
+                if HAS_LOGITS_HOOK:
+                    sc = float32(logit_hook(sc, request, qo_pos, kv_pos, qo_head, kv_head, params))
+                if NATURAL and SOFTMAX:
+                    sc = float32(sc * LOG2E)
+                if CAUSAL:
+                    keep = kv_pos <= qo_pos
+                if HAS_MASK:
+                    keep = keep and mask_hook(request, qo_pos, kv_pos, qo_head, kv_head, params)
+                if not keep:
+                    masked_any = 1
+            sc = sc if keep else NEG_INF
+            s[e] = sc
+            km[e] = 1 if keep else 0
+            if upper:
+                mx1 = nan_max(mx1, sc)
+            else:
+                mx0 = nan_max(mx0, sc)
+        return masked_any, mx0, mx1
+
+    @cuda.jit(device=True, inline="always")
+    def pv_mma(skv, s, o, vbase, lane):
+        """O += P V: P's C fragments of n-blocks 2j, 2j + 1 are the A fragment of k-step j."""
+        for j in range(PK):
+            a0 = pack2(s[8 * j], s[8 * j + 1])
+            a1 = pack2(s[8 * j + 2], s[8 * j + 3])
+            a2 = pack2(s[8 * j + 4], s[8 * j + 5])
+            a3 = pack2(s[8 * j + 6], s[8 * j + 7])
+            v_row = 16 * j + (lane & 7) + 8 * ((lane >> 3) & 1)
+            for db2 in range(DB // 2):
+                f = ldsm_t(skv, vbase + swz(v_row, 2 * db2 + (lane >> 4)))
+                r = mma(a0, a1, a2, a3, f[0], f[1], o[8 * db2], o[8 * db2 + 1], o[8 * db2 + 2], o[8 * db2 + 3])
+                for k in range(4):
+                    o[8 * db2 + k] = r[k]
+                r = mma(a0, a1, a2, a3, f[2], f[3], o[8 * db2 + 4], o[8 * db2 + 5], o[8 * db2 + 6], o[8 * db2 + 7])
+                for k in range(4):
+                    o[8 * db2 + 4 + k] = r[k]
+            if DB % 2:
+                f = ldsm_t(skv, vbase + swz(v_row, DB - 1))
+                r = mma(a0, a1, a2, a3, f[0], f[1], o[4 * (DB - 1)], o[4 * (DB - 1) + 1],
+                        o[4 * (DB - 1) + 2], o[4 * (DB - 1) + 3])  # fmt: skip
+                for k in range(4):
+                    o[4 * (DB - 1) + k] = r[k]
+
+    @cuda.jit(device=True, inline="always")
+    def pv_selected(skv, s, km, o, kbase, vbase, lane, wrow, g, t4, n_kv, live):
+        """O += P V on CUDA cores, masked positions selected out (0 * Inf must not reach a row); every
+        thread of the CTA calls it. Per n-block, each warp writes its 16 x 8 weights (masked: -inf)
+        into its rows of a scratch tile in the current K stage (free: S is done), then reads them
+        back by column. The fragment registers are read at compile-time indices only (a flat loop),
+        so they stay registers (a run-time index would move them to local memory)."""
+        for nb in range(NB):
+            if live:
+                for e in range(SA):
+                    if (e >> 2) == nb:
+                        w = kbase + (wrow + g + 8 * ((e >> 1) & 1)) * 8 + 2 * t4 + (e & 1)
+                        skv[w] = prim.f32_to_bits(s[e] if km[e] != 0 else NEG_INF)
+            cuda.syncthreads()
+            if live:
+                for cc in range(min(int64(8), n_kv - nb * 8)):
+                    c = nb * 8 + cc
+                    p0 = prim.bits_to_f32(skv[kbase + (wrow + g) * 8 + cc])
+                    p1 = prim.bits_to_f32(skv[kbase + (wrow + g + 8) * 8 + cc])
+                    for db in range(DB):
+                        lo, hi = unpack2(skv[vbase + swz(c, db) + t4])
+                        if not (p0 == NEG_INF):
+                            o[db * 4] += p0 * lo
+                            o[db * 4 + 1] += p0 * hi
+                        if not (p1 == NEG_INF):
+                            o[db * 4 + 2] += p1 * lo
+                            o[db * 4 + 3] += p1 * hi
+            cuda.syncthreads()
+
+    @cuda.jit(device=True, inline="always")
+    def softmax_block(s, o, m0, m1, d0, d1, mx0, mx1):
+        """Online softmax on the C fragments (quad shuffles give the row max): s <- P, O and the
+        lane-partial sums rescaled. Returns the new (m0, m1, d0, d1)."""
+        scale0 = float32(1.0)
+        scale1 = float32(1.0)
+        if SOFTMAX:
+            mx0 = nan_max(mx0, shfl_xor(FULL, mx0, 1))
+            mx0 = nan_max(mx0, shfl_xor(FULL, mx0, 2))
+            mx1 = nan_max(mx1, shfl_xor(FULL, mx1, 1))
+            mx1 = nan_max(mx1, shfl_xor(FULL, mx1, 2))
+            n0 = nan_max(m0, mx0)
+            n1 = nan_max(m1, mx1)
+            if not (n0 == NEG_INF):
+                scale0 = ex2(m0 - n0)
+            if not (n1 == NEG_INF):
+                scale1 = ex2(m1 - n1)
+            m0 = n0
+            m1 = n1
+            d0 *= scale0
+            d1 *= scale1
+            for e in range(SA):
+                sc = s[e]
+                p = float32(0.0)
+                if not (sc == NEG_INF):
+                    p = ex2(sc - (m1 if e & 2 else m0))
+                s[e] = p
+                if e & 2:
+                    d1 += p
+                else:
+                    d0 += p
+        else:
+            for k in range(NB * 4):
+                if s[k] == NEG_INF:
+                    s[k] = float32(0.0)
+        for db in range(DB):
+            o[db * 4] *= scale0
+            o[db * 4 + 1] *= scale0
+            o[db * 4 + 2] *= scale1
+            o[db * 4 + 3] *= scale1
+        return m0, m1, d0, d1
+
+    @cuda.jit(device=True, inline="always")
+    def epilogue(skv, sm, sd, o, v8, lanes, work, geo, m0, m1, d0, d1, out_words, lse, partial_out, partial_lse,
+                 params, row_qo_pos):  # fmt: skip
+        """Row sums over the quad; O staged as fp32 rows (word r * HEAD_DIM + dim), then written by
+        8-vectors like the CUDA-core kernel (sink, output hook, LSE, partial slots). Tuples as pass_rows."""
+        tid, lane, wrow, g, t4 = lanes
+        request, kv_head, n_tok, tok0, head0, kv_start, kv_stop, slot, slot_stride, qo_pos0, row0, kv_off = work
+        q_stride_n, q_stride_h, page_stride, token_stride, head_stride, page_size, write_lse, num_qo_heads, use_positions = geo
+        d0 += shfl_xor(FULL, d0, 1)
+        d0 += shfl_xor(FULL, d0, 2)
+        d1 += shfl_xor(FULL, d1, 1)
+        d1 += shfl_xor(FULL, d1, 2)
+        if t4 == 0:
+            sm[wrow + g] = m0
+            sm[wrow + g + 8] = m1
+            sd[wrow + g] = d0
+            sd[wrow + g + 8] = d1
+        for db in range(DB):
+            for k in range(4):
+                skv[(wrow + g + 8 * (k >> 1)) * HEAD_DIM + db * 8 + 2 * t4 + (k & 1)] = prim.f32_to_bits(o[db * 4 + k])
+        cuda.syncthreads()
+        for item in range(tid, R * CH, NT):
+            r = item // CH
+            chunk = item - r * CH
+            dim0 = chunk * 8
+            tok = r // HP
+            head = head0 + r - tok * HP
+            if tok < n_tok and head < GROUP:
+                qo_head = kv_head * GROUP + head
+                lse_value = NEG_INF
+                for k in range(8):
+                    v8[k] = float32(0.0)
+                if not SOFTMAX:
+                    for k in range(8):
+                        v8[k] = prim.bits_to_f32(skv[r * HEAD_DIM + dim0 + k])
+                    lse_value = float32(0.0)
+                else:
+                    m_row = sm[r]
+                    d = sd[r]
+                    rescale = float32(1.0)
+                    if HAS_SINK and slot < 0:
+                        sink = float32(sink_hook(qo_head, params) * LOG2E)
+                        if not (sink == NEG_INF):
+                            m_new = nan_max(m_row, sink)
+                            rescale = ex2(m_row - m_new)
+                            d = d * rescale + ex2(sink - m_new)
+                            m_row = m_new
+                    if d > float32(0.0) or d != d:
+                        inv = rescale / d
+                        for k in range(8):
+                            v8[k] = prim.bits_to_f32(skv[r * HEAD_DIM + dim0 + k]) * inv
+                        lse_value = float32((m_row + math.log2(d)) * LN2)
+                if slot < 0:
+                    o_hook(v8, dim0, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0 + tok), params)
+                    out_row = (row0 + tok0 + tok) * num_qo_heads + qo_head
+                    prim.store_row8(out_words, out_row * RW + chunk * WORDS8, KIND, v8)
+                    if dim0 == 0 and write_lse != 0:
+                        lse[out_row] = lse_value
+                else:
+                    part_row = (slot + (tok0 + tok) * slot_stride) * GROUP + head
+                    for k in range(8):
+                        partial_out[part_row * HEAD_DIM + dim0 + k] = v8[k]
+                    if dim0 == 0:
+                        partial_lse[part_row] = lse_value
+        cuda.syncthreads()
+
+    @cuda.jit(device=True, inline="always")
+    def pass_rows(skv, sm, sd, qa, s, o, km, v8, pair8, lanes, work, geo, s_scale, kv_indptr, kv_indices, header,
+                  q_words, k_words, v_words, out_words, lse, partial_out, partial_lse, params, row_qo_pos):  # fmt: skip
+        """One pass: R rows (tokens tok0 .. tok0 + n_tok of the tile x heads head0 .. head0 + HP)
+        against KV [kv_start, kv_stop), every warp on its 16 rows, all sharing the KV stages.
+        ``lanes`` = (tid, lane, wrow, g, t4); ``work`` = (request, kv_head, n_tok, tok0, head0, kv_start,
+        kv_stop, slot, slot_stride, qo_pos0, row0, kv_off); ``geo`` = (q_stride_n, q_stride_h,
+        page_stride, token_stride, head_stride, page_size, write_lse, num_qo_heads, use_positions)
+        (tuples: a device call takes at most 30 arguments)."""
+        tid, lane, wrow, g, t4 = lanes
+        request, kv_head, n_tok, tok0, head0, kv_start, kv_stop, slot, slot_stride, qo_pos0, row0, kv_off = work
+        q_stride_n, q_stride_h, page_stride, token_stride, head_stride, page_size, write_lse, num_qo_heads, use_positions = geo
+        stage_q(skv, v8, pair8, tid, request, kv_head, n_tok, tok0, head0, row0, qo_pos0, q_words,
+                q_stride_n, q_stride_h, params, row_qo_pos, use_positions)  # fmt: skip
+        cuda.syncthreads()
+        live = wrow < n_tok * HP  # warp-uniform: a warp past the pass's rows skips the math
+        if live:
+            q_fragments(skv, qa, lane, wrow)
+        cuda.syncthreads()  # the Q words are free: block 0 lands on them
+        if kv_start < kv_stop:
+            load_block(skv, 0, kv_start, min(int64(KB), kv_stop - kv_start), request, kv_head, kv_indptr,
+                       kv_indices, header, k_words, v_words, page_stride, token_stride, head_stride, page_size,
+                       params, kv_off, tid, v8, pair8)  # fmt: skip
+        for k in range(OA):
+            o[k] = float32(0.0)
+        m0 = NEG_INF  # running max of rows g and g + 8 (log2 domain), lane-partial sums
+        m1 = NEG_INF
+        d0 = float32(0.0)
+        d1 = float32(0.0)
+        stage = 0
+        for kb0 in range(kv_start, kv_stop, KB):
+            n_kv = min(int64(KB), kv_stop - kb0)
+            if kb0 + KB < kv_stop:  # the next block flies while this one is computed
+                load_block(skv, 1 - stage, kb0 + KB, min(int64(KB), kv_stop - kb0 - KB), request, kv_head,
+                           kv_indptr, kv_indices, header, k_words, v_words, page_stride, token_stride, head_stride,
+                           page_size, params, kv_off, tid, v8, pair8)  # fmt: skip
+                wait_1()
+            else:
+                wait_0()
+            cuda.syncthreads()
+            kbase = stage * STAGE
+            masked_any = 0
+            if live:
+                scores(skv, qa, s, kbase, lane)
+                masked_any, mx0, mx1 = mask_scores(s, km, g, t4, wrow, s_scale, n_tok, tok0, head0, n_kv, kb0, request,
+                                                   kv_head, qo_pos0, row0, kv_off, params, row_qo_pos, use_positions)  # fmt: skip
+                m0, m1, d0, d1 = softmax_block(s, o, m0, m1, d0, d1, mx0, mx1)
+            # a masked entry next to a non-finite V element: the selected path (CTA-uniform)
+            slow = 0
+            if CAUSAL or HAS_MASK:
+                masked_any = cuda.syncthreads_or(masked_any)
+                if masked_any != 0:
+                    slow = cuda.syncthreads_or(has_non_finite(skv, stage, tid))
+            if slow != 0:
+                pv_selected(skv, s, km, o, kbase, V_BASE + kbase, lane, wrow, g, t4, n_kv, live)
+            elif live:
+                pv_mma(skv, s, o, V_BASE + kbase, lane)
+            cuda.syncthreads()  # every warp is done with this stage before it is refilled
+            stage = 1 - stage
+        epilogue(skv, sm, sd, o, v8, lanes, work, geo, m0, m1, d0, d1, out_words, lse, partial_out, partial_lse,
+                 params, row_qo_pos)
 
     def prefill_mma_kernel(
         header, cta_tile_indptr, tile_request, tile_q_start, tile_q_end, tile_kv_head, tile_kv_start, tile_kv_end,
@@ -217,19 +595,18 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         row_qo_pos, entry_kv_offset, use_positions,
     ):  # fmt: skip
         tid = cuda.threadIdx.x
-        g = tid >> 2
-        t4 = tid & 3
+        lane = tid & (WARP - 1)
+        wrow = (tid >> 5) * 16  # this warp's first row of the pass
+        g = lane >> 2
+        t4 = lane & 3
+        # K stages [0, 2 STAGE), V stages [2 STAGE, 4 STAGE); the Q tile and the fp32 O rows are
+        # staged in the same words while no KV block is live
         if SIM:
-            sq = cuda.shared.array(Q_WORDS, int32)
-            sk = cuda.shared.array(KV_WORDS, int32)
-            sv = cuda.shared.array(KV_WORDS, int32)
+            skv = cuda.shared.array(SMEM_WORDS, int32)
         else:
-            sq = cuda.shared.array(Q_WORDS, int32, alignment=16)
-            sk = cuda.shared.array(KV_WORDS, int32, alignment=16)
-            sv = cuda.shared.array(KV_WORDS, int32, alignment=16)
-        sp = cuda.shared.array((M, KB), float32)  # probabilities of the scalar P V path
-        sm = cuda.shared.array(M, float32)
-        sd = cuda.shared.array(M, float32)
+            skv = cuda.shared.array(SMEM_WORDS, int32, alignment=16)
+        sm = cuda.shared.array(R, float32)
+        sd = cuda.shared.array(R, float32)
         qa = cuda.local.array(QA, int32)
         s = cuda.local.array(SA, float32)
         o = cuda.local.array(OA, float32)
@@ -238,6 +615,9 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         pair8 = cuda.local.array(8, float32)
         # scores are scaled in fp32 after Q K^T: into the log2 domain, unless a hook needs natural units
         s_scale = float32(sm_scale) if NATURAL else float32(sm_scale * LOG2E)
+        lanes = (int64(tid), int64(lane), int64(wrow), int64(g), int64(t4))
+        geo = (int64(q_stride_n), int64(q_stride_h), int64(page_stride), int64(token_stride), int64(head_stride),
+               int64(page_size), int64(write_lse), int64(num_qo_heads), int64(use_positions))  # fmt: skip
         num_tiles = header[H_NUM_TILES]
         cta = cuda.blockIdx.x
         tile_stop = min(cta_tile_indptr[cta + 1], num_tiles)
@@ -245,7 +625,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             request = int64(tile_request[tile])
             kv_head = int64(tile_kv_head[tile])
             q_start = int64(tile_q_start[tile])
-            n_tok = int64(tile_q_end[tile]) - q_start
+            n_tok_tile = int64(tile_q_end[tile]) - q_start
             kv_start = int64(tile_kv_start[tile])
             kv_end = int64(tile_kv_end[tile])
             slot = int64(tile_slot[tile])
@@ -256,256 +636,19 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             kv_off = int64(0)
             if use_positions != 0:
                 kv_off = int64(entry_kv_offset[request])
-            kv_stop = kv_end
-            if CAUSAL:  # blocks past the last visible position are skipped
-                last = token_pos(use_positions, row_qo_pos, row0, qo_pos0, int64(0))
-                for tok in range(1, n_tok):
-                    last = max(last, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok))
-                kv_stop = max(kv_start, min(kv_end, last - kv_off + 1))
-            for head0 in range(0, GROUP, HP):
-                # Q rows (hooks in fp32) -> fp16/bf16 swizzled tile; zeros for rows past the tile
-                for item in range(tid, M * CH, NT):
-                    r = item // CH
-                    chunk = item - r * CH
-                    tok = r // HP
-                    head = head0 + r - tok * HP
-                    for k in range(8):
-                        v8[k] = float32(0.0)
-                    if tok < n_tok and head < GROUP:
-                        qo_head = kv_head * GROUP + head
-                        q_row = (row0 + tok) * q_stride_n + qo_head * q_stride_h
-                        load_row8(q_words, q_row + chunk * WORDS8, KIND, v8)
-                        qo_pos = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok)
-                        if HAS_Q_PAIR:
-                            load_row8(q_words, q_row + ((chunk * 8 + HEAD_DIM // 2) % HEAD_DIM // 8) * WORDS8, KIND, pair8)
-                            q_pair_hook(v8, pair8, chunk * 8, HEAD_DIM, request, qo_head, qo_pos, params)
-                        q_hook(v8, chunk * 8, request, qo_head, qo_pos, params)
-                    w = swz(r, chunk)
-                    for k in range(4):
-                        sq[w + k] = pack2(v8[2 * k], v8[2 * k + 1])
-                if kv_start < kv_stop:
-                    load_block(sk, sv, 0, kv_start, min(int64(KB), kv_stop - kv_start), request, kv_head, kv_indptr,
-                               kv_indices, k_words, v_words, page_stride, token_stride, head_stride, page_size,
-                               params, kv_off, tid, v8, pair8, header)  # fmt: skip
-                cuda.syncthreads()
-                # A fragments of Q: matrices (rows 0-7 | 8-15) x (chunk 2ks | 2ks + 1)
-                a_row = (tid & 7) + 8 * ((tid >> 3) & 1)
-                for ks in range(KS):
-                    f = ldsm(sq, swz(a_row, 2 * ks + (tid >> 4)))
-                    for k in range(4):
-                        qa[ks * 4 + k] = f[k]
-                for k in range(DB * 4):
-                    o[k] = float32(0.0)
-                m0 = NEG_INF  # running max of rows g and g + 8 (log2 domain), lane-partial sums
-                m1 = NEG_INF
-                d0 = float32(0.0)
-                d1 = float32(0.0)
-                stage = 0
-                for kb0 in range(kv_start, kv_stop, KB):
-                    n_kv = min(int64(KB), kv_stop - kb0)
-                    if kb0 + KB < kv_stop:  # the next block flies while this one is computed
-                        load_block(sk, sv, 1 - stage, kb0 + KB, min(int64(KB), kv_stop - kb0 - KB), request, kv_head,
-                                   kv_indptr, kv_indices, k_words, v_words, page_stride, token_stride, head_stride,
-                                   page_size, params, kv_off, tid, v8, pair8, header)  # fmt: skip
-                        wait_1()
-                    else:
-                        wait_0()
-                    cuda.syncthreads()
-                    kbase = stage * STAGE
-                    # S = Q K^T: B fragments of n-block nb for k-steps 2j, 2j + 1 from one ldmatrix
-                    for nb in range(NB):
-                        for k in range(4):
-                            s[nb * 4 + k] = float32(0.0)
-                        for j in range(KS // 2):
-                            f = ldsm(sk, kbase + swz(nb * 8 + (tid & 7), 4 * j + (tid >> 3)))
-                            r = mma(qa[8 * j], qa[8 * j + 1], qa[8 * j + 2], qa[8 * j + 3], f[0], f[1],
-                                    s[nb * 4], s[nb * 4 + 1], s[nb * 4 + 2], s[nb * 4 + 3])  # fmt: skip
-                            r = mma(qa[8 * j + 4], qa[8 * j + 5], qa[8 * j + 6], qa[8 * j + 7], f[2], f[3],
-                                    r[0], r[1], r[2], r[3])  # fmt: skip
-                            for k in range(4):
-                                s[nb * 4 + k] = r[k]
-                        if KS % 2:
-                            f = ldsm(sk, kbase + swz(nb * 8 + (tid & 7), 2 * (KS - 1) + ((tid >> 3) & 1)))
-                            r = mma(qa[4 * (KS - 1)], qa[4 * (KS - 1) + 1], qa[4 * (KS - 1) + 2], qa[4 * (KS - 1) + 3],
-                                    f[0], f[1], s[nb * 4], s[nb * 4 + 1], s[nb * 4 + 2], s[nb * 4 + 3])  # fmt: skip
-                            for k in range(4):
-                                s[nb * 4 + k] = r[k]
-                    # scale, hooks, masks (selected: -inf), block max per row
-                    masked_any = 0
-                    mx0 = NEG_INF
-                    mx1 = NEG_INF
-                    for nb in range(NB):
-                        for k in range(4):
-                            rr = g + 8 * (k >> 1)
-                            c = nb * 8 + 2 * t4 + (k & 1)
-                            tok = rr // HP
-                            head = head0 + rr - tok * HP
-                            row_ok = tok < n_tok and head < GROUP
-                            sc = s[nb * 4 + k] * s_scale
-                            keep = row_ok and c < n_kv
-                            if keep:
-                                qo_pos = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok)
-                                kv_pos = kv_off + kb0 + c
-                                qo_head = kv_head * GROUP + head
-                                if HAS_LOGITS_HOOK:
-                                    sc = float32(logit_hook(sc, request, qo_pos, kv_pos, qo_head, kv_head, params))
-                                if NATURAL and SOFTMAX:
-                                    sc = float32(sc * LOG2E)
-                                if CAUSAL:
-                                    keep = kv_pos <= qo_pos
-                                if HAS_MASK:
-                                    keep = keep and mask_hook(request, qo_pos, kv_pos, qo_head, kv_head, params)
-                                if not keep:
-                                    masked_any = 1
-                            sc = sc if keep else NEG_INF
-                            s[nb * 4 + k] = sc
-                            km[nb * 4 + k] = 1 if keep else 0
-                            if k < 2:
-                                mx0 = nan_max(mx0, sc)
-                            else:
-                                mx1 = nan_max(mx1, sc)
-                    # online softmax on the fragments: quad shuffles give the row max
-                    scale0 = float32(1.0)
-                    scale1 = float32(1.0)
-                    if SOFTMAX:
-                        mx0 = nan_max(mx0, shfl_xor(FULL, mx0, 1))
-                        mx0 = nan_max(mx0, shfl_xor(FULL, mx0, 2))
-                        mx1 = nan_max(mx1, shfl_xor(FULL, mx1, 1))
-                        mx1 = nan_max(mx1, shfl_xor(FULL, mx1, 2))
-                        n0 = nan_max(m0, mx0)
-                        n1 = nan_max(m1, mx1)
-                        if not (n0 == NEG_INF):
-                            scale0 = ex2(m0 - n0)
-                        if not (n1 == NEG_INF):
-                            scale1 = ex2(m1 - n1)
-                        m0 = n0
-                        m1 = n1
-                        d0 *= scale0
-                        d1 *= scale1
-                        for nb in range(NB):
-                            for k in range(4):
-                                sc = s[nb * 4 + k]
-                                p = float32(0.0)
-                                if not (sc == NEG_INF):
-                                    p = ex2(sc - (m0 if k < 2 else m1))
-                                s[nb * 4 + k] = p
-                                if k < 2:
-                                    d0 += p
-                                else:
-                                    d1 += p
-                    else:
-                        for k in range(NB * 4):
-                            if s[k] == NEG_INF:
-                                s[k] = float32(0.0)
-                    for db in range(DB):
-                        o[db * 4] *= scale0
-                        o[db * 4 + 1] *= scale0
-                        o[db * 4 + 2] *= scale1
-                        o[db * 4 + 3] *= scale1
-                    # a masked entry next to a non-finite V element: the scalar path (selection)
-                    slow = 0
-                    if CAUSAL or HAS_MASK:
-                        masked_any = cuda.syncthreads_or(masked_any)
-                        if masked_any != 0:
-                            slow = cuda.syncthreads_or(has_non_finite(sv, stage, tid))
-                    if slow != 0:
-                        for nb in range(NB):
-                            for k in range(4):
-                                sp[g + 8 * (k >> 1), nb * 8 + 2 * t4 + (k & 1)] = s[nb * 4 + k] if km[nb * 4 + k] != 0 else NEG_INF
-                        cuda.syncthreads()
-                        for db in range(DB):
-                            for k in range(4):
-                                rr = g + 8 * (k >> 1)
-                                dim = db * 8 + 2 * t4 + (k & 1)
-                                acc = o[db * 4 + k]
-                                for c in range(n_kv):
-                                    p = sp[rr, c]
-                                    if not (p == NEG_INF):  # masked: selected out
-                                        lo, hi = unpack2(sv[kbase + swz(c, db) + t4])
-                                        acc += p * (lo if (k & 1) == 0 else hi)
-                                o[db * 4 + k] = acc
-                    else:
-                        # O += P V: P's C fragments of n-blocks 2j, 2j + 1 are the A fragment of k-step j
-                        for j in range(PK):
-                            a0 = pack2(s[8 * j], s[8 * j + 1])
-                            a1 = pack2(s[8 * j + 2], s[8 * j + 3])
-                            a2 = pack2(s[8 * j + 4], s[8 * j + 5])
-                            a3 = pack2(s[8 * j + 6], s[8 * j + 7])
-                            v_row = 16 * j + (tid & 7) + 8 * ((tid >> 3) & 1)
-                            for db2 in range(DB // 2):
-                                f = ldsm_t(sv, kbase + swz(v_row, 2 * db2 + (tid >> 4)))
-                                r = mma(a0, a1, a2, a3, f[0], f[1], o[8 * db2], o[8 * db2 + 1], o[8 * db2 + 2], o[8 * db2 + 3])
-                                for k in range(4):
-                                    o[8 * db2 + k] = r[k]
-                                r = mma(a0, a1, a2, a3, f[2], f[3], o[8 * db2 + 4], o[8 * db2 + 5], o[8 * db2 + 6], o[8 * db2 + 7])
-                                for k in range(4):
-                                    o[8 * db2 + 4 + k] = r[k]
-                            if DB % 2:
-                                f = ldsm_t(sv, kbase + swz(v_row, DB - 1))
-                                r = mma(a0, a1, a2, a3, f[0], f[1], o[4 * (DB - 1)], o[4 * (DB - 1) + 1],
-                                        o[4 * (DB - 1) + 2], o[4 * (DB - 1) + 3])  # fmt: skip
-                                for k in range(4):
-                                    o[4 * (DB - 1) + k] = r[k]
-                    cuda.syncthreads()  # every lane is done with this stage before it is refilled
-                    stage = 1 - stage
-                # epilogue: row sums over the quad, O staged as fp32 rows in the (idle) K stages
-                d0 += shfl_xor(FULL, d0, 1)
-                d0 += shfl_xor(FULL, d0, 2)
-                d1 += shfl_xor(FULL, d1, 1)
-                d1 += shfl_xor(FULL, d1, 2)
-                if t4 == 0:
-                    sm[g] = m0
-                    sm[g + 8] = m1
-                    sd[g] = d0
-                    sd[g + 8] = d1
-                for db in range(DB):
-                    for k in range(4):
-                        sk[(g + 8 * (k >> 1)) * HEAD_DIM + db * 8 + 2 * t4 + (k & 1)] = prim.f32_to_bits(o[db * 4 + k])
-                cuda.syncthreads()
-                for item in range(tid, M * CH, NT):
-                    r = item // CH
-                    chunk = item - r * CH
-                    dim0 = chunk * 8
-                    tok = r // HP
-                    head = head0 + r - tok * HP
-                    if tok < n_tok and head < GROUP:
-                        qo_head = kv_head * GROUP + head
-                        lse_value = NEG_INF
-                        for k in range(8):
-                            v8[k] = float32(0.0)
-                        if not SOFTMAX:
-                            for k in range(8):
-                                v8[k] = prim.bits_to_f32(sk[r * HEAD_DIM + dim0 + k])
-                            lse_value = float32(0.0)
-                        else:
-                            m_row = sm[r]
-                            d = sd[r]
-                            rescale = float32(1.0)
-                            if HAS_SINK and slot < 0:
-                                sink = float32(sink_hook(qo_head, params) * LOG2E)
-                                if not (sink == NEG_INF):
-                                    m_new = nan_max(m_row, sink)
-                                    rescale = ex2(m_row - m_new)
-                                    d = d * rescale + ex2(sink - m_new)
-                                    m_row = m_new
-                            if d > float32(0.0) or d != d:
-                                inv = rescale / d
-                                for k in range(8):
-                                    v8[k] = prim.bits_to_f32(sk[r * HEAD_DIM + dim0 + k]) * inv
-                                lse_value = float32((m_row + math.log2(d)) * LN2)
-                        if slot < 0:
-                            o_hook(v8, dim0, request, qo_head, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok), params)
-                            out_row = (row0 + tok) * num_qo_heads + qo_head
-                            prim.store_row8(out_words, out_row * RW + chunk * WORDS8, KIND, v8)
-                            if dim0 == 0 and write_lse != 0:
-                                lse[out_row] = lse_value
-                        else:
-                            part_row = (slot + tok * slot_stride) * GROUP + head
-                            for k in range(8):
-                                partial_out[part_row * HEAD_DIM + dim0 + k] = v8[k]
-                            if dim0 == 0:
-                                partial_lse[part_row] = lse_value
-                cuda.syncthreads()
+            # passes of TP tokens x HP heads = R rows (the plan's tile may hold more tokens than one pass)
+            for tok0 in range(0, n_tok_tile, TP):
+                n_tok = min(int64(TP), n_tok_tile - tok0)
+                kv_stop = kv_end
+                if CAUSAL:  # blocks past the pass's last visible position are skipped
+                    last = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0)
+                    for tok in range(tok0 + 1, tok0 + n_tok):
+                        last = max(last, token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok))
+                    kv_stop = max(kv_start, min(kv_end, last - kv_off + 1))
+                for head0 in range(0, GROUP, HP):
+                    work = (request, kv_head, n_tok, tok0, head0, kv_start, kv_stop, slot, slot_stride, qo_pos0, row0, kv_off)
+                    pass_rows(skv, sm, sd, qa, s, o, km, v8, pair8, lanes, work, geo, s_scale, kv_indptr, kv_indices, header,
+                              q_words, k_words, v_words, out_words, lse, partial_out, partial_lse, params, row_qo_pos)  # fmt: skip
 
     return PREFILL_ARGS.check(prefill_mma_kernel)
 

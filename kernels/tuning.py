@@ -42,13 +42,54 @@ def prefill_kv_block(head_dim: int) -> int:
     return 16 if head_dim <= 128 else 8
 
 
+@dataclass(frozen=True)
+class PrefillMmaShape:
+    """Launch shape of the tensor-core prefill (kernels.prefill_mma): ``warps`` x 16 query rows per
+    pass (all warps share the KV stages), ``kv_tokens`` KV tokens per stage (2 stages of K and V)."""
+
+    warps: int
+    kv_tokens: int
+
+    @property
+    def rows(self) -> int:
+        return 16 * self.warps
+
+
+#: static shared memory a CTA may take without cuFuncSetAttribute (numba-cuda issue #94)
+STATIC_SHARED_BYTES = 48 * 1024
+
+
+def prefill_mma_shape(head_dim: int, simulator: bool = SIMULATOR) -> PrefillMmaShape:
+    """GPU: 128-row query tiles (8 warps) over 64-token KV stages up to head_dim 64; 64-row tiles
+    (4 warps) over 32-token stages up to 128; 32 rows over 16 tokens beyond. Two fp16/bf16 stages of
+    K and V take 4 x tokens x head_dim x 2 bytes of static shared memory (<= 48 KB: 64 tokens at
+    head_dim 128 would need 64 KB of dynamic shared memory, which numba-cuda cannot opt into); the
+    Q tile and the fp32 O rows are staged in the same words, so rows <= 2 x tokens. Simulator
+    (``simulator``): one warp (16 rows) over 16-token stages."""
+    if simulator:
+        return PrefillMmaShape(1, 16)
+    if head_dim <= 64:
+        return PrefillMmaShape(8, 64)
+    if head_dim <= 128:
+        return PrefillMmaShape(4, 32)
+    return PrefillMmaShape(2, 16)
+
+
 def prefill_mma_kv_block(head_dim: int) -> int:
-    """KV tokens per stage of the tensor-core prefill (kernels.prefill_mma; a multiple of 16): two
-    fp16/bf16 K and V stages plus the Q tile under 48 KB of static shared memory on a GPU (64 up to
-    head_dim 64, 32 up to 128, else 16); 16 on the simulator (one P V k-step)."""
-    if SIMULATOR:
-        return 16
-    return 64 if head_dim <= 64 else 32 if head_dim <= 128 else 16
+    """KV tokens per stage of the tensor-core prefill (``prefill_mma_shape(head_dim).kv_tokens``)."""
+    return prefill_mma_shape(head_dim).kv_tokens
+
+
+#: query rows (tokens x GQA heads) of a CUDA-core prefill tile and of a short-query plan
+SMALL_TILE_ROWS = 16
+
+
+def prefill_tile_rows(kind: int, head_dim: int, simulator: bool = SIMULATOR) -> int:
+    """Query rows of the planner's prefill tiles: the tensor-core kernel's rows per pass for fp16 /
+    bf16 with head_dim % 16 == 0 (kind codes 0 / 1), else the CUDA-core kernel's 16."""
+    if kind in (0, 1) and head_dim % 16 == 0:
+        return prefill_mma_shape(head_dim, simulator).rows
+    return SMALL_TILE_ROWS
 
 
 def append_threads() -> int:

@@ -42,11 +42,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tilegraph.errors import InputError
 from tilegraph.settings import Settings
 
 from .layout import HEADER_WORDS, SectionedLayout
 
-#: query rows (tokens x GQA heads) a tile packs: 16 = one mma m16 fragment for a later tensor-core core
+#: query rows (tokens x GQA heads) of the smallest tile (one mma m16 fragment, the CUDA-core kernel's pass);
+#: a layout's ``tile_rows`` (the launch tuning table's query tile, kernels.tuning.prefill_tile_rows) is
+#: a multiple of it
 ROWS_PER_TILE = 16
 H_NUM_TOKENS = 5  # header word: query tokens of the batch (qo_indptr[-1])
 
@@ -73,9 +76,9 @@ PREFILL_SECTIONS = (
 TILE_SECTIONS = tuple(name for name in PREFILL_SECTIONS if name.startswith("tile_"))
 
 
-def query_tile_tokens(group_size: int) -> int:
-    """Query tokens per tile: ROWS_PER_TILE rows of tokens x group heads (at least one token)."""
-    return max(1, ROWS_PER_TILE // group_size)
+def query_tile_tokens(group_size: int, tile_rows: int = ROWS_PER_TILE) -> int:
+    """Query tokens per tile: ``tile_rows`` rows of tokens x group heads (at least one token)."""
+    return max(1, tile_rows // group_size)
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,16 @@ class PrefillLayout(SectionedLayout):
     head_dim: int
     paged: bool
     deterministic: bool
+    tile_rows: int = ROWS_PER_TILE  # query rows (tokens x heads) of a tile
+
+    def __post_init__(self) -> None:
+        if self.tile_rows < ROWS_PER_TILE or self.tile_rows % ROWS_PER_TILE:
+            raise InputError(f"tile_rows must be a positive multiple of {ROWS_PER_TILE}, got {self.tile_rows}")
 
     @classmethod
-    def from_settings(cls, settings: Settings, num_ctas: int, paged: bool = True) -> "PrefillLayout":
+    def from_settings(cls, settings: Settings, num_ctas: int, paged: bool = True,
+                      tile_rows: int = ROWS_PER_TILE) -> "PrefillLayout":  # fmt: skip
+        """``tile_rows``: the kernel's query rows per tile (the runtime passes the tuning table's)."""
         return cls(
             num_ctas=num_ctas,
             max_batch_size=settings.max_batch_size,
@@ -106,11 +116,12 @@ class PrefillLayout(SectionedLayout):
             head_dim=settings.head_dim,
             paged=paged,
             deterministic=settings.deterministic,
+            tile_rows=tile_rows,
         )
 
     @property
     def q_tile(self) -> int:
-        return query_tile_tokens(self.group_size)
+        return query_tile_tokens(self.group_size, self.tile_rows)
 
     @property
     def query_tile_capacity(self) -> int:

@@ -55,7 +55,7 @@ from tilegraph.errors import InputError, PlanError, StateError
 from tilegraph.graphs.protocol import PlanState
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.prefill import PrefillPlan
-from tilegraph.planner.prefill_layout import H_NUM_TOKENS, PrefillLayout
+from tilegraph.planner.prefill_layout import H_NUM_TOKENS
 
 from ._device import resolve_device
 from .attention import next_plan_serial, padded_rows, resolve_num_ctas
@@ -63,7 +63,7 @@ from .cascade_tables import CascadePlan, LevelTable, check_cascade_variant, chec
 from .checks import check_bucket
 from .kv_cache import KVCache, paged_kv
 from .merge import merge_state_in_place
-from .prefill import BatchPrefill
+from .prefill import BatchPrefill, prefill_layout
 from .settings import Settings
 from .variant import Variant
 from .workspace import StagedUpload
@@ -94,7 +94,7 @@ class CascadeAttention:
         self.causal = bool(causal)
         last = self.num_levels - 1
         dev = resolve_device(device)
-        level_words = PrefillLayout.from_settings(settings, resolve_num_ctas(settings, dev), paged=True).plan_words
+        level_words = prefill_layout(settings, resolve_num_ctas(settings, dev), paged=True).plan_words
         # every level's plan lives in one staged buffer: a step's plans reach the device in ONE copy
         # with a variant, the flat positions follow the plans in the same buffer: one qo_pos per query
         # row, then per level one kv offset per entry (max_batch_size >= max_cascade_groups entries)

@@ -39,6 +39,8 @@ from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.kernels.prefill import PREFILL_ARGS, PrefillConfig, default_threads, prefill_kernel, prefill_signature
 from tilegraph.kernels.prefill_mma import prefill_mma_kernel, tensor_core_config
+from tilegraph.kernels.primitives import DTYPE_CODES
+from tilegraph.kernels.tuning import prefill_tile_rows
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_block_table, plan_prefill_device, plan_prefill_ragged
 from tilegraph.planner.prefill_layout import PrefillLayout
@@ -53,12 +55,20 @@ from .variant import ParamContext, Variant
 from .workspace import StagedUpload
 
 
+def prefill_layout(settings: Settings, num_ctas: int, paged: bool = True) -> PrefillLayout:
+    """The plan layout prefill objects of ``settings`` use: tiles of the launch tuning table's query
+    rows for the Settings dtype and head_dim (kernels.tuning.prefill_tile_rows; both prefill kernels
+    run any tile size, so a variant that falls back to CUDA cores shares the layout)."""
+    return PrefillLayout.from_settings(settings, num_ctas, paged,
+                                       tile_rows=prefill_tile_rows(DTYPE_CODES[settings.dtype], settings.head_dim))  # fmt: skip
+
+
 def prefill_workspace_nbytes(settings: Settings, device: str | torch.device | None = None, paged: bool = True) -> int:
     """Device bytes of one prefill workspace: an exact function of Settings and the device."""
     if not isinstance(settings, Settings):
         raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
     dev = resolve_device(device)
-    return PrefillLayout.from_settings(settings, resolve_num_ctas(settings, dev), paged).workspace_nbytes
+    return prefill_layout(settings, resolve_num_ctas(settings, dev), paged).workspace_nbytes
 
 
 class PrefillAttention(AttentionBase):
@@ -95,7 +105,6 @@ class PrefillAttention(AttentionBase):
             threads=default_threads(),
             hooks=self.hooks,
         )
-        assert self.config.q_tile == self.layout.q_tile, "kernel and planner disagree on the query tile"
         # fp16/bf16: the tensor-core kernel on the same plan and arguments (None: the CUDA-core one)
         self.mma_config = tensor_core_config(self.kind_code, settings.head_dim, settings.group_size, self.PAGED,
                                              self.causal, self.hooks)  # fmt: skip
@@ -104,7 +113,7 @@ class PrefillAttention(AttentionBase):
         self._positions: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def make_layout(self) -> PrefillLayout:
-        return PrefillLayout.from_settings(self.settings, self.num_ctas, paged=self.PAGED)
+        return prefill_layout(self.settings, self.num_ctas, paged=self.PAGED)
 
     @property
     def splittable(self) -> bool:
@@ -346,4 +355,4 @@ class BatchPrefillRagged(PrefillAttention):
 
 _PrefillBase = PrefillAttention  # the shared base's former (private) name
 
-__all__ = ["BatchPrefill", "BatchPrefillRagged", "PrefillAttention", "prefill_workspace_nbytes"]
+__all__ = ["BatchPrefill", "BatchPrefillRagged", "PrefillAttention", "prefill_layout", "prefill_workspace_nbytes"]

@@ -37,6 +37,29 @@ def loop_flop(loop: sass.Loop) -> int:
     return sum(pm.flop_of(i.opcode) for i in loop.body)
 
 
+def tensor_flop(instrs: tuple[sass.Instr, ...]) -> int:
+    return sum(pm.flop_of(i.opcode) for i in instrs if pm.is_tensor(i.opcode))
+
+
+def tensor_loop(found: list[sass.Loop]) -> tuple[sass.Loop, int] | None:
+    """(The KV-block loop of a tensor-core kernel, its fast-path instruction count), or None without
+    HMMA. The loop: the smallest of the loops holding the most tensor FLOP (the fragments' k-step
+    loops are unrolled, so that is the loop over KV blocks). Its fast path: the body without the
+    nested loops that issue no HMMA and no LDGSTS (the scalar fallback P V, the non-finite scan: taken
+    only on masked blocks next to Inf/NaN V); nested cp.async issue loops count once (at the GPU
+    shapes they run 2-4 times: the count is a lower bound)."""
+    with_mma = [loop for loop in found if tensor_flop(loop.body)]
+    if not with_mma:
+        return None
+    most = max(tensor_flop(loop.body) for loop in with_mma)
+    loop = min((l for l in with_mma if tensor_flop(l.body) == most), key=lambda l: len(l.body))
+    nested = [l for l in found if l is not loop and loop.start <= l.start and l.end <= loop.end]
+    outer = [l for l in nested if not any(o is not l and o.start <= l.start and l.end <= o.end for o in nested)]
+    skipped = sum(len(l.body) for l in outer
+                  if not tensor_flop(l.body) and not any(i.opcode.startswith("LDGSTS") for i in l.body))  # fmt: skip
+    return loop, len(loop.body) - skipped
+
+
 def profile(sass_text: str, cc: str, registers: int, smem: int, spec_name: str, hints: Any = None) -> dict[str, Any]:
     """The performance record of one (spec, cc); ``hints`` is the spec's ``PerfHints`` (or None)."""
     fn = sass.kernel_function(sass.parse(sass_text))
@@ -66,8 +89,18 @@ def profile(sass_text: str, cc: str, registers: int, smem: int, spec_name: str, 
             "instr_per_byte": len(loop.body) / per_warp,
             "loads_in_flight": sass.in_flight_loads(loop.body),
         }
+    tensor = tensor_loop(sass.loops(fn))
     found = math_loops(inner)
-    if found:
+    if tensor is not None:
+        block, instrs = tensor
+        out["math"] = {
+            "addresses": [f"0x{block.start:04x}"],
+            "instructions": instrs,
+            "flop": tensor_flop(block.body),
+            "flop_per_warp_instr": tensor_flop(block.body) / instrs,
+            "tensor": True,
+        }
+    elif found:
         flop = sum(loop_flop(m) for m in found)
         instrs = sum(len(m.body) for m in found)
         out["math"] = {

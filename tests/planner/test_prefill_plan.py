@@ -90,15 +90,17 @@ requests_strategy = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 300)),
     num_ctas=st.sampled_from([1, 2, 5, 16, 132]),
     causal=st.booleans(),
     deterministic=st.booleans(),
+    tile_rows=st.sampled_from([16, 64, 128]),
 )
-def test_ragged_plan_properties(requests, group, num_kv_heads, num_ctas, causal, deterministic):
+def test_ragged_plan_properties(requests, group, num_kv_heads, num_ctas, causal, deterministic, tile_rows):
     if causal:
         requests = [(min(q, k), k) for q, k in requests]
     total = sum(q for q, _ in requests)
     if total > 96:
         requests = [(q * 96 // total, k) for q, k in requests]
     settings = settings_for(group, num_kv_heads, deterministic, num_ctas=num_ctas)
-    layout = PrefillLayout.from_settings(settings, num_ctas, paged=False)
+    layout = PrefillLayout.from_settings(settings, num_ctas, paged=False, tile_rows=tile_rows)
+    assert layout.q_tile == max(1, tile_rows // group)
     plan = ragged_plan(layout, requests, causal)
     check_plan(plan, layout, requests, causal)
     if deterministic:
@@ -145,6 +147,30 @@ def test_capacities_hold_at_the_worst_case_bounds():
     layout = PrefillLayout.from_settings(settings, 16, paged=False)
     for requests in ([(1, 5000)] * 8, [(57, 5000)] + [(1, 1)] * 7, [(5, 7000), (59, 7000)], [(8, 8)] * 8):
         check_plan(ragged_plan(layout, requests, causal=True), layout, requests, causal=True)
+
+
+@pytest.mark.parametrize("tile_rows", [64, 128])
+def test_capacities_are_attained_with_gpu_tiles(tile_rows):
+    """The tuning table's tile rows (64 / 128 on a GPU): the tile bound covers max_batch_size - 1
+    requests of one token plus one long request filling max_num_tokens (the most tiles a batch can
+    have; the bound counts one partial tile more), and the split bounds hold under hard splitting."""
+    group, kv_heads, num_ctas = 2, 2, 4
+    settings = settings_for(group, kv_heads, num_ctas=num_ctas, max_num_tokens=96, max_batch_size=8)
+    layout = PrefillLayout.from_settings(settings, num_ctas, paged=False, tile_rows=tile_rows)
+    q_tile = tile_rows // group
+    assert layout.query_tile_capacity == kv_heads * (96 // q_tile + 8)
+    requests = [(1, 3)] * 7 + [(96 - 7, 5)]
+    plan = plan_prefill_ragged(layout, *[np.concatenate([[0], np.cumsum(x)]).astype(np.int32) for x in zip(*requests)],
+                               causal=False, allow_split=False)  # fmt: skip
+    tiles_needed = kv_heads * (7 + -(-(96 - 7) // q_tile))
+    assert plan.num_tiles == tiles_needed <= layout.query_tile_capacity <= tiles_needed + kv_heads
+    for requests in ([(1, 5000)] * 8, [(89, 5000)] + [(1, 1)] * 7, [(40, 7000), (56, 7000)]):
+        check_plan(ragged_plan(layout, requests, causal=True), layout, requests, causal=True)
+
+
+def test_tile_rows_must_be_a_multiple_of_16():
+    with pytest.raises(InputError, match="tile_rows"):
+        PrefillLayout.from_settings(settings_for(1, 1, num_ctas=2), 2, paged=False, tile_rows=40)
 
 
 def test_workspace_is_query_rows_times_heads():

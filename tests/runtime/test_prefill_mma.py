@@ -13,6 +13,8 @@ CUDA-core kernel keeps them fp32): 2^-11 relative per element on scores of a few
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ import tilegraph
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.prefill import PREFILL_ARGS
 from tilegraph.kernels.prefill_mma import PrefillMmaConfig, prefill_mma_kernel
+from tilegraph.kernels.tuning import prefill_mma_shape
 from tilegraph.serving.reference import relative_error
 
 from .test_prefill import make_cache, make_q, paged_kv_of, reference, tables
@@ -30,13 +33,22 @@ LSE_TOLERANCE = 1e-4
 
 
 class _MmaLaunch:
-    """PrefillAttention.launch with the tensor-core kernel; counts its launches."""
+    """PrefillAttention.launch with the tensor-core kernel; counts its launches. ``SHAPE``: the
+    kernel's (warps, kv_tokens) and ``TILE_ROWS`` the plan's tile rows (None: the tuning table's)."""
 
     mma_launches = 0
+    SHAPE: tuple[int, int] | None = None
+    TILE_ROWS: int | None = None
+
+    def make_layout(self):
+        layout = super().make_layout()
+        return layout if self.TILE_ROWS is None else dataclasses.replace(layout, tile_rows=self.TILE_ROWS)
 
     def launch(self, q, kv, out, lse):
         s = self.settings
-        cfg = PrefillMmaConfig(self.kind_code, s.head_dim, s.group_size, self.PAGED, self.causal, self.hooks)
+        warps, kv_tokens = self.SHAPE or (0, 0)
+        cfg = PrefillMmaConfig(self.kind_code, s.head_dim, s.group_size, self.PAGED, self.causal, self.hooks,
+                               warps=warps, kv_tokens=kv_tokens)  # fmt: skip
         out_words = self.output_words(out)
         lse_arg = lse.view(-1) if lse is not None else self.workspace.no_lse
         row_qo_pos, entry_kv_offset = self.positions or (self._no_positions, self._no_positions)
@@ -46,7 +58,7 @@ class _MmaLaunch:
             row_qo_pos=row_qo_pos, entry_kv_offset=entry_kv_offset, use_positions=np.int32(self.positions is not None),
         )  # fmt: skip
         launch("prefill_mma", prefill_mma_kernel(cfg), (self.num_ctas,), cfg.block, values)
-        type(self).mma_launches += 1
+        _MmaLaunch.mma_launches += 1
         self.launch_partial_merge(out_words, lse, prefill=True)
 
 
@@ -66,20 +78,22 @@ def check(got, lse, ref_out, ref_lse, dtype, context):
     assert torch.isneginf(lse.cpu()[~finite]).all(), context
 
 
-def run_paged(overrides, requests, causal, device, split=None):
+def run_paged(overrides, requests, causal, device, split=None, cls=None):
     rng = np.random.default_rng()
-    settings = tilegraph.Settings(max_batch_size=4, max_num_pages=64, max_num_tokens=48, **{"num_ctas": 2, **overrides})
+    sizes = {"max_batch_size": 4, "max_num_pages": 64, "max_num_tokens": 48, "num_ctas": 2}
+    settings = tilegraph.Settings(**{**sizes, **overrides})
     qo_indptr, kv_indptr, kv_indices, last = tables(requests, settings.page_size, settings.max_num_pages, rng)
     cache = make_cache(settings, device, False)
     q = make_q(settings, int(qo_indptr[-1]), device)
-    pre = MmaPrefill(settings, causal=causal, device=device)
+    cls = cls or MmaPrefill
+    pre = cls(settings, causal=causal, device=device)
     plan = pre.plan(qo_indptr, kv_indptr, kv_indices, last)
     if split is not None:
         assert (plan.num_merges > 0) == split, plan
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
-    before = MmaPrefill.mma_launches
+    before = _MmaLaunch.mma_launches
     got, lse = pre.run(q, cache, out=out, return_lse=True)
-    assert MmaPrefill.mma_launches == before + 1
+    assert _MmaLaunch.mma_launches == before + 1
     ref_out, ref_lse = reference(q, settings, requests, causal, paged_kv_of(cache, settings, kv_indptr, kv_indices, requests))
     check(got, lse, ref_out, ref_lse, settings.dtype, plan)
 
@@ -253,3 +267,78 @@ def test_mma_caller_positions_match_the_cuda_core_kernel(device):
     assert relative_error(mma[visible], core[visible].double()) < TOLERANCE["bfloat16"]
     assert (mma[~visible] == 0).all()
     assert relative_error(mma_lse[visible], core_lse[visible].double()) < LSE_TOLERANCE
+
+
+# ---- multi-warp query tiles, plan tiles larger than a pass, the GPU tile shapes ---------------------
+
+
+def shaped(shape, tile_rows, ragged=False):
+    """An MmaPrefill class whose kernel has ``shape`` = (warps, kv_tokens) and plan ``tile_rows``."""
+    base = MmaPrefillRagged if ragged else MmaPrefill
+    return type(f"Mma{shape}x{tile_rows}", (base,), {"SHAPE": shape, "TILE_ROWS": tile_rows})
+
+
+def test_two_warps_share_the_kv_stages(device):
+    """2 warps x 16 rows (GQA 2: 16 tokens x 2 heads per pass), 32-token stages: the second warp's
+    rows, a pass whose second warp has no rows (the 3-token request), causal diagonal blocks."""
+    overrides = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16")
+    run_paged(overrides, [(9, 21), (3, 5)], True, device, cls=shaped((2, 32), 32))
+
+
+def test_plan_tiles_larger_than_one_pass(device):
+    """64-row plan tiles on the 1-warp kernel (four passes of 16 rows per tile) and on the CUDA-core
+    kernel (its 16-row passes), split-KV included: both kernels run any tile the planner makes."""
+    overrides = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=4, dtype="bfloat16", num_ctas=5)
+    requests = [(21, 30), (2, 50)]
+    run_paged(overrides, requests, True, device, split=True, cls=shaped((1, 16), 64))
+    settings = tilegraph.Settings(max_batch_size=4, max_num_pages=64, max_num_tokens=48, **overrides)
+    rng = np.random.default_rng()
+    qo_indptr, kv_indptr, kv_indices, last = tables(requests, 4, 64, rng)
+    cache = make_cache(settings, device, False)
+    q = make_q(settings, 23, device)
+
+    class CorePrefill(tilegraph.BatchPrefill):
+        def make_layout(self):
+            return dataclasses.replace(super().make_layout(), tile_rows=64)
+
+    pre = CorePrefill(settings, causal=True, device=device)
+    plan = pre.plan(qo_indptr, kv_indptr, kv_indices, last)
+    assert plan.layout.q_tile == 32 and plan.num_merges > 0
+    assert int(np.max(plan.tiles()["q_end"] - plan.tiles()["q_start"])) > 16 // 2  # tiles beyond one pass
+    got, lse = pre.run(q, cache, out=torch.full(q.shape, float("nan"), dtype=q.dtype, device=device), return_lse=True)
+    ref_out, ref_lse = reference(q, settings, requests, True, paged_kv_of(cache, settings, kv_indptr, kv_indices, requests))
+    check(got, lse, ref_out, ref_lse, "bfloat16", plan)
+
+
+GPU_SHAPE_CASES = [
+    # the GPU's launch shape (kernels.tuning.prefill_mma_shape(head_dim, simulator=False)) and tiles
+    ("f16-hd64-g2-full", dict(num_qo_heads=2, num_kv_heads=1, head_dim=64, page_size=16, dtype="float16"),
+        [(5, 70)], False),  # 8 warps x 16 rows, 64-token stages: two KV blocks, the second partial
+    ("bf16-hd128-g1-causal", dict(num_qo_heads=1, num_kv_heads=1, head_dim=128, page_size=16, dtype="bfloat16"),
+        [(20, 40)], True),  # 4 warps x 16 rows, 32-token stages: a skipped and a masked diagonal block
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", GPU_SHAPE_CASES, ids=[c[0] for c in GPU_SHAPE_CASES])
+def test_gpu_tile_shape(case, device):
+    _, overrides, requests, causal = case
+    shape = prefill_mma_shape(overrides["head_dim"], simulator=False)
+    run_paged({**overrides, "num_ctas": 1}, requests, causal, device, cls=shaped((shape.warps, shape.kv_tokens), shape.rows))
+
+
+BOUNDARY_QO = [1, 15, 16, 17, 63, 64, 65, 127, 128, 129]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qo_len", BOUNDARY_QO)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_boundaries_at_the_gpu_tile_size(qo_len, causal, device):
+    """128-row tiles over 64-token stages (the head_dim <= 64 GPU shape, at head_dim 16): qo_len
+    around the tile sizes, KV lengths around the 64-token blocks (kv = qo_len: the causal diagonal
+    on the tile's last block; + 63 / 64 / 65 prefix tokens), and a second request sharing the CTAs."""
+    shape = prefill_mma_shape(64, simulator=False)
+    overrides = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=16, dtype="float16",
+                     max_num_tokens=2 * 129 + 1, max_num_pages=64, num_ctas=3)  # fmt: skip
+    for extra in (0, 63, 64, 65):
+        requests = [(qo_len, qo_len + extra), (1, 64 + extra)]
+        run_paged(overrides, requests, causal, device, cls=shaped((shape.warps, shape.kv_tokens), shape.rows))
