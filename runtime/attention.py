@@ -412,6 +412,9 @@ class AttentionBase:
         out = self.check_out(out)
         if not self._capturing:
             self.workspace.flush()
+        if self._page_ids is not None and kv.num_pages < self.settings.max_num_pages:
+            # the guard's bound: the pages of this cache (after the upload, on the same stream; captured too)
+            self.workspace.sections["header"][H_NUM_PAGES] = kv.num_pages
         if self.has_work():
             self.launch(q, kv, out, lse if return_lse else None)
             if self.settings.debug_page_table and not self._capturing and self._page_ids is not None:
