@@ -230,3 +230,7 @@ def test_guard_bound_is_the_cache_run_on_when_smaller_than_settings(device):
     dec.plan(indptr, table.to(device), last, page_table="device")
     with pytest.raises(PageTableError, match=r"request 1: .*num_pages=10\)"):
         dec.run(q, cache, out=poisoned(q))
+    full = torch.cat([cache, cache_for(device)[10:]])  # the same plan on a 16-page cache: id 12 is inside it
+    out = dec.run(q, full, out=poisoned(q))
+    ids[2] = 12
+    assert relative_error(out, decode_reference(q, full, s, indptr, ids, last)[0]) < 4e-3
