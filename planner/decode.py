@@ -444,8 +444,9 @@ def plan_decode_device(layout: DecodeLayout, kv_indptr: Any, kv_last_page_len: A
                        serial: int = 0) -> Plan:  # fmt: skip
     """``plan_decode`` for page ids that stay on the device (``num_indices`` of them, a caller-owned
     int32 tensor the kernels read): only kv_indptr and kv_last_page_len (host int32) are read and
-    checked; the kernels guard each id against ``num_pages`` (kernels/page_table.py). The plan's
-    ``max_page_index`` is ``num_pages - 1``: every page of the pool may be referenced."""
+    checked; the kernels guard each id against ``num_pages`` (kernels/page_table.py; the runtime
+    lowers the bound to the pages of the cache it runs on). The plan's ``max_page_index`` is -1:
+    the host knows no page id."""
     indptr = as_index_array(kv_indptr, "kv_indptr")
     last_page_len = as_index_array(kv_last_page_len, "kv_last_page_len")
     check_csr_batch(layout, indptr, last_page_len.shape[0], num_pages)
@@ -488,7 +489,7 @@ def _run_core(layout: DecodeLayout, core: Any, args: tuple[Any, ...], num_pages:
     if error:
         raise_plan_error(result, layout, num_pages, batch)
     if device_table is not None:
-        max_page = num_pages - 1
+        max_page = -1  # the host read no page id
     ideal = layout.num_kv_heads * (kv_tokens + batch * TILE_OVERHEAD_TOKENS) / layout.num_ctas
     return Plan(layout, buffer, serial, batch, num_tiles, num_merges, num_slots, makespan, ideal, max_page,
                 device_table or "host")  # fmt: skip

@@ -75,7 +75,7 @@ class Plan:
         self.max_page_index = max_page_index  # largest page referenced; -1 when no page is
         # where the kernels read page ids: "host" (copied into the plan), "device" (a caller's CSR
         # kv_indices tensor) or "block_table" (a caller's [B, max_blocks] tensor); the last two are
-        # guarded on the device and max_page_index is then num_pages - 1
+        # guarded on the device and max_page_index is then -1 (no id was read on the host)
         self.page_table = page_table
 
     def section(self, name: str) -> np.ndarray:

@@ -485,7 +485,7 @@ def _run_paged(layout: PrefillLayout, core: Any, args: tuple[Any, ...], num_page
         _raise_prefill(result, layout, num_pages, batch)
     plan = PrefillPlan(layout, buffer, serial, bool(causal), batch, result)
     plan.page_table = page_table
-    plan.max_page_index = num_pages - 1
+    plan.max_page_index = -1  # the host read no page id
     return plan
 
 

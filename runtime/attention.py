@@ -170,6 +170,7 @@ class AttentionBase:
         # given) and the flat view the kernels take as kv_indices; None: the plan's own copy (host path)
         self._page_source: tuple[str, torch.Tensor] | None = None
         self._page_ids: torch.Tensor | None = None
+        self._guard_bound = settings.max_num_pages  # the page-id bound in the device header now
         defaults, self._missing_params = self.variant.defaults(settings)
         self._write_params(defaults)
         self._handle = next(_handles)
@@ -231,6 +232,7 @@ class AttentionBase:
             self.workspace.stage_ranges(plan.buffer, live())
         else:
             self.workspace.stage(plan.buffer)
+        self._guard_bound = self.settings.max_num_pages  # what the staged header holds
         self._plan, self._rows = plan, int(rows)
         return plan
 
@@ -412,6 +414,11 @@ class AttentionBase:
         out = self.check_out(out)
         if not self._capturing:
             self.workspace.flush()
+        bound = min(kv.num_pages, self.settings.max_num_pages)
+        if self._page_ids is not None and bound != self._guard_bound:
+            # the guard's bound: the pages of this cache (after the upload, on the same stream; captured too)
+            self.workspace.sections["header"][H_NUM_PAGES] = bound
+            self._guard_bound = bound
         if self.has_work():
             self.launch(q, kv, out, lse if return_lse else None)
             if self.settings.debug_page_table and not self._capturing and self._page_ids is not None:

@@ -167,8 +167,7 @@ def check_paged_kv(k: Any, v: Any, paired: bool, settings: Settings, device: tor
     """A paged KV cache (packed, or a pair) checked for Settings and for the plan's highest page."""
     kv = paged_kv((k, v) if paired else k, settings, device)
     if max_page_index >= kv.num_pages:
-        raise InputError(f"kv_cache has {kv.num_pages} pages but the plan references page {max_page_index} "
-                         f"(a device page table may reference any page below Settings.max_num_pages)")  # fmt: skip
+        raise InputError(f"kv_cache has {kv.num_pages} pages but the plan references page {max_page_index}")
     return kv
 
 

@@ -210,3 +210,27 @@ def test_capture_stand_ins_keep_the_bound_device_table(device):
     assert pre.current_plan.page_table == "block_table" and pre.current_plan.section("kv_len")[:1].tolist() == [0]
     pre.plan(np.array([0, 1], np.int32), np.array([0, 1], np.int32), np.zeros(1, np.int32), np.array([1], np.int32))
     assert pre.graph_plan_state().page_table_address == 0 and pre.page_table is None  # back on the host path
+
+
+def test_guard_bound_is_the_cache_run_on_when_smaller_than_settings(device):
+    """A cache of 10 pages under Settings.max_num_pages=16: id 12 is inside Settings but outside the
+    cache, so the guard (bounded by the cache at run time) leaves it out and names the request."""
+    rng = np.random.default_rng()
+    s = settings()
+    cache = cache_for(device)[:10]
+    ids = rng.permutation(10)[:3].astype(np.int32)
+    indptr, last = np.array([0, 2, 3], np.int32), np.array([1, 3], np.int32)  # kv lengths 5 and 3
+    table = torch.from_numpy(ids.copy())
+    q = torch.randn(2, HQ, HD).half().to(device)
+    dec = tilegraph.BatchDecode(s, device=device)
+    dec.plan(indptr, table.to(device), last, page_table="device")
+    out = dec.run(q, cache, out=poisoned(q))
+    assert relative_error(out, decode_reference(q, cache, s, indptr, ids, last)[0]) < 4e-3
+    table[2] = 12
+    dec.plan(indptr, table.to(device), last, page_table="device")
+    with pytest.raises(PageTableError, match=r"request 1: .*num_pages=10\)"):
+        dec.run(q, cache, out=poisoned(q))
+    full = torch.cat([cache, cache_for(device)[10:]])  # the same plan on a 16-page cache: id 12 is inside it
+    out = dec.run(q, full, out=poisoned(q))
+    ids[2] = 12
+    assert relative_error(out, decode_reference(q, full, s, indptr, ids, last)[0]) < 4e-3
