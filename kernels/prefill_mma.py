@@ -61,7 +61,7 @@ from .hooks import no_sink as _no_sink
 from .nan import NAN_PTX, fastmath_flags, nan_max
 from .page_table import guarded_page
 from .prefill import PREFILL_ARGS
-from .tuning import PrefillMmaShape, prefill_mma_shape
+from .tuning import PrefillMmaShape, prefill_mma_shape, prefill_mma_short_shape
 
 if TYPE_CHECKING:
     from .compile_spec import CompileSpec
@@ -665,18 +665,20 @@ def gpu_compile_specs() -> list[CompileSpec]:
     from .compile_spec import CompileSpec, PerfHints
 
     cases = [
-        (prim.BF16, 128, 4, True, True, DEFAULT_HOOKS),
-        (prim.F16, 64, 1, False, False, DEFAULT_HOOKS),
-        (prim.F16, 64, 8, True, True, CHECK_HOOKS),
+        (prim.BF16, 128, 4, True, True, DEFAULT_HOOKS, False),
+        (prim.BF16, 128, 4, True, True, DEFAULT_HOOKS, True),  # the 16-row shape of short-query plans
+        (prim.F16, 64, 1, False, False, DEFAULT_HOOKS, False),
+        (prim.F16, 64, 8, True, True, CHECK_HOOKS, False),
     ]
     specs = []
-    for kind, head_dim, group, paged, causal, hooks in cases:
-        cfg = PrefillMmaConfig(kind, head_dim, group, paged, causal, hooks)
+    for kind, head_dim, group, paged, causal, hooks, short in cases:
+        shape = prefill_mma_short_shape(head_dim) if short else prefill_mma_shape(head_dim)
+        cfg = PrefillMmaConfig(kind, head_dim, group, paged, causal, hooks, warps=shape.warps, kv_tokens=shape.kv_tokens)
         ab = "f16" if kind == prim.F16 else "bf16"
         label = hooks.name.split("#")[0]
         specs.append(
             CompileSpec(
-                name=f"prefill_mma[{DTYPE_NAMES[kind]},hd{head_dim},g{group},{'paged' if paged else 'ragged'},{'causal' if causal else 'full'},{label}]",
+                name=f"prefill_mma[{DTYPE_NAMES[kind]},hd{head_dim},g{group},{'paged' if paged else 'ragged'},{'causal' if causal else 'full'},{label}{',rows16' if short else ''}]",
                 pyfunc=make_prefill_mma_kernel(cfg),
                 signature=PREFILL_ARGS.signature,
                 expect=(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
@@ -689,11 +691,13 @@ def gpu_compile_specs() -> list[CompileSpec]:
 
 
 def tensor_core_config(kind: int, head_dim: int, group: int, paged: bool, causal: bool,
-                       hooks: AttentionHooks = DEFAULT_HOOKS) -> PrefillMmaConfig | None:  # fmt: skip
+                       hooks: AttentionHooks = DEFAULT_HOOKS, short: bool = False) -> PrefillMmaConfig | None:  # fmt: skip
     """The tensor-core specialization BatchPrefill launches, or None for the CUDA-core kernel: fp32,
     head_dim % 16 != 0, and variants that transform q or k (their transformed values would be rounded
-    to fp16/bf16 for the mma; the CUDA-core kernel keeps them fp32) stay on CUDA cores."""
+    to fp16/bf16 for the mma; the CUDA-core kernel keeps them fp32) stay on CUDA cores. ``short``:
+    the 16-row shape for plans of short queries only (kernels.tuning.prefill_mma_short_shape)."""
     transforms = (hooks.query_transform, hooks.key_transform, hooks.query_pair_transform, hooks.key_pair_transform)
     if kind not in (prim.F16, prim.BF16) or head_dim % 16 or any(h is not None for h in transforms):
         return None
-    return PrefillMmaConfig(kind, head_dim, group, paged, causal, hooks)
+    shape = prefill_mma_short_shape(head_dim) if short else prefill_mma_shape(head_dim)
+    return PrefillMmaConfig(kind, head_dim, group, paged, causal, hooks, warps=shape.warps, kv_tokens=shape.kv_tokens)

@@ -75,6 +75,13 @@ def prefill_mma_shape(head_dim: int, simulator: bool = SIMULATOR) -> PrefillMmaS
     return PrefillMmaShape(2, 16)
 
 
+def prefill_mma_short_shape(head_dim: int, simulator: bool = SIMULATOR) -> PrefillMmaShape:
+    """The 16-row (one-warp) shape BatchPrefill launches for a plan of short queries only
+    (``PrefillPlan.tile_rows`` 16): the full shape's KV stages with one warp. Simulator: the same
+    one-warp shape as ``prefill_mma_shape``."""
+    return PrefillMmaShape(1, prefill_mma_shape(head_dim, simulator).kv_tokens)
+
+
 def prefill_mma_kv_block(head_dim: int) -> int:
     """KV tokens per stage of the tensor-core prefill (``prefill_mma_shape(head_dim).kv_tokens``)."""
     return prefill_mma_shape(head_dim).kv_tokens

@@ -17,6 +17,12 @@ n <= num_ctas. Deterministic settings never split (a row's result then depends o
 When queries are many (E spread over >= num_ctas tiles) nothing is split; few queries over a long
 KV are split about num_ctas ways.
 
+Tile rows. Query tiles hold ``layout.q_tile`` tokens (``layout.tile_rows`` rows of tokens x GQA
+heads: the launch tuning table's query tile). A batch of short queries only (every qo_len x group
+<= 16 rows) reports ``tile_rows`` 16: the runtime then launches the 16-row (one-warp) shape of the
+tensor-core kernel; its tiles are the same ones (one per request and kv_head), so the capacities
+do not change.
+
 Balance. Tiles cost ``kv tokens + TILE_OVERHEAD_TOKENS`` (decode's cost model); they are placed
 longest first, each on the least-loaded CTA (LPT, a binary heap), and stored grouped by CTA.
 
@@ -40,7 +46,7 @@ from .validation import validate_block_lengths, validate_page_lengths
 from .layout import H_NUM_PAGES, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS
 from .plan import TILE_OVERHEAD_TOKENS, balance_of
 from .validation import as_index_array
-from .prefill_layout import H_NUM_TOKENS, PREFILL_SECTIONS, TILE_SECTIONS, PrefillLayout
+from .prefill_layout import H_NUM_TOKENS, PREFILL_SECTIONS, ROWS_PER_TILE, TILE_SECTIONS, PrefillLayout
 
 #: the shortest KV chunk a tile is split into (tokens)
 MIN_CHUNK_TOKENS = 32
@@ -60,7 +66,8 @@ O_QO_INDPTR, O_KV_INDPTR, O_KV_INDICES, O_KV_LEN = _O["qo_indptr"], _O["kv_indpt
 
 # result words (R_ERROR, R_INDEX, R_VALUE, R_MAX_PAGE shared with the decode planner's validation)
 R_TILES, R_MERGES, R_SLOTS, R_MAKESPAN, R_KV_TOKENS, R_NUM_TOKENS, R_IDEAL_TOTAL, R_VALUE2 = range(9, 17)
-RESULT_WORDS = 17
+R_MAX_QO = 17  # the longest qo_len of the batch
+RESULT_WORDS = 18
 
 # prefill-specific error codes (1..8 are the decode planner's page-table codes)
 E_QO_START, E_QO_DECREASING, E_QO_TOKENS, E_CAUSAL, E_KV_START, E_KV_DECREASING, E_KV_TOKENS = range(20, 27)
@@ -143,10 +150,12 @@ def _plan_core(qo_indptr, serial, params, buf, result):
     extent_sum = np.int64(0)
     num_query_tiles = np.int64(0)
     kv_tokens = np.int64(0)
+    max_qo = np.int64(0)
     for r in range(batch):
         qo_len = np.int64(qo_indptr[r + 1]) - qo_indptr[r]
         length = np.int64(kv_len[r])
         kv_tokens += length
+        max_qo = max(max_qo, qo_len)
         for t0 in range(0, qo_len, q_tile):
             extent_sum += _extent(length, qo_len, min(qo_len, t0 + q_tile), causal)
             num_query_tiles += 1
@@ -238,6 +247,7 @@ def _plan_core(qo_indptr, serial, params, buf, result):
     result[R_TILES], result[R_MERGES], result[R_SLOTS], result[R_MAKESPAN] = n, num_merges, num_slots, makespan
     result[R_KV_TOKENS], result[R_NUM_TOKENS] = kv_tokens, qo_indptr[batch]
     result[R_IDEAL_TOTAL] = extent_sum + num_query_tiles * overhead
+    result[R_MAX_QO] = max_qo
 
 
 @njit(cache=True, nogil=True)
@@ -324,6 +334,11 @@ class PrefillPlan:
         self.balance = balance_of(self.ideal, self.makespan)
         self.max_page_index = int(result[R_MAX_PAGE])  # -1: no page referenced (or ragged)
         self.page_table = "host"  # or "device" / "block_table" (planner.plan.Plan.page_table)
+        self.max_qo_len = int(result[R_MAX_QO])
+        # short queries only (every request within one 16-row tile): the plan asks for the 16-row launch
+        # shape; its tiles are the same either way (one query tile per request and kv_head)
+        short = self.max_qo_len * layout.group_size <= ROWS_PER_TILE
+        self.tile_rows = ROWS_PER_TILE if short else layout.tile_rows
 
     def section(self, name: str) -> np.ndarray:
         """A read-only view of one buffer section at full capacity (names: PREFILL_SECTIONS)."""

@@ -38,12 +38,12 @@ from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.kernels.prefill import PREFILL_ARGS, PrefillConfig, default_threads, prefill_kernel, prefill_signature
-from tilegraph.kernels.prefill_mma import prefill_mma_kernel, tensor_core_config
+from tilegraph.kernels.prefill_mma import PrefillMmaConfig, prefill_mma_kernel, tensor_core_config
 from tilegraph.kernels.primitives import DTYPE_CODES
 from tilegraph.kernels.tuning import prefill_tile_rows
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.prefill import PrefillPlan, plan_prefill, plan_prefill_block_table, plan_prefill_device, plan_prefill_ragged
-from tilegraph.planner.prefill_layout import PrefillLayout
+from tilegraph.planner.prefill_layout import ROWS_PER_TILE, PrefillLayout
 
 from .attention import AttentionBase, define_attention_op, device_page_ids, next_plan_serial, padded_rows, resolve_num_ctas
 from .decode import check_paged_kv
@@ -108,6 +108,9 @@ class PrefillAttention(AttentionBase):
         # fp16/bf16: the tensor-core kernel on the same plan and arguments (None: the CUDA-core one)
         self.mma_config = tensor_core_config(self.kind_code, settings.head_dim, settings.group_size, self.PAGED,
                                              self.causal, self.hooks)  # fmt: skip
+        # plans of short queries only (PrefillPlan.tile_rows 16): the one-warp shape of the same kernel
+        self.mma_short_config = tensor_core_config(self.kind_code, settings.head_dim, settings.group_size, self.PAGED,
+                                                   self.causal, self.hooks, short=True)  # fmt: skip
         # caller positions (CascadeAttention's levels): off by default -- one-word stand-ins, flag 0
         self._no_positions = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._positions: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -171,10 +174,18 @@ class PrefillAttention(AttentionBase):
     def q_stride_names(self) -> tuple[tuple[str, int], ...]:
         return (("q_stride_n", 0), ("q_stride_h", 1))
 
+    def tensor_core_launch_config(self) -> PrefillMmaConfig | None:
+        """The tensor-core shape the current plan asks for (None: the CUDA-core kernel): the 16-row
+        one when the plan holds short queries only (``PrefillPlan.tile_rows``), else the tuning
+        table's. Either shape runs any plan, so a captured graph stays correct for later plans."""
+        if self.mma_config is None or self._plan is None or self._plan.tile_rows > ROWS_PER_TILE:
+            return self.mma_config
+        return self.mma_short_config
+
     def launch(self, q: torch.Tensor, kv: PagedKV, out: torch.Tensor, lse: torch.Tensor | None) -> None:
         """One attention launch over the fixed grid, then one partial-merge launch (no host sync)."""
         s, hooks = self.settings, self.hooks
-        mma = self.mma_config
+        mma = self.tensor_core_launch_config()
         kernel = prefill_kernel(self.config) if mma is None else prefill_mma_kernel(mma)
         label = f"prefill[{s.dtype},hd{s.head_dim},g{s.group_size},{self.kind.split(':', 1)[1].replace(':', ',')},{hooks.name}]"
         compile_with_progress(label, [(kernel, prefill_signature()),

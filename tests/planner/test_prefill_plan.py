@@ -230,3 +230,18 @@ def test_causal_queries_beyond_the_kv_are_planned(group, num_ctas):
                     rows[tiles["q_start"][t] : tiles["q_end"][t]] += 1
                 assert tiles["kv_end"][t] <= max(0, kv_len - qo_len + tiles["q_end"][t])
             assert (rows == 1).all(), (r, h, rows)
+
+
+def test_plans_of_short_queries_ask_for_16_row_tiles():
+    """tile_rows: 16 when every request fits one 16-row tile (qo_len x group <= 16), else the
+    layout's; the tiles themselves are the same either way."""
+    layout = PrefillLayout.from_settings(settings_for(4, 2, num_ctas=4), 4, paged=False, tile_rows=64)
+    short = ragged_plan(layout, [(4, 30), (1, 9), (2, 2)], causal=True)
+    assert short.tile_rows == 16 and short.max_qo_len == 4
+    long = ragged_plan(layout, [(5, 30), (1, 9)], causal=True)
+    assert long.tile_rows == 64 and long.max_qo_len == 5
+    small_layout = PrefillLayout.from_settings(settings_for(4, 2, num_ctas=4), 4, paged=False)
+    for requests in ([(4, 30), (1, 9), (2, 2)], [(5, 30), (1, 9)]):
+        a, b = ragged_plan(layout, requests, True), ragged_plan(small_layout, requests, True)
+        if a.tile_rows == 16:
+            assert all((a.tiles()[k] == b.tiles()[k]).all() for k in a.tiles())

@@ -315,7 +315,7 @@ GPU_SHAPE_CASES = [
     ("f16-hd64-g2-full", dict(num_qo_heads=2, num_kv_heads=1, head_dim=64, page_size=16, dtype="float16"),
         [(5, 70)], False),  # 8 warps x 16 rows, 64-token stages: two KV blocks, the second partial
     ("bf16-hd128-g1-causal", dict(num_qo_heads=1, num_kv_heads=1, head_dim=128, page_size=16, dtype="bfloat16"),
-        [(20, 40)], True),  # 4 warps x 16 rows, 32-token stages: a skipped and a masked diagonal block
+        [(20, 40)], True),  # 4 warps x 16 rows, 32-token stages: a full block and the masked diagonal one
 ]  # fmt: skip
 
 
@@ -333,12 +333,14 @@ BOUNDARY_QO = [1, 15, 16, 17, 63, 64, 65, 127, 128, 129]
 @pytest.mark.parametrize("qo_len", BOUNDARY_QO)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_boundaries_at_the_gpu_tile_size(qo_len, causal, device):
-    """128-row tiles over 64-token stages (the head_dim <= 64 GPU shape, at head_dim 16): qo_len
-    around the tile sizes, KV lengths around the 64-token blocks (kv = qo_len: the causal diagonal
-    on the tile's last block; + 63 / 64 / 65 prefix tokens), and a second request sharing the CTAs."""
+    """128-row tiles over 64-token stages (the head_dim <= 64 GPU shape, 8 warps, at head_dim 16,
+    group 1: rows = tokens): qo_len around the tile and warp sizes; KV lengths qo_len (the causal
+    diagonal on the last block) and qo_len + 65 (a prefix one token past a block), next to a decode
+    row over 64 / 129 tokens (a full block, one past two); split over 3 CTAs where the planner
+    splits."""
     shape = prefill_mma_shape(64, simulator=False)
-    overrides = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=16, dtype="float16",
-                     max_num_tokens=2 * 129 + 1, max_num_pages=64, num_ctas=3)  # fmt: skip
-    for extra in (0, 63, 64, 65):
+    overrides = dict(num_qo_heads=1, num_kv_heads=1, head_dim=16, page_size=16, dtype="float16",
+                     max_num_tokens=130, max_num_pages=64, num_ctas=3)  # fmt: skip
+    for extra in (0, 65):
         requests = [(qo_len, qo_len + extra), (1, 64 + extra)]
         run_paged(overrides, requests, causal, device, cls=shaped((shape.warps, shape.kv_tokens), shape.rows))
