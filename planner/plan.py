@@ -36,6 +36,27 @@ def balance_of(ideal: float, makespan: int) -> float:
 STAGE_GAP_WORDS = 1024
 
 
+def live_ranges(offsets: dict[str, tuple[int, int]], buffer: np.ndarray, num_tiles: int, num_merges: int,
+                batch_size: int, host_indices: bool) -> list[tuple[int, int]]:  # fmt: skip
+    """The word ranges of a decode or prefill plan ``buffer`` (sections at ``offsets``) the kernels
+    read: header and CTA index whole, the tile_* sections' live tiles, the live merges, B + 1
+    indptr entries, B kv lengths, the copied page ids (``host_indices``: kv_indptr[B] of them).
+    Ranges closer than STAGE_GAP_WORDS are joined."""
+    n, m, b = num_tiles, num_merges, batch_size
+    nnz = int(buffer[offsets["kv_indptr"][0] + b]) if host_indices else 0
+    live = {"header": None, "cta_tile_indptr": None, "merge_slot_indptr": m + 1, "merge_request": m,
+            "merge_kv_head": m, "qo_indptr": b + 1, "kv_indptr": b + 1, "kv_indices": nnz, "kv_len": b}  # fmt: skip
+    ranges: list[tuple[int, int]] = []
+    for name, (start, stop) in offsets.items():
+        count = live.get(name, n)  # the tile_* sections: the live tiles
+        end = stop if count is None else min(stop, start + count)
+        if ranges and start - ranges[-1][1] <= STAGE_GAP_WORDS:  # a short gap: one copy is cheaper
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
 @lru_cache(maxsize=64)
 def _offsets(layout: DecodeLayout) -> dict[str, tuple[int, int]]:
     return layout.offsets()
@@ -101,20 +122,8 @@ class Plan:
         """The (start, stop) word ranges of ``buffer`` the kernels read for this plan: the header, the
         CTA index, the live tiles and merges and the live page-table entries (a device page table
         has none here). Staging only these keeps plan() independent of the Settings capacities."""
-        offsets = _offsets(self.layout)
-        n, m, b = self.num_tiles, self.num_merges, self.batch_size
-        nnz = int(self.buffer[offsets["kv_indptr"][0] + b]) if self.page_table == "host" else 0
-        live = {"header": None, "cta_tile_indptr": None, "merge_slot_indptr": m + 1, "merge_request": m,
-                "merge_kv_head": m, "kv_indptr": b + 1, "kv_indices": nnz, "kv_len": b}  # fmt: skip
-        ranges: list[tuple[int, int]] = []
-        for name, (start, stop) in offsets.items():
-            count = live.get(name, n)  # the tile_* sections: the live tiles
-            end = stop if count is None else start + count
-            if ranges and start - ranges[-1][1] <= STAGE_GAP_WORDS:  # a short gap: one copy is cheaper
-                ranges[-1] = (ranges[-1][0], end)
-            else:
-                ranges.append((start, end))
-        return ranges
+        return live_ranges(_offsets(self.layout), self.buffer, self.num_tiles, self.num_merges, self.batch_size,
+                           self.page_table == "host")  # fmt: skip
 
     def tiles_per_cta(self) -> np.ndarray:
         """Number of tiles each CTA runs."""

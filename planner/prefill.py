@@ -44,7 +44,7 @@ from .decode import E_CAPACITY, INT32_MAX, R_ERROR, R_INDEX, R_MAX_PAGE, R_VALUE
 from .decode import S_KV_LEN, raise_plan_error, validate_page_table
 from .validation import validate_block_lengths, validate_page_lengths
 from .layout import H_NUM_PAGES, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS
-from .plan import TILE_OVERHEAD_TOKENS, balance_of
+from .plan import TILE_OVERHEAD_TOKENS, balance_of, live_ranges
 from .validation import as_index_array
 from .prefill_layout import H_NUM_TOKENS, PREFILL_SECTIONS, ROWS_PER_TILE, TILE_SECTIONS, PrefillLayout
 
@@ -339,6 +339,13 @@ class PrefillPlan:
         # shape; its tiles are the same either way (one query tile per request and kv_head)
         short = self.max_qo_len * layout.group_size <= ROWS_PER_TILE
         self.tile_rows = ROWS_PER_TILE if short else layout.tile_rows
+
+    def live_ranges(self) -> list[tuple[int, int]]:
+        """The word ranges of ``buffer`` the kernels read (planner.plan.live_ranges); a ragged plan's
+        kv_indptr holds KV token offsets, so no page id is staged."""
+        host_indices = self.page_table == "host" and self.layout.paged
+        return live_ranges(self.layout.offsets(), self.buffer, self.num_tiles, self.num_merges, self.batch_size,
+                           host_indices)  # fmt: skip
 
     def section(self, name: str) -> np.ndarray:
         """A read-only view of one buffer section at full capacity (names: PREFILL_SECTIONS)."""

@@ -227,11 +227,7 @@ class AttentionBase:
     def stage_plan(self, plan: Any, rows: int) -> Any:
         """Make ``plan`` current with ``rows`` q/out rows (see ``padded_rows``) and stage it for the
         next upload (one copy on the stream of the next run or replay)."""
-        live = getattr(plan, "live_ranges", None)  # decode plans: only the words the kernels read
-        if live is not None:
-            self.workspace.stage_ranges(plan.buffer, live())
-        else:
-            self.workspace.stage(plan.buffer)
+        self.workspace.stage_ranges(plan.buffer, plan.live_ranges())  # only the words the kernels read
         self._guard_bound = self.settings.max_num_pages  # what the staged header holds
         self._plan, self._rows = plan, int(rows)
         return plan

@@ -99,6 +99,14 @@ def test_prefill_device_plans_schedule_as_the_host_plan():
         assert plan.section("header").tolist() == host.section("header").tolist()
     assert host.section("header")[H_NUM_PAGES] == POOL
     assert blocks.section("kv_indptr")[:4].tolist() == [0, 20, 0, 60]
+    offsets = layout.offsets()
+    for plan, pages in ((host, len(indices)), (device, 0)):
+        mask = np.zeros(layout.plan_words, bool)
+        for start, stop in plan.live_ranges():
+            mask[start:stop] = True
+        for name, count in (("header", 8), ("qo_indptr", 5), ("kv_indptr", 5), ("kv_len", 4), ("kv_indices", pages),
+                            ("tile_kv_end", plan.num_tiles), ("merge_slot_indptr", plan.num_merges + 1)):  # fmt: skip
+            assert mask[offsets[name][0] : offsets[name][0] + count].all(), name
 
 
 def test_length_errors_are_typed_and_named():
