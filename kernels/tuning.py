@@ -74,31 +74,58 @@ def merge_max_grid() -> int:
 @dataclass(frozen=True)
 class DecodePipelineShape:
     """Launch shape of the pipelined decode kernel (kernels.decode_pipeline): block (lanes, heads,
-    rows); a stage holds rows * tokens_per_row tokens of K and of V; ``stages`` buffers of each."""
+    rows), where each of the ``heads`` y rows of threads holds ``heads_per_thread`` query heads of the
+    GQA group (a pass covers heads * heads_per_thread heads); a stage holds rows * tokens_per_row
+    tokens of K and of V; ``stages`` buffers of each."""
 
     lanes: int
     heads: int
     rows: int
     tokens_per_row: int
     stages: int
+    heads_per_thread: int = 1
+
+    @property
+    def heads_per_pass(self) -> int:
+        return self.heads * self.heads_per_thread
 
 
 #: query heads of a GQA group per pass of the pipelined decode (larger groups: several passes)
 PIPELINE_MAX_HEADS = 8
+#: query heads one thread holds (its q and accumulator rows): each K/V vector it unpacks from shared
+#: memory serves that many heads, so the unpack cost per byte falls with it; 4 keeps the bf16 hd128
+#: g4 kernel within 128 registers (4 x 8 q + 4 x 8 accumulators)
+PIPELINE_HEADS_PER_THREAD = 4
 #: target tokens per stage on a GPU, and the shared-memory bytes the K/V stage buffers may take
-PIPELINE_STAGE_TOKENS = 16
+PIPELINE_STAGE_TOKENS = 32
 PIPELINE_TILE_BYTES = 32 * 1024
+#: scores (heads x tokens) one row group of threads reduces per stage
+PIPELINE_MAX_SCORES = 16
 
 
-def decode_pipeline_shape(kind: int, head_dim: int, group: int) -> DecodePipelineShape:
-    """GPU: ~128 threads, (head_dim/8 lanes) x (the group's heads, <= 8 per pass) x rows, 2 stages of
-    up to 16 tokens within 32 KB of K/V buffers. Simulator: 2 heads x 2 rows x 2 tokens per row."""
+def split_heads(heads: int, per_thread: int) -> tuple[int, int]:
+    """(thread rows, heads per thread) covering ``heads`` query heads with at most ``per_thread``
+    heads per thread, balanced (6 -> 2 x 3, not 4 + 2)."""
+    slices = -(-heads // per_thread)
+    return slices, -(-heads // slices)
+
+
+def decode_pipeline_shape(kind: int, head_dim: int, group: int, pair_hooks: bool = False) -> DecodePipelineShape:
+    """GPU: ~128 threads, (head_dim/8 lanes) x (head rows, each holding up to 4 of the group's heads,
+    <= 8 heads per pass; 2 with ``pair_hooks``, the rope-style partner loads) x token rows, 2 stages of
+    up to 32 tokens within 32 KB of K/V buffers. Simulator: up to 4 heads per pass as 2 x 2, 2 token
+    rows x 2 tokens per row."""
     lanes = lanes_per_row(head_dim)
     if SIMULATOR:
-        return DecodePipelineShape(lanes, min(group, 2), 2, 2, 2)
-    heads = min(group, PIPELINE_MAX_HEADS)
-    rows = max(1, GPU_THREADS // (lanes * heads))
+        slices, per_thread = split_heads(min(group, 4), 2)
+        return DecodePipelineShape(lanes, slices, 2, 2, 2, per_thread)
+    per_thread_limit = 2 if pair_hooks else PIPELINE_HEADS_PER_THREAD  # rope: the partner rows take registers
+    slices, per_thread = split_heads(min(group, PIPELINE_MAX_HEADS), per_thread_limit)
+    rows = max(1, GPU_THREADS // (lanes * slices))
     row_bytes = head_dim * (4 if kind == 2 else 2)  # primitives.F32 == 2
     stages = 2
     tokens = max(rows, min(PIPELINE_STAGE_TOKENS, PIPELINE_TILE_BYTES // (2 * stages * row_bytes)))
-    return DecodePipelineShape(lanes, heads, rows, max(1, tokens // rows), stages)
+    # a row group's scores (heads per thread x tokens per row) at most one per lane and <= 16 (registers
+    # and the reduction buffer); tokens per row a power of two (the stage max runs over aligned lane groups)
+    per_row = max(1, min(tokens // rows, min(PIPELINE_MAX_SCORES, lanes) // per_thread))
+    return DecodePipelineShape(lanes, slices, rows, 1 << (per_row.bit_length() - 1), stages, per_thread)
