@@ -49,7 +49,7 @@ from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
 from .nan import NAN_PTX, fastmath_flags, nan_max
-from .tuning import DecodePipelineShape, decode_pipeline_shape
+from .tuning import DecodePipelineShape, decode_ctas_per_sm, decode_pipeline_shape
 
 if TYPE_CHECKING:
     from .compile_spec import CompileSpec
@@ -114,6 +114,27 @@ class DecodePipelineConfig:
     @property
     def stage_tokens(self) -> int:
         return self.shape.rows * self.shape.tokens_per_row
+
+    @property
+    def threads(self) -> int:
+        return self.shape.lanes * self.shape.heads * self.shape.rows
+
+    def shared_bytes(self) -> int:
+        """Static shared memory of the kernel, an upper estimate: the arrays make_decode_pipeline_kernel
+        declares plus 1 KB for their alignment (nvJitLink reports 0.3-1 KB above the bare sum)."""
+        sh = self.shape
+        heads, t = sh.heads_per_pass, self.stage_tokens
+        row_words = (self.head_dim // 8) * prim.words_per_row8(self.kind)
+        tile_words = sh.stages * t * row_words
+        combine = heads * sh.rows * self.head_dim
+        groups, scores = sh.heads * sh.rows, sh.heads_per_thread * sh.tokens_per_row
+        words = 2 * tile_words + (1 if combine <= tile_words else combine)  # K, V, the combine (1 word when in K)
+        words += groups * scores * sh.lanes + groups * (scores + sh.heads_per_thread) + 3 * groups * scores
+        return 4 * words + 8 * sh.stages * t + 1024  # + the int64 page offsets, the alignment allowance
+
+    def ctas_per_sm(self) -> int:
+        """Default persistent CTAs per SM (kernels.tuning.decode_ctas_per_sm of this config)."""
+        return decode_ctas_per_sm(self.threads, self.shared_bytes())
 
 
 def pipeline_config(kind: int, head_dim: int, group: int, hooks: AttentionHooks = DEFAULT_HOOKS) -> DecodePipelineConfig:
@@ -574,8 +595,8 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 # softmax-free variants take no maximum: NaN reaches them through the sums alone
                 expect=("cp.async.cg.shared.global", "cp.async.wait_group", "ex2.approx") + ((NAN_PTX,) if hooks.softmax else ()),
                 fastmath=fastmath_flags(),
-                # every copy moves K/V bytes; num_ctas = 2 x SMs; held to the decode family's budgets
-                perf=PerfHints(threads=cfg.shape.lanes * cfg.shape.heads * cfg.shape.rows, ctas_per_sm=2, family="decode"),
+                # every copy moves K/V bytes; num_ctas = SMs x cfg.ctas_per_sm(); held to the decode family's budgets
+                perf=PerfHints(threads=cfg.threads, ctas_per_sm=cfg.ctas_per_sm(), family="decode"),
             )
         )
     return specs
