@@ -14,8 +14,10 @@ from tilegraph._device import SIMULATOR
 
 GPU_THREADS = 128  # target threads per CTA on a GPU
 
-#: fixed grid of the partial-merge kernel after a split decode/prefill (it loops over live merges)
-PARTIAL_MERGE_CTAS = 4
+#: fixed grid of the partial-merge kernel after a split decode/prefill (it loops over live merges):
+#: 264 on a GPU (2 per SM of an H100/H200; a 4-CTA grid ran the skewed batch's merge on 4 SMs at a
+#: predicted 23 GB/s, ~36 us next to a ~60-85 us decode once decode reaches the HBM roof), 4 simulated
+PARTIAL_MERGE_CTAS = 4 if SIMULATOR else 264
 
 
 def lanes_per_row(head_dim: int) -> int:
