@@ -177,7 +177,7 @@ def _element_pointer(context, builder, ary_ty, ary, idx, idx_ty):
 @intrinsic
 def cp_async_16(typingctx, dst, dst_index, src, src_index, valid):
     """cp.async.cg.shared.global 16 B: src[src_index:+4] -> dst[dst_index:+4] (int32 word arrays;
-    dst in shared memory, 16-byte aligned); ``valid`` false: src-size 0, the 16 bytes are zero-filled
+    dst in shared memory, 16-byte aligned); ``valid`` false: ignore-src, the 16 bytes are zero-filled
     and nothing is read."""
     for ary in (dst, src):
         if not (isinstance(ary, types.Array) and ary.ndim == 1 and ary.dtype == types.int32):
@@ -193,10 +193,11 @@ def cp_async_16(typingctx, dst, dst_index, src, src_index, valid):
         shared_ptr = builder.addrspacecast(dptr, ir.PointerType(_I32, 3))
         saddr = builder.ptrtoint(shared_ptr, _I32)
         ok32 = context.cast(builder, ok, valid_ty, types.int32)
-        size = builder.select(builder.icmp_signed("!=", ok32, ir.Constant(_I32, 0)), ir.Constant(_I32, 16), ir.Constant(_I32, 0))
         fn_type = ir.FunctionType(ir.VoidType(), [_I32, sptr.type, _I32])
-        text = "{.reg .u64 g; cvta.to.global.u64 g, $1; cp.async.cg.shared.global [$0], [g], 16, $2;}"
-        builder.call(ir.InlineAsm(fn_type, text, "r,l,r,~{memory}", side_effect=True), [saddr, sptr, size])
+        # the ignore-src predicate form (PTX 7.5): one predicated LDGSTS .ZFILL, no src-size arithmetic
+        text = ("{.reg .u64 g; .reg .pred z; cvta.to.global.u64 g, $1; setp.eq.s32 z, $2, 0; "
+                "cp.async.cg.shared.global [$0], [g], 16, z;}")
+        builder.call(ir.InlineAsm(fn_type, text, "r,l,r,~{memory}", side_effect=True), [saddr, sptr, ok32])
         return context.get_dummy_value()
 
     return types.none(dst, dst_index, src, src_index, valid), codegen

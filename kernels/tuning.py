@@ -14,8 +14,10 @@ from tilegraph._device import SIMULATOR
 
 GPU_THREADS = 128  # target threads per CTA on a GPU
 
-#: fixed grid of the partial-merge kernel after a split decode/prefill (it loops over live merges)
-PARTIAL_MERGE_CTAS = 4
+#: fixed grid of the partial-merge kernel after a split decode/prefill (it loops over live merges):
+#: 264 on a GPU (2 per SM of an H100/H200; a 4-CTA grid ran the skewed batch's merge on 4 SMs at a
+#: predicted 23 GB/s, ~36 us next to a ~60-85 us decode once decode reaches the HBM roof), 4 simulated
+PARTIAL_MERGE_CTAS = 4 if SIMULATOR else 264
 
 
 def lanes_per_row(head_dim: int) -> int:
@@ -122,31 +124,128 @@ def merge_max_grid() -> int:
 @dataclass(frozen=True)
 class DecodePipelineShape:
     """Launch shape of the pipelined decode kernel (kernels.decode_pipeline): block (lanes, heads,
-    rows); a stage holds rows * tokens_per_row tokens of K and of V; ``stages`` buffers of each."""
+    rows), where each of the ``heads`` y rows of threads holds ``heads_per_thread`` query heads of the
+    GQA group (a pass covers heads * heads_per_thread heads); a stage holds rows * tokens_per_row
+    tokens of K and of V; ``stages`` buffers of each."""
 
     lanes: int
     heads: int
     rows: int
     tokens_per_row: int
     stages: int
+    heads_per_thread: int = 1
+
+    @property
+    def heads_per_pass(self) -> int:
+        return self.heads * self.heads_per_thread
 
 
 #: query heads of a GQA group per pass of the pipelined decode (larger groups: several passes)
 PIPELINE_MAX_HEADS = 8
+#: query heads one thread holds (its q and accumulator rows): each K/V vector it unpacks from shared
+#: memory serves that many heads, so the unpack cost per byte falls with it; 4 keeps the bf16 hd128
+#: g4 kernel within 128 registers (4 x 8 q + 4 x 8 accumulators)
+PIPELINE_HEADS_PER_THREAD = 4
 #: target tokens per stage on a GPU, and the shared-memory bytes the K/V stage buffers may take
-PIPELINE_STAGE_TOKENS = 16
+PIPELINE_STAGE_TOKENS = 32
 PIPELINE_TILE_BYTES = 32 * 1024
+#: scores (heads x tokens) one row group of threads reduces per stage
+PIPELINE_MAX_SCORES = 16
 
 
-def decode_pipeline_shape(kind: int, head_dim: int, group: int) -> DecodePipelineShape:
-    """GPU: ~128 threads, (head_dim/8 lanes) x (the group's heads, <= 8 per pass) x rows, 2 stages of
-    up to 16 tokens within 32 KB of K/V buffers. Simulator: 2 heads x 2 rows x 2 tokens per row."""
+def split_heads(heads: int, per_thread: int) -> tuple[int, int]:
+    """(thread rows, heads per thread) covering ``heads`` query heads with at most ``per_thread``
+    heads per thread, balanced (6 -> 2 x 3, not 4 + 2)."""
+    slices = -(-heads // per_thread)
+    return slices, -(-heads // slices)
+
+
+def decode_pipeline_shape(kind: int, head_dim: int, group: int, pair_hooks: bool = False) -> DecodePipelineShape:
+    """GPU: ~128 threads, (head_dim/8 lanes) x (head rows, each holding up to 4 of the group's heads,
+    <= 8 heads per pass; 2 with ``pair_hooks``, the rope-style partner loads) x token rows, 2 stages of
+    up to 32 tokens within 32 KB of K/V buffers. Simulator: up to 4 heads per pass as 2 x 2, 2 token
+    rows x 2 tokens per row."""
     lanes = lanes_per_row(head_dim)
     if SIMULATOR:
-        return DecodePipelineShape(lanes, min(group, 2), 2, 2, 2)
-    heads = min(group, PIPELINE_MAX_HEADS)
-    rows = max(1, GPU_THREADS // (lanes * heads))
+        slices, per_thread = split_heads(min(group, 4), 2)
+        return DecodePipelineShape(lanes, slices, 2, 2, 2, per_thread)
+    per_thread_limit = 2 if pair_hooks else PIPELINE_HEADS_PER_THREAD  # rope: the partner rows take registers
+    slices, per_thread = split_heads(min(group, PIPELINE_MAX_HEADS), per_thread_limit)
+    rows = max(1, GPU_THREADS // (lanes * slices))
     row_bytes = head_dim * (4 if kind == 2 else 2)  # primitives.F32 == 2
     stages = 2
     tokens = max(rows, min(PIPELINE_STAGE_TOKENS, PIPELINE_TILE_BYTES // (2 * stages * row_bytes)))
-    return DecodePipelineShape(lanes, heads, rows, max(1, tokens // rows), stages)
+    # a row group's scores (heads per thread x tokens per row) at most one per lane and <= 16 (registers
+    # and the reduction buffer); tokens per row a power of two (the stage max runs over aligned lane groups)
+    per_row = max(1, min(tokens // rows, min(PIPELINE_MAX_SCORES, lanes) // per_thread))
+    return DecodePipelineShape(lanes, slices, rows, 1 << (per_row.bit_length() - 1), stages, per_thread)
+
+
+#: registers per thread the decode kernels are held to (compile-check's sm_90 budget, perf_budgets.json)
+DECODE_REGISTER_BUDGET = 128
+#: resident decode CTAs per SM the default grid aims at: one CTA's barrier waits are covered by the
+#: other's copies, and two already keep 2 x 32 KB in flight at bf16 hd128 g4 (16 copies of 16 B per
+#: thread x 128 threads), over the ~18 KB (H100) / ~25 KB (H200) Little's law asks for; more CTAs only
+#: split more tiles (partial traffic and merge work) for no predicted bandwidth (docs/perf-model.md)
+DECODE_TARGET_CTAS_PER_SM = 2
+_REGS_PER_SM = 64 * 1024
+_REG_UNIT = 256  # registers per warp are allocated in units of 256
+_SMEM_PER_SM = 228 * 1024
+_SMEM_PER_CTA_RESERVED = 1024
+_SMEM_UNIT = 128
+_THREADS_PER_SM = 2048
+
+
+def resident_ctas_per_sm(threads: int, smem_bytes: int, registers: int = DECODE_REGISTER_BUDGET) -> int:
+    """CTAs one sm_80/sm_90 SM holds at once: the lowest of the register file (``registers`` per thread,
+    allocated per warp in units of 256), shared memory (plus the driver's 1 KB per CTA, 128-byte
+    units, 228 KB per SM) and threads (2048)."""
+    warps = -(-threads // 32)
+    by_regs = _REGS_PER_SM // (-(-registers * 32 // _REG_UNIT) * _REG_UNIT * warps)
+    smem = -(-(smem_bytes + _SMEM_PER_CTA_RESERVED) // _SMEM_UNIT) * _SMEM_UNIT
+    return max(0, min(by_regs, _SMEM_PER_SM // smem, _THREADS_PER_SM // (warps * 32)))
+
+
+def decode_ctas_per_sm(threads: int, smem_bytes: int) -> int:
+    """Persistent decode CTAs per SM when Settings leave num_ctas None: the resident count of the
+    config (registers at the 128 budget, its static shared memory) capped at DECODE_TARGET_CTAS_PER_SM,
+    at least 1. Never more than fit: a persistent grid past the resident count runs in waves."""
+    return max(1, min(resident_ctas_per_sm(threads, smem_bytes), DECODE_TARGET_CTAS_PER_SM))
+
+
+@dataclass(frozen=True)
+class DecodeEngineChoice:
+    """Which decode kernel a group size launches, with the static model's figures behind the choice
+    (sm_90, bf16, head_dim 128; warp instructions per K/V byte of the stage loop; predicted % of the
+    HBM peak on H100 / H200, the lower of Little's law and the issue ceiling 4 x 1.83 GHz x 132 SMs /
+    instr_per_byte, capped at the peak). All figures are predicted, none measured."""
+
+    engine: str  # "cuda_cores": kernels.decode_pipeline (the only decode kernel built)
+    cuda_core_instr_per_byte: float  # read from the SASS (compile-check) or scaled from it (marked ~)
+    tensor_core_instr_per_byte: float  # a model estimate from the instruction mix (no kernel built)
+    predicted_h100_h200: tuple[float, float]  # of the chosen engine
+    note: str
+
+
+#: Tensor-core decode (the group's heads as the 16 rows of mma.m16n8k16, FlashInfer's
+#: use_tensor_cores), estimated per warp and 16 tokens of K+V (8 KB): Q.K 16 HMMA + 8 LDSM, P.V 16
+#: HMMA + 8 LDSM.T, softmax on the C fragments ~40, the O rescale 64 FMUL, P packing 4, 16 copies
+#: with their addresses ~100, offsets/barriers/loop ~40: ~300 instructions -> ~0.037 instr/B, the same
+#: for every group <= 16 (rows past the group are padding). The CUDA-core pipeline grows with the
+#: heads per pass: 0.182 at g4 (SASS, 746 per 4 KB), 0.118 at g1 (fp16), ~0.37 at g8 (0.374 for the
+#: alibi+sinks g8 variant's SASS). H200 saturates below 0.201 instr/B, H100 below 0.288.
+#: Decision: group <= 4 stays on CUDA cores (predicted at the HBM peak on both GPUs, exact fp32 dot
+#: products, every hook); group >= 5 is where tensor cores would be predicted faster, but no
+#: tensor-core decode kernel is built yet, so every group runs the CUDA-core pipeline today.
+DECODE_ENGINES: dict[str, DecodeEngineChoice] = {
+    "g1-4": DecodeEngineChoice("cuda_cores", 0.182, 0.037, (1.00, 1.00),
+                               "at the HBM roof by the model; tensor cores predict no gain"),
+    "g5-16": DecodeEngineChoice("cuda_cores", 0.37, 0.037, (0.78, 0.54),
+                                "tensor cores predicted 1.00 / 1.00 of peak; not built: CUDA cores until a "
+                                "tensor-core decode kernel exists"),
+}  # fmt: skip
+
+
+def decode_engine(group: int) -> DecodeEngineChoice:
+    """The decode engine (and its predicted figures) for a GQA group size."""
+    return DECODE_ENGINES["g1-4" if group <= 4 else "g5-16"]

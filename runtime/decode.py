@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tilegraph._device import resolve_device
+from tilegraph._device import default_num_ctas, resolve_device
 from tilegraph.errors import InputError
 from tilegraph.kernels.decode_pipeline import DECODE_PIPELINE_ARGS, decode_pipeline_kernel, page_divisor, pipeline_config
 from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
+from tilegraph.kernels.primitives import DTYPE_CODES
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.nvtx_ranges import plan_range
@@ -47,7 +48,18 @@ def workspace_nbytes(settings: Settings, device: str | torch.device | None = Non
     if not isinstance(settings, Settings):
         raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
     dev = resolve_device(device)
-    return DecodeLayout.from_settings(settings, resolve_num_ctas(settings, dev)).workspace_nbytes
+    return DecodeLayout.from_settings(settings, decode_num_ctas(settings, dev)).workspace_nbytes
+
+
+def decode_num_ctas(settings: Settings, device: torch.device) -> int:
+    """Persistent CTAs of BatchDecode: Settings.num_ctas, else SMs x the resident-CTA count of the
+    pipelined kernel's config for these Settings (kernels.tuning.decode_ctas_per_sm: registers at the
+    128 budget and its static shared memory, capped at 2 per SM); the simulator's small default on CPU.
+    A function of Settings and the device only (never of the variant), so workspace_nbytes agrees."""
+    if settings.num_ctas is not None or device.type != "cuda":
+        return resolve_num_ctas(settings, device)
+    cfg = pipeline_config(DTYPE_CODES[settings.dtype], settings.head_dim, settings.group_size)
+    return default_num_ctas(device, ctas_per_sm=cfg.ctas_per_sm())
 
 
 class BatchDecode(AttentionBase):
@@ -70,6 +82,9 @@ class BatchDecode(AttentionBase):
         self.page_divisor = page_divisor(settings.page_size)
 
     def make_layout(self) -> DecodeLayout:
+        # AttentionBase set num_ctas from the shared default just before this call; decode's own default
+        # comes from its kernel's occupancy (decode_num_ctas), the same one workspace_nbytes uses
+        self.num_ctas = decode_num_ctas(self.settings, self.device)
         return DecodeLayout.from_settings(self.settings, self.num_ctas)
 
     @plan_range
@@ -171,4 +186,4 @@ def check_paged_kv(k: Any, v: Any, paired: bool, settings: Settings, device: tor
     return kv
 
 
-__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "check_paged_kv"]
+__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "decode_num_ctas", "check_paged_kv"]

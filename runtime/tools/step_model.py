@@ -75,8 +75,12 @@ def skewed_step(decode_record: dict[str, Any], merge_record: dict[str, Any] | No
     shape = BENCH_SHAPE
     group = shape["num_qo_heads"] // shape["num_kv_heads"]
     out: dict[str, Any] = {"batch": "1 x 32768 + 63 x 512", "shape": dict(shape), "gpus": {}}
+    from tilegraph.kernels.decode_pipeline import pipeline_config
+    from tilegraph.kernels.primitives import BF16
+
+    per_sm = pipeline_config(BF16, shape["head_dim"], group).ctas_per_sm()  # BatchDecode's default num_ctas
     for gpu in pm.GPUS:
-        num_ctas = 2 * gpu.sms
+        num_ctas = per_sm * gpu.sms
         plan = plan_numbers(SKEWED_BATCH, num_ctas)
         decode_bw = decode_record["perf"]["predicted"][gpu.name]["memory"]["predicted_bytes_per_s"]
         merge_bw = _merge_bandwidth(gpu, merge_record, GPU_THREADS, PARTIAL_MERGE_CTAS)

@@ -117,22 +117,50 @@ BOUNDARY_CASES = [
     ("p1-g2-unsplit", dict(page_size=1, num_qo_heads=4, num_kv_heads=2, dtype="float16", num_ctas=1)),
     ("p3-g3-split", dict(page_size=3, num_qo_heads=3, num_kv_heads=1, dtype="bfloat16", num_ctas=8)),
     ("p5-g1-HND-split", dict(page_size=5, num_qo_heads=2, num_kv_heads=2, dtype="float32", kv_layout="HND", num_ctas=8)),
+    # 2 head rows x 2 heads per thread, one score per lane (head_dim 32: 4 lanes), odd pages, split
+    ("p7-g4-hd32-split", dict(page_size=7, num_qo_heads=4, num_kv_heads=1, dtype="bfloat16", head_dim=32, num_ctas=6)),
 ]  # fmt: skip
+
+
+def _boundary_settings(overrides):
+    return tilegraph.Settings(**{"head_dim": 16, "max_batch_size": 8, "max_num_pages": 160, **overrides})
 
 
 @pytest.mark.parametrize("case", BOUNDARY_CASES, ids=[c[0] for c in BOUNDARY_CASES])
 def test_stage_boundaries_match_reference(case, device):
     """kv_len = stage - 1, stage, stage + 1, 2 stages + 1, and split tiles that end mid-stage."""
     _, overrides = case
-    settings = tilegraph.Settings(head_dim=16, max_batch_size=8, max_num_pages=160, **overrides)
+    settings = _boundary_settings(overrides)
     t = _stage_tokens(settings)
-    lengths = [t - 1, t, t + 1, 2 * t + 1, 1, 10 * t + 3]
+    _check_boundaries(settings, [t - 1, t, t + 1, 2 * t + 1, 1, 10 * t + 3], device)
+
+
+def _check_boundaries(settings, lengths, device, require_split=True):
     out, lse, plan, (q, cache, kv_indptr, kv_indices, last) = _run(settings, lengths, device)
     ref_out, ref_lse = decode_reference(q, cache, settings, kv_indptr, kv_indices, last)
     assert relative_error(out, ref_out) < TOLERANCE[settings.dtype], plan
     assert relative_error(lse.cpu(), ref_lse) < 1e-4
-    if settings.num_ctas > 1:
+    if settings.num_ctas > 1 and require_split:
         assert plan.num_merges > 0  # the split tiles exercise ends that are not stage multiples
+
+
+SWEEP = [
+    # page_size, group, head_dim, dtype: every lanes/heads-per-thread/scores-per-lane layout the shapes give
+    (1, 1, 16, "float32"), (2, 3, 16, "bfloat16"), (3, 5, 32, "float16"), (5, 8, 48, "bfloat16"),
+    (7, 2, 64, "float16"), (16, 4, 16, "float32"), (9, 6, 32, "bfloat16"),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page_size,group,head_dim,dtype", SWEEP)
+def test_stage_boundary_sweep(page_size, group, head_dim, dtype, device):
+    """kv_len = k * stage + {-1, 0, 1} for k = 1..3, page-aligned ends, split and unsplit."""
+    for num_ctas in (1, 7):
+        settings = _boundary_settings(dict(page_size=page_size, num_qo_heads=group, num_kv_heads=1, dtype=dtype,
+                                           head_dim=head_dim, num_ctas=num_ctas))  # fmt: skip
+        t = _stage_tokens(settings)
+        lengths = [k * t + e for k in (1, 2, 3) for e in (-1, 0, 1)][:7] + [page_size]
+        _check_boundaries(settings, lengths, device, require_split=False)
 
 
 # ---- NaN rules ----------------------------------------------------------------------------------
