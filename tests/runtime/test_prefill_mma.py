@@ -344,3 +344,22 @@ def test_boundaries_at_the_gpu_tile_size(qo_len, causal, device):
     for extra in (0, 65):
         requests = [(qo_len, qo_len + extra), (1, 64 + extra)]
         run_paged(overrides, requests, causal, device, cls=shaped((shape.warps, shape.kv_tokens), shape.rows))
+
+
+def test_short_query_plans_launch_the_16_row_shape(device):
+    """BatchPrefill launches the one-warp shape for a plan of short queries only and the tuning
+    table's shape otherwise (here a 64-row layout stands in for the GPU's)."""
+
+    class Wide(tilegraph.BatchPrefill):
+        def make_layout(self):
+            return dataclasses.replace(super().make_layout(), tile_rows=64)
+
+    settings = tilegraph.Settings(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16",
+                                  max_batch_size=4, max_num_pages=16, max_num_tokens=32, num_ctas=2)  # fmt: skip
+    pre = Wide(settings, causal=True, device=device)
+    rng = np.random.default_rng()
+    for requests, short in (([(8, 12), (1, 5)], True), ([(9, 12)], False)):
+        pre.plan(*tables(requests, 4, 16, rng))
+        expected = pre.mma_short_config if short else pre.mma_config
+        assert pre.tensor_core_launch_config() is expected
+    assert pre.mma_short_config.rows == 16
