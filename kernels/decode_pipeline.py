@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from numba import float32, int32, int64, uint32
 
 from tilegraph._device import SIMULATOR, cuda
-from tilegraph.planner.layout import H_NUM_TILES
+from tilegraph.planner.layout import H_NUM_PAGES, H_NUM_TILES
 
 from . import primitives as prim
 from .args import ATTENTION_KV_OUT_ARGS, I32, KernelArgs
@@ -96,7 +96,7 @@ def paged_word_offset(t, page_base, kv_indices, page_size, magic, shift, page_st
     else:
         page_index = int32((int64(t) * magic) >> shift)
         in_page = int32(t - page_index * page_size)
-    page = guarded_page(kv_indices, page_base + page_index, header, request)
+    page = guarded_page(kv_indices, page_base + page_index, header[H_NUM_PAGES], header, request)
     if page < 0:
         return int64(-1)
     return page * page_stride + int64(int32(in_page * token_stride) + head_offset)
@@ -167,7 +167,7 @@ def _stage_offsets(sh_off, slot, stage, T, flat, nthreads, t_begin, t_end, page_
 @cuda.jit(device=True, inline="always")
 def _issue_stage(sh_dst, src_words, sh_off, slot, n_valid, T, CPR, ROW_WORDS, flat, nthreads):
     """cp.async the T rows of ``slot`` (offsets in sh_off) into sh_dst; rows >= n_valid (past the
-    tile's end) and rows whose offset is -1 (a refused page id) are zero-filled and read nothing. Index math in int32 (non-negative: // and % by the
+    tile's end) and rows whose offset is -1 (a page id the guard refused) are zero-filled and read nothing. Index math in int32 (non-negative: // and % by the
     compile-time CPR are shifts when it is a power of two); only the global word offset is int64."""
     for c0 in range(0, T * CPR, nthreads):  # compile-time trip count
         c = int32(c0 + flat)
@@ -176,9 +176,8 @@ def _issue_stage(sh_dst, src_words, sh_off, slot, n_valid, T, CPR, ROW_WORDS, fl
         li = int32(c // CPR)
         part = int32(c - li * CPR)
         row = int32(slot * T + li)
-        off = sh_off[uint32(row)]  # -1: a page id the guard refused (kernels/page_table.py): read nothing
-        prim.cp_async_16(sh_dst, int32(row * ROW_WORDS + part * 4), src_words, max(off, int64(0)) + part * 4,
-                         li < n_valid and off >= 0)  # fmt: skip
+        off = sh_off[uint32(row)]  # -1: a refused page id (kernels/page_table.py): ignore-src, nothing is read
+        prim.cp_async_16(sh_dst, int32(row * ROW_WORDS + part * 4), src_words, off + part * 4, li < n_valid and off >= 0)
 
 
 @cuda.jit(device=True, inline="always")

@@ -11,18 +11,19 @@ the guard then never fires.
 
 from __future__ import annotations
 
-from numba import int32, int64
+from numba import int32, int64, uint32
 
 from tilegraph._device import cuda
 from tilegraph.planner.layout import H_NUM_PAGES, H_PAGE_ERROR
 
 
 @cuda.jit(device=True, inline="always")
-def guarded_page(kv_indices, index, header, request):
-    """``kv_indices[index]`` as int64 when it lies in [0, header[H_NUM_PAGES]); else -1, and
-    header[H_PAGE_ERROR] becomes at least 1 + request (the caller must then read nothing)."""
-    page = int64(kv_indices[index])
-    if page < 0 or page >= int64(header[H_NUM_PAGES]):
+def guarded_page(kv_indices, index, bound, header, request):
+    """``kv_indices[index]`` as int64 when it lies in [0, bound) (``bound``: header[H_NUM_PAGES]);
+    else -1,
+    and header[H_PAGE_ERROR] becomes at least 1 + request (the caller must then read nothing)."""
+    page = int32(kv_indices[index])
+    if uint32(page) >= uint32(bound):  # one unsigned compare: negative ids wrap above any bound
         cuda.atomic.max(header, H_PAGE_ERROR, int32(request + 1))
         return int64(-1)
-    return page
+    return int64(page)

@@ -49,7 +49,7 @@ from numba import float32, int32, int64
 
 from tilegraph._device import SIMULATOR, cuda
 from tilegraph.errors import InputError
-from tilegraph.planner.layout import H_NUM_TILES
+from tilegraph.planner.layout import H_NUM_PAGES, H_NUM_TILES
 
 from . import primitives as prim
 from .hooks import DEFAULT_HOOKS, DTYPE_NAMES, LN2, LOG2E, NEG_INF, AttentionHooks
@@ -202,7 +202,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     def kv_page_id(request, t, kv_indptr, kv_indices, header, page_size):
         """The page id holding KV token t (request-local) of ``request``: the ONE place this kernel
         reads the page table, through the guard (kernels/page_table.py): -1 for an id outside the pool."""
-        return guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header, request)
+        return guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header[H_NUM_PAGES], header, request)
 
     @cuda.jit(device=True, inline="always")
     def kv_row(request, t, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride, head_stride, page_size):

@@ -24,8 +24,8 @@ def test_the_budget_file_installs_and_loads() -> None:
     assert set(json.loads(text)["families"]) >= {"decode", "prefill"}
     rules = budgets.load()
     by_name = {(r.family, r.metric): r for r in rules}
-    # issue 16 goal 0.20; tightened to what the pipelined decode reaches (0.182 at bf16 hd128 g4, sm_90)
-    assert by_name[("decode", "instr_per_byte")].value == 0.19 and by_name[("decode", "instr_per_byte")].op == "<="
+    # issue 16's goal: the pipelined decode reaches 0.199 at bf16 hd128 g4, sm_90 (0.182 before the page-id guard)
+    assert by_name[("decode", "instr_per_byte")].value == 0.20 and by_name[("decode", "instr_per_byte")].op == "<="
     assert by_name[("decode", "registers")].value == 128 and not by_name[("decode", "registers")].expected_to_fail
     # flipped by the decode rewrite (issue 16): the pipelined kernel stages K/V by cp.async without 64-bit division
     assert not by_name[("decode", "LDGSTS")].expected_to_fail and not by_name[("decode", "div64_calls")].expected_to_fail
