@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import tilegraph
+
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
@@ -268,3 +270,32 @@ def test_version_range_checked():
     for bad in ("0.31.9", "0.33.0", "1.0.0"):
         with pytest.raises(InputError, match=bad):
             check_vllm_version(bad)
+
+
+def test_decode_graph_replays_new_lengths_and_block_table():
+    """vLLM's discipline on the simulated graph: one eager decode step, a capture of the layer on
+    build_for_cudagraph_capture's metadata, then a step with other lengths and other page ids written
+    into the SAME block table, planned by the builder only: the replay matches the reference."""
+    objects.clear()
+    builder, layer = _builder(), _impl()
+    meta, gen = _step(5, DECODE_ROWS, pad_tokens=1)
+    cache = _cache(gen)
+    query = torch.randn(meta.num_actual_tokens, HQ, D, generator=gen)
+    output = torch.full((meta.num_actual_tokens, HQ * D), float("nan"))
+    layer.forward(None, query, None, None, cache, builder.build(0, meta), output)  # vLLM's warm-up run
+    graph = tilegraph.SimulatedGraph()
+    captured = builder.build_for_cudagraph_capture(meta)
+    with graph.capture():
+        layer.forward(None, query, None, None, cache, captured, output)
+    assert graph.num_kernel_launches >= 1
+    rows = [(1, 20), (1, 50), (1, 3), (0, 0)]
+    blocks = torch.randperm(NUM_BLOCKS, generator=gen).to(torch.int32)
+    table = meta.block_table_tensor
+    table[0, :2], table[1, :4], table[2, :1] = blocks[0:2], blocks[2:6], blocks[6:7]  # in place: the captured address
+    meta.seq_lens = torch.tensor([r[1] for r in rows], dtype=torch.int32)
+    query.copy_(torch.randn(query.shape, generator=gen))
+    output.fill_(float("nan"))
+    builder.build(0, meta)  # plans and uploads; the layer's Python does not run at replay
+    graph.replay()
+    expected = _reference(query, cache, meta, rows=rows)
+    assert relative_error(output.view(-1, HQ, D)[:3], expected[:3]) < 1e-5
