@@ -3,6 +3,6 @@
 ``pip install "tilegraph[vllm]"`` registers the ``vllm.general_plugins`` entry point
 (the top-level module ``tilegraph_vllm_plugin``): it adds the backend ``TILEGRAPH`` to vLLM's registry, selected with
 ``vllm.LLM(..., attention_config={"backend": "TILEGRAPH"})``. Modules: ``version`` (the supported vLLM range),
-``backend`` / ``builder`` / ``metadata`` / ``impl`` (vLLM's four classes), ``page_table`` (vLLM's
-block table to tilegraph's CSR page table), ``objects`` (the attention objects shared by layers).
+``backend`` / ``builder`` / ``metadata`` / ``impl`` (vLLM's four classes), ``page_table`` (a step's
+host lengths; the kernels read vLLM's device block table in place), ``objects`` (the attention objects shared by layers).
 """

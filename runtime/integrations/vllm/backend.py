@@ -17,7 +17,8 @@ check_vllm_version(vllm.__version__)
 
 
 class TilegraphBackend(AttentionBackend):
-    """Decoder self-attention over vLLM's packed paged cache, eager (no CUDA graphs)."""
+    """Decoder self-attention over vLLM's packed paged cache and device block table; uniform
+    single-token decode steps may run as CUDA graphs (the builder's UNIFORM_SINGLE_TOKEN_DECODE)."""
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]

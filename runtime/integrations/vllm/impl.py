@@ -1,4 +1,5 @@
-"""The TILEGRAPH attention layer: slot-mapped KV writes and one BatchPrefill run per layer call."""
+"""The TILEGRAPH attention layer: slot-mapped KV writes and one attention run per layer call (BatchDecode
+for uniform single-token decode steps, which vLLM may capture as CUDA graphs; BatchPrefill otherwise)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from tilegraph.append import append_kv_slots
-from tilegraph.errors import InputError
+from tilegraph.errors import InputError, StateError
 from tilegraph.integrations._hf_objects import Bounds
 
 from . import objects
@@ -74,11 +75,11 @@ class TilegraphImpl(AttentionImpl[TilegraphMetadata]):
             params["alibi_slopes"] = self.alibi_slopes
         return params or None
 
-    def _held(self, kv_cache: torch.Tensor, meta: TilegraphMetadata, dtype: torch.dtype) -> objects.Held:
+    def _held(self, layer, kv_cache: torch.Tensor, meta: TilegraphMetadata, dtype: torch.dtype) -> objects.Held:
         shape = objects.Shape(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], self.scale, dtype, kv_cache.device)
-        num_reqs = len(meta.table.kv_last_page_len)
-        need = Bounds(max(num_reqs, 1), max(meta.num_actual_tokens, 1), kv_cache.shape[0], max(len(meta.table.kv_indices), 1))
-        return objects.held_for(shape, self.features, need)
+        own = id(layer if layer is not None else self) if any(self.features) else 0  # run-time values: its own object
+        key = objects.Key(meta.group, shape, self.features, meta.decode, own)
+        return objects.held_for(key, objects.need_for(meta, kv_cache.shape[0]))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None) -> torch.Tensor:
         """query [num_tokens, num_heads, head_size] -> output rows of the step's requests (padding rows 0)."""
@@ -92,9 +93,20 @@ class TilegraphImpl(AttentionImpl[TilegraphMetadata]):
         out[rows:].zero_()
         if rows == 0:
             return output
-        held = self._held(kv_cache, meta, query.dtype)
-        attention = objects.planned(held, meta.step, meta.table)
-        attention.run(query[:rows], split_cache(kv_cache), params=self._params(), out=out[:rows])
+        held = self._held(layer, kv_cache, meta, query.dtype)
+        capturing = kv_cache.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing and held.step != meta.step:
+            raise StateError("a CUDA graph capture reached a TILEGRAPH layer whose attention object was not planned by "
+                             "the builder (vLLM must run the layer eagerly once before capturing it)")  # fmt: skip
+        run_rows = meta.num_reqs if meta.decode else rows  # decode: request r is query row r, padding included
+        if query.shape[0] < run_rows:
+            raise InputError(f"query has {query.shape[0]} rows, the decode step has {run_rows} requests (one row each)")
+        attention = objects.planned(held, meta)
+        attention.graph_set_capturing(capturing)
+        try:  # under capture the params persist from the eager runs (set_params is a host write)
+            attention.run(query[:run_rows], split_cache(kv_cache), params=None if capturing else self._params(), out=out[:run_rows])
+        finally:
+            attention.graph_set_capturing(False)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:

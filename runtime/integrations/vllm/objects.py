@@ -1,24 +1,31 @@
-"""The tilegraph attention objects behind the vLLM backend, shared by every layer of a process.
+"""The tilegraph attention objects behind the vLLM backend, shared by the layers of a KV cache group.
 
-One ``BatchPrefill`` per (Shape, features): it serves mixed prefill and decode rows in one plan,
-planned once per step (the metadata's ``step``) and reused by every layer with that shape. Its
-Settings bounds grow to the next power of two when a step needs more. Variant values (cap, window,
-sinks, ALiBi slopes) are run-time parameters passed with each layer's call.
+Per (group, Shape, Features, kind) one object: ``BatchDecode`` for steps whose requests all have one
+query token (fixed buffers: what vLLM's CUDA graphs capture and replay), ``BatchPrefill`` for mixed
+prefill / decode steps (eager). Layers with run-time variant values (cap, window, sinks, ALiBi
+slopes) get an object each, since the values live in the object's fixed params buffer that a graph
+replays in place. Both plan on vLLM's device block table (only host lengths are read) and upload the
+plan at once (``graph_before_replay``), so a graph captured after it replays the step's plan. Settings
+bounds grow to the next power of two when a step needs more; a decode object is sized for vLLM's
+max_num_seqs when made, so it is not rebuilt under a captured graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pydantic
 import torch
 
 from tilegraph import variants
+from tilegraph.decode import BatchDecode
 from tilegraph.errors import InputError
 from tilegraph.integrations._hf_objects import Bounds
 from tilegraph.prefill import BatchPrefill
 from tilegraph.settings import Settings
+
+from .metadata import TilegraphMetadata
 
 
 class Shape(NamedTuple):
@@ -38,15 +45,23 @@ class Features(NamedTuple):
     alibi: bool = False
 
 
+class Key(NamedTuple):
+    group: tuple[str, ...]
+    shape: Shape
+    features: Features
+    decode: bool
+    layer: int  # 0: shared by the group's layers without run-time values, else the layer's own
+
+
 @dataclass
 class Held:
-    attention: BatchPrefill
+    attention: BatchPrefill | BatchDecode
     bounds: Bounds
     step: int | None = None
 
 
 _VARIANTS: dict[Features, variants.Variant | None] = {}
-_HELD: dict[tuple[Shape, Features], Held] = {}
+_HELD: dict[Key, Held] = {}
 
 
 def variant_for(features: Features) -> variants.Variant | None:
@@ -77,24 +92,53 @@ def settings_for(shape: Shape, bounds: Bounds) -> Settings:
         raise InputError(f"the vLLM attention layer does not fit tilegraph: {error}") from error
 
 
-def held_for(shape: Shape, features: Features, need: Bounds) -> Held:
-    """The shared object for (shape, features), rebuilt with grown bounds if ``need`` exceeds them."""
-    held = _HELD.get((shape, features))
+def need_for(meta: TilegraphMetadata, num_pages: int) -> Bounds:
+    """The bounds ``meta``'s step needs over a cache of ``num_pages`` blocks (a decode object: at
+    least meta.max_batch requests with full block-table rows, so graph-sized batches fit)."""
+    if meta.decode:
+        batch = max(meta.num_reqs, meta.max_batch, 1)
+        return Bounds(batch, batch, num_pages, batch * max(meta.block_table.shape[1], 1))
+    return Bounds(max(meta.num_reqs, 1), max(meta.num_actual_tokens, 1), num_pages, max(meta.lengths.page_refs, 1))
+
+
+def held_for(key: Key, need: Bounds) -> Held:
+    """The object for ``key``, rebuilt with grown bounds if ``need`` exceeds them."""
+    held = _HELD.get(key)
     if held is None or not held.bounds.covers(need):
         bounds = (held.bounds if held is not None else Bounds(16, 16, 16, 16)).grown_to(need)
-        attention = BatchPrefill(settings_for(shape, bounds), causal=True, device=shape.device, variant=variant_for(features))
+        settings, variant = settings_for(key.shape, bounds), variant_for(key.features)
+        if key.decode:
+            attention = BatchDecode(settings, device=key.shape.device, variant=variant)
+        else:
+            attention = BatchPrefill(settings, causal=True, device=key.shape.device, variant=variant)
         held = Held(attention, bounds)
-        _HELD[(shape, features)] = held
+        _HELD[key] = held
     return held
 
 
-def planned(held: Held, step: int, table: Any) -> BatchPrefill:
-    """``held``'s object, planned for ``step`` unless it already is."""
-    if held.step != step:
+def planned(held: Held, meta: TilegraphMetadata) -> BatchPrefill | BatchDecode:
+    """``held``'s object planned for ``meta``'s step (unless it already is), its plan uploaded now."""
+    if held.step != meta.step:
         held.step = None
-        held.attention.plan(*table)
-        held.step = step
+        lengths = meta.lengths
+        if isinstance(held.attention, BatchDecode):
+            held.attention.plan_block_table(meta.block_table, lengths.seq_lens)
+        else:
+            held.attention.plan_block_table(lengths.qo_indptr, meta.block_table, lengths.seq_lens)
+        held.attention.graph_before_replay()  # the one upload, outside any graph vLLM captures next
+        held.step = meta.step
     return held.attention
+
+
+def plan_group(meta: TilegraphMetadata) -> int:
+    """Plan every object of ``meta``'s group and kind for its step (the builder's call, before vLLM
+    runs or replays the step); returns how many. Objects are made by the layers' first forward."""
+    count = 0
+    for key in [k for k in _HELD if k.group == meta.group and k.decode == meta.decode]:
+        held = held_for(key, need_for(meta, _HELD[key].bounds.pages))
+        planned(held, meta)
+        count += 1
+    return count
 
 
 def clear() -> None:

@@ -1,7 +1,8 @@
-"""vLLM's per-step block table to tilegraph's CSR page table, on the host.
+"""One step's host lengths for a plan on vLLM's device block table (the table itself stays on the device).
 
-On a CUDA build this reads ``seq_lens`` and ``block_table_tensor`` back from the device (a
-device-to-host copy each step) until tilegraph's kernels read a device-resident page table.
+The planner reads only host lengths: query token offsets (``query_start_loc_cpu``) and KV tokens per
+request (vLLM's CPU copy of ``seq_lens``). The kernels read the block table's page ids in place, so
+no step copies ``block_table_tensor`` (or ``seq_lens``) from the device.
 """
 
 from __future__ import annotations
@@ -14,33 +15,49 @@ import torch
 from tilegraph.errors import InputError
 
 
-class PageTable(NamedTuple):
-    """Plan inputs of one step: qo_indptr [B+1], kv_indptr [B+1], kv_indices, kv_last_page_len [B]."""
+class StepLengths(NamedTuple):
+    """Host int32 plan inputs of one step: qo_indptr [B+1], seq_lens [B], and their page count."""
 
     qo_indptr: np.ndarray
-    kv_indptr: np.ndarray
-    kv_indices: np.ndarray
-    kv_last_page_len: np.ndarray
+    seq_lens: np.ndarray
+    page_refs: int  # sum of ceil(seq_len / block_size): the page references the plan reads
+
+    @property
+    def decode_rows(self) -> int:
+        """Requests 0..n-1 with one query token each, then only padding (no query token, seq_len 0:
+        vLLM's CUDA-graph padding): n, or 0 when the step is not a uniform single-token decode."""
+        qo_lens = np.diff(self.qo_indptr)
+        n = int(np.count_nonzero(qo_lens))
+        if n == 0 or not (qo_lens[:n] == 1).all() or (qo_lens[n:] != 0).any() or (self.seq_lens[n:] != 0).any():
+            return 0
+        return n
+
+    @property
+    def uniform_decode(self) -> bool:
+        """A BatchDecode step: request r reads query row r (padding requests read none of the KV)."""
+        return self.decode_rows > 0
 
 
-def page_table(query_start_loc_cpu: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, num_reqs: int, block_size: int) -> PageTable:
-    """Rows 0..num_reqs-1: query tokens from query_start_loc, KV = the first ceil(seq_len / block_size)
-    blocks of the row (a row with seq_len 0, e.g. padding, gets no pages)."""
-    qo_indptr = query_start_loc_cpu[: num_reqs + 1].to(torch.int64).numpy().astype(np.int32)
-    lens = seq_lens[:num_reqs].to("cpu", torch.int64).numpy()
+def step_lengths(query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int, block_columns: int,
+                 block_size: int) -> StepLengths:  # fmt: skip
+    """Rows 0..num_reqs-1: query tokens from query_start_loc_cpu, KV tokens from seq_lens_cpu (a row with
+    seq_len 0, e.g. padding, reads no page). Raises InputError naming the request or argument."""
+    if query_start_loc_cpu.device.type != "cpu" or seq_lens_cpu.device.type != "cpu":
+        raise InputError("query_start_loc_cpu and seq_lens_cpu must be CPU tensors (the host lengths of the step)")
+    if query_start_loc_cpu.shape[0] < num_reqs + 1 or seq_lens_cpu.shape[0] < num_reqs:
+        raise InputError(f"num_reqs={num_reqs} needs query_start_loc_cpu [{num_reqs + 1}] and seq_lens_cpu [{num_reqs}], "
+                         f"got {tuple(query_start_loc_cpu.shape)} and {tuple(seq_lens_cpu.shape)}")  # fmt: skip
+    qo_indptr = query_start_loc_cpu[: num_reqs + 1].to(torch.int64).numpy()
+    lens = seq_lens_cpu[:num_reqs].to(torch.int64).numpy()
     if (lens < 0).any():
         raise InputError(f"seq_lens must be >= 0, got {lens.min()}")
     qo_lens = np.diff(qo_indptr)
+    if (qo_lens < 0).any():
+        raise InputError(f"query_start_loc must not decrease, got request {int(np.argmax(qo_lens < 0))} with {qo_lens.min()} tokens")
     if (qo_lens > lens).any():
         row = int(np.argmax(qo_lens > lens))
         raise InputError(f"request {row} has {qo_lens[row]} query tokens but seq_len {lens[row]}: query tokens must be in the KV")
     pages = (lens + block_size - 1) // block_size
-    if num_reqs and pages.max(initial=0) > block_table.shape[1]:
-        raise InputError(f"seq_lens need {pages.max()} blocks, block_table has {block_table.shape[1]} columns")
-    table = block_table[:num_reqs].to("cpu", torch.int64).numpy()
-    kv_indptr = np.zeros(num_reqs + 1, dtype=np.int32)
-    np.cumsum(pages, out=kv_indptr[1:])
-    columns = np.arange(table.shape[1])[None, :] < pages[:, None]
-    kv_indices = table[columns].astype(np.int32)  # row-major: each row's blocks in order
-    last = np.where(pages > 0, lens - (pages - 1) * block_size, 0).astype(np.int32)
-    return PageTable(qo_indptr, kv_indptr, kv_indices, last)
+    if num_reqs and pages.max(initial=0) > block_columns:
+        raise InputError(f"seq_lens need {pages.max()} blocks, block_table has {block_columns} columns")
+    return StepLengths(qo_indptr.astype(np.int32), lens.astype(np.int32), int(pages.sum()))
