@@ -431,18 +431,9 @@ def plan_prefill(
     qo_indptr [B+1] (query token offsets), kv_indptr [B+1], kv_indices [>= kv_indptr[-1]],
     kv_last_page_len [B]: int32 CPU torch tensors or numpy arrays (page table as for decode).
     ``allow_split`` False: never split a tile's KV (as deterministic settings do)."""
-    if not layout.paged:
-        raise InputError("plan_prefill needs a paged layout (use plan_prefill_ragged)")
-    qo = as_index_array(qo_indptr, "qo_indptr")
-    indptr = as_index_array(kv_indptr, "kv_indptr")
+    qo, indptr, last = _paged_lengths(layout, qo_indptr, kv_indptr, kv_last_page_len, num_pages)
     indices = as_index_array(kv_indices, "kv_indices")
-    last = as_index_array(kv_last_page_len, "kv_last_page_len")
     batch = qo.shape[0] - 1
-    _check_batch(layout, qo, batch, "kv_indptr", indptr.shape[0])
-    if last.shape[0] != batch:
-        raise InputError(f"kv_last_page_len must have len(qo_indptr) - 1 = {batch} entries, got {last.shape[0]}")
-    if num_pages < 0:
-        raise InputError(f"num_pages must be >= 0, got {num_pages}")
     params, words = _layout_params(layout, bool(causal), bool(allow_split))
     buffer = np.empty(words, dtype=np.int32)
     result = np.zeros(RESULT_WORDS, dtype=np.int64)
