@@ -32,6 +32,10 @@ NOT_CALLED = {
     "PageTable": "a record PagePool.page_table() returns",
     "AppendIndices": "a record PagePool.allocate_step() returns",
     "TilegraphError": "the base of every error below (each case's error is one)",
+    "PageTableError": "raised after a step whose device page table held an out-of-pool id "
+                      "(tests/runtime/test_device_page_table.py raises it from each kernel)",
+    "PageTableMovedError": "raised by a replay whose plan reads another page-table tensor "
+                           "(tests/runtime/test_device_page_table.py)",
 }
 #: error classes: covered when some case raises exactly that class
 ERRORS = ("InputError", "PlanError", "StateError", "DeviceError", "VariantError", "PoolExhaustedError", "UnknownRequestError")
