@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tilegraph.tools import compile_check
+from tilegraph.tools import budgets, compile_check
 
 TOOLKIT = ("nvidia-cuda-nvrtc", "nvidia-nvvm", "nvidia-nvjitlink", "nvidia-cuda-nvdisasm")
 CCS = ("sm_80", "sm_90")
@@ -87,7 +87,8 @@ def test_every_spec_compiles_for_each_cc(check_records: tuple[int, str, list[dic
         assert r["compiled"], f"{where}: {r['error']}"
         assert all(r["expect"].values()), f"{where}: PTX lacks {[k for k, v in r['expect'].items() if not v]}"
         spills = (r["spill_stores"], r["spill_loads"])
-        assert spills == (0, 0), f"{where}: spill stores/loads {spills}"
+        # spills fail unless the family's budgets mark them expected (prefill_mma on sm_80, perf_budgets.json)
+        assert spills == (0, 0) or budgets.spills_expected(r["budget"]), f"{where}: spill stores/loads {spills}"
         assert r["registers"] > 0, where
         assert r["sass"] is not None and r["perf"] is not None, f"{where}: no SASS ({r['error']})"
         lacking = [k for k, v in r["sass"].items() if not v]
