@@ -28,6 +28,7 @@ from numba import njit
 from .plan import TILE_OVERHEAD_TOKENS, balance_of, ideal_makespan
 
 MIN_CHUNK_TOKENS = 128  # the decode scheduler's smallest split chunk (rounded up to pages)
+NO_BOUND = 1 << 62
 
 _DEBRUIJN = np.uint64(0x03F79D71B4CA8B09)
 _TRAILING_ZEROS = np.zeros(64, np.int64)
@@ -181,23 +182,87 @@ def persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas):
     return page_size * max(1, (share + page_size - 1) // page_size)
 
 
+RADIX_BITS = 11  # the request sort's widest digit (a batch of B uses about log2(B) bits, 4 at least)
+
+
 @njit(cache=True, nogil=True)
 def longest_first(kv_len):
-    """Request indices by kv_len, longest first, ties by index."""
+    """Request indices by kv_len, longest first, ties by index: a stable LSD radix sort of
+    ``longest - kv_len``, digits of about log2(batch) bits (4 to RADIX_BITS), as many passes as the
+    spread of lengths needs (none for equal lengths)."""
     batch = kv_len.shape[0]
-    keys = np.empty(batch, np.int64)
+    longest = np.int64(0)
     for i in range(batch):
-        keys[i] = (np.int64(kv_len[i]) << 18) | (batch - 1 - i)  # kv_len < 2^31, batch <= 2^17
-    keys.sort()
-    return (batch - 1 - (keys[::-1] & ((1 << 18) - 1))).astype(np.int64)
+        longest = max(longest, np.int64(kv_len[i]))
+    keys = np.empty(batch, np.int64)
+    spread = np.int64(0)
+    for i in range(batch):
+        keys[i] = longest - np.int64(kv_len[i])
+        spread |= keys[i]
+    order = np.arange(batch)
+    moved = np.empty(batch, np.int64)
+    bits = np.int64(4)
+    while bits < RADIX_BITS and (np.int64(1) << bits) < batch:
+        bits += 1
+    digits = np.int64(1) << bits
+    shift = np.int64(0)
+    while (spread >> shift) != 0:
+        start = np.zeros(digits + 1, np.int64)
+        for i in range(batch):
+            start[((keys[order[i]] >> shift) & (digits - 1)) + 1] += 1
+        for d in range(digits):
+            start[d + 1] += start[d]
+        for i in range(batch):
+            request = order[i]
+            d = (keys[request] >> shift) & (digits - 1)
+            moved[start[d]] = request
+            start[d] += 1
+        order, moved = moved, order
+        shift += bits
+    return order
+
+
+@njit(cache=True, nogil=True)
+def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk):
+    """(lower bound on the makespan, tiles) of ANY schedule of ``chunk``-token chunks.
+
+    The total cost spread evenly, and pigeonhole bounds: n tiles that each cost at least c put
+    ceil(n / num_ctas) of them on some CTA, so the makespan is at least ceil(n / num_ctas) * c.
+    The n tiles are the full chunks (the costliest) and then, in ``order`` (longest request
+    first), each request's last or only tile, c their smallest cost so far."""
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    total = full_tiles = np.int64(0)
+    for i in range(kv_len.shape[0]):
+        length = np.int64(kv_len[i])
+        split = chunk > 0 and length > chunk
+        total += length + overhead * ((length + chunk - 1) // chunk if split else 1)
+        full_tiles += length // chunk if split else 0
+    full_tiles *= num_kv_heads
+    bound = (num_kv_heads * total + num_ctas - 1) // num_ctas
+    cheapest = chunk + overhead if chunk > 0 else NO_BOUND  # no other tile costs more than a full chunk
+    if full_tiles > 0:
+        bound = max(bound, ((full_tiles - 1) // num_ctas + 1) * cheapest)
+    counted = full_tiles
+    for i in order:
+        length = np.int64(kv_len[i])
+        split = chunk > 0 and length > chunk
+        last = length % chunk if split else length
+        if split and last == 0:
+            continue  # full chunks only
+        counted += num_kv_heads
+        cheapest = min(cheapest, last + overhead)
+        bound = max(bound, ((counted - 1) // num_ctas + 1) * cheapest)
+    return bound, counted
 
 
 @njit(cache=True, nogil=True)
 def _anchor_makespan(kv_len, num_kv_heads, num_ctas, chunk):
+    """(makespan, tiles, lower bound) of the anchor schedule cutting ``chunk``-token chunks."""
     order = longest_first(kv_len)
     groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
     tiles = np.int64(groups[4].sum())
-    return lpt_assign(groups[3], groups[4], num_ctas, np.empty(0, np.int64)), tiles
+    bound, _ = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk)
+    return lpt_assign(groups[3], groups[4], num_ctas, np.empty(0, np.int64)), tiles, bound
 
 
 @dataclass(frozen=True)
@@ -207,14 +272,15 @@ class AnchorSchedule:
     num_tiles: int
     chunk_tokens: int | None  # chunk length (None: no request was split)
     balance: float  # ideal / makespan, ideal as in plan.py
+    lower_bound: int  # makespan_lower_bound: no schedule of these tiles does better
 
 
 def _schedule(name: str, kv_len: np.ndarray, num_kv_heads: int, num_ctas: int, chunk: int) -> AnchorSchedule:
     lengths = np.ascontiguousarray(kv_len, dtype=np.int64)
-    makespan, tiles = _anchor_makespan(lengths, num_kv_heads, num_ctas, chunk)
+    makespan, tiles, bound = _anchor_makespan(lengths, num_kv_heads, num_ctas, chunk)
     split = chunk > 0 and bool((lengths > chunk).any())
     ideal = ideal_makespan(lengths, num_kv_heads, num_ctas)
-    return AnchorSchedule(name, int(makespan), int(tiles), chunk if split else None, balance_of(ideal, int(makespan)))
+    return AnchorSchedule(name, int(makespan), int(tiles), chunk if split else None, balance_of(ideal, int(makespan)), int(bound))
 
 
 def flashinfer_decode(kv_len: np.ndarray, page_size: int, num_kv_heads: int, num_ctas: int) -> AnchorSchedule:

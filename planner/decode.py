@@ -3,19 +3,23 @@
 Cost model (plan.py): a tile of t KV tokens costs ``t + TILE_OVERHEAD_TOKENS``; the makespan is the
 largest CTA load. Non-deterministic layouts keep the best of three schedules:
 
+  * our packing, planned first;
   * the two anchors' (anchors.py: FlashInfer's decode and persistent chunkings, longest request
-    first onto the least-loaded CTA) -- so the plan is never worse than either;
-  * our packing, kept when its makespan is lower. A greedy pass at a CTA capacity ``M`` fills
-    CTA 0, 1, ... in turn with (1) the rest of the pair split at the end of the previous CTA (or a
-    piece of it filling this one), (2) whole (request, kv_head) pairs from the long end of the
-    length-sorted pairs while they fit, (3) whole pairs from the short end while they fit, (4) a
-    piece of the longest pair filling the gap -- unless the CTAs still to come can take all the
-    remaining work anyway. A CTA leaves at most ``TILE_OVERHEAD_TOKENS + 1`` unused (a gap, or a
-    continued piece's overhead), so ``M = ceil(total / num_ctas) + TILE_OVERHEAD_TOKENS + 2`` always
-    fits; a search over ``M`` (an estimate from each failed pass, then bisection) finds the smallest
-    within 1/REFINE_RATIO. At most one split ends each CTA: tiles <= kv_heads * B + num_ctas, the
-    layout's capacity (checked on every pass). A split pair's pieces run in token order on
-    consecutive CTAs and take consecutive partial slots and one merge entry.
+    first onto the least-loaded CTA), each kept when its makespan is lower -- so the plan is never
+    worse than either. An anchor is not scheduled at all when its ``makespan_lower_bound`` is not
+    below the best makespan so far (it cannot win).
+
+Our packing: a greedy pass at a CTA capacity ``M`` fills CTA 0, 1, ... in turn with (1) the rest
+of the pair split at the end of the previous CTA (or a piece of it filling this one), (2) whole
+(request, kv_head) pairs from the long end of the length-sorted pairs while they fit, (3) whole
+pairs from the short end while they fit, (4) a piece of the longest pair filling the gap -- unless
+the CTAs still to come can take all the remaining work anyway. A CTA leaves at most
+``TILE_OVERHEAD_TOKENS + 1`` unused (a gap, or a continued piece's overhead), so
+``M = ceil(total / num_ctas) + TILE_OVERHEAD_TOKENS + 2`` always fits; a search over ``M`` (an
+estimate from each failed pass, then bisection) finds the smallest within 1/REFINE_RATIO. At most
+one split ends each CTA: tiles <= kv_heads * B + num_ctas, the layout's capacity (checked on every
+pass). A split pair's pieces run in token order on consecutive CTAs and take consecutive partial
+slots and one merge entry.
 
 Deterministic layouts cut every request into ``DETERMINISTIC_CHUNK_TOKENS`` chunks (the last shorter)
 whatever else is batched, and place them longest first on the least-loaded CTA; a split pair's slots
@@ -41,7 +45,7 @@ from .validation import validate_block_lengths, validate_page_lengths
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
-from .anchors import chunk_groups, decode_chunk_tokens, longest_first, lpt_assign, persistent_chunk_tokens
+from .anchors import chunk_groups, decode_chunk_tokens, longest_first, lpt_assign, makespan_lower_bound, persistent_chunk_tokens
 from .plan import TILE_OVERHEAD_TOKENS, Plan
 
 # layout parameters passed to the njit core (one int64 array per layout)
@@ -283,24 +287,6 @@ def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, bu
 
 
 @njit(cache=True, nogil=True)
-def _chunked_bound(kv_len, num_kv_heads, num_ctas, chunk):
-    """(lower bound on the makespan, tiles) of any schedule of ``chunk``-token chunks: its costliest
-    tile, and its total cost spread evenly."""
-    overhead = np.int64(TILE_OVERHEAD_TOKENS)
-    tiles = total = largest = np.int64(0)
-    for i in range(kv_len.shape[0]):
-        length = np.int64(kv_len[i])
-        pieces, size = np.int64(1), length
-        if chunk > 0 and length > chunk:
-            pieces, size = (length + chunk - 1) // chunk, chunk
-        tiles += pieces
-        total += length + pieces * overhead
-        largest = max(largest, size + overhead)
-    tiles *= num_kv_heads
-    return max(largest, (num_kv_heads * total + num_ctas - 1) // num_ctas), tiles
-
-
-@njit(cache=True, nogil=True)
 def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, assignment):
     """Tiles of ``chunk``-token chunks placed longest request first on the least-loaded CTA (the
     anchors' schedules). Returns (makespan, groups); ``assignment`` gets each tile's CTA."""
@@ -360,35 +346,38 @@ def _schedule(batch, num_pages, serial, params, buf, result):
         makespan = lpt_assign(groups[3], groups[4], num_ctas, assignment[:tiles])
         num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, buf, off)
     else:
-        # the anchors' schedules (longest first on the least-loaded CTA), then our packing if it beats both
+        # our packing, then each anchor's schedule (longest first on the least-loaded CTA) unless its
+        # lower bound shows it cannot beat the packing; an anchor that does beat it is written instead
+        total = num_kv_heads * (kv_tokens + batch * overhead)
+        found, num_tiles, num_merges, num_slots, makespan = _search_pack(
+            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, NO_MAKESPAN, buf, off
+        )
+        best = makespan if found else NO_MAKESPAN
         longest = np.int64(kv_len[order[0]]) if batch else np.int64(0)
         chunk_a = decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
         chunk_b = persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
         chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
         chunk_b = 0 if chunk_b >= longest else chunk_b
-        bound_a, tiles_a = _chunked_bound(kv_len, num_kv_heads, num_ctas, chunk_a)
-        bound_b, tiles_b = _chunked_bound(kv_len, num_kv_heads, num_ctas, chunk_b)
+        bound_a, tiles_a = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_a)
+        bound_b, tiles_b = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b)
         if bound_b < bound_a:  # the more promising first: the other may then be skipped
             chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
-        best, best_chunk = NO_MAKESPAN, np.int64(-1)
-        if tiles_a <= tile_cap:
-            best, groups = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
-            best_chunk = chunk_a
+        anchor_chunk = np.int64(-1)
+        if tiles_a <= tile_cap and bound_a < best:
+            makespan_a, groups = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
+            if makespan_a < best:
+                best, anchor_chunk = makespan_a, chunk_a
         if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
             spare = np.empty(tile_cap, np.int64)
             makespan_b, groups_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
             if makespan_b < best:
-                best, best_chunk, groups, assignment = makespan_b, chunk_b, groups_b, spare
-        total = num_kv_heads * (kv_tokens + batch * overhead)
-        found, num_tiles, num_merges, num_slots, makespan = _search_pack(
-            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, best, buf, off
-        )
-        if not found:
-            if best_chunk < 0:
-                result[R_ERROR] = E_CAPACITY
-                return
+                best, anchor_chunk, groups, assignment = makespan_b, chunk_b, groups_b, spare
+        if best == NO_MAKESPAN:
+            result[R_ERROR] = E_CAPACITY
+            return
+        if anchor_chunk >= 0:
             makespan = best
-            num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, best_chunk, groups, assignment, buf, off)
+            num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, buf, off)
     if num_tiles > tile_cap or num_merges > merge_cap or num_slots > params[P_SLOT_CAP]:
         result[R_ERROR], result[R_VALUE] = E_CAPACITY, num_tiles
         return

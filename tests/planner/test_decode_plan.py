@@ -226,3 +226,23 @@ def test_anchors_match_a_plain_reference(kv_len, page_size, kv_heads, num_ctas):
     chunk = page_size * max(1, -(-share // page_size))
     assert persistent.makespan == reference_anchor(kv_len, kv_heads, num_ctas, chunk)
     assert persistent.chunk_tokens == (chunk if any(n > chunk for n in kv_len) else None)
+
+
+@settings(deadline=None, max_examples=200)
+@given(kv_len=lengths_strategy, page_size=st.sampled_from([1, 16, 7]), kv_heads=st.integers(1, 8), num_ctas=st.integers(1, 300))
+def test_anchor_lower_bound_holds(kv_len, page_size, kv_heads, num_ctas):
+    """The planner skips an anchor whose lower bound is not below its packing: the bound must never
+    exceed the anchor's own makespan (a bound too high would drop a better anchor schedule)."""
+    for anchor in anchors(np.array(kv_len, dtype=np.int64), page_size, kv_heads, num_ctas):
+        assert anchor.lower_bound <= anchor.makespan, anchor
+
+
+@pytest.mark.parametrize("batch, num_ctas", [(256, 264), (4096, 264), (100, 7)])
+def test_anchor_lower_bound_is_exact_for_equal_lengths(batch, num_ctas):
+    """Equal requests: the pigeonhole bound is the anchors' makespan, so the planner need not run
+    them when its packing is at least as good (the bound without it, the even spread, is lower)."""
+    kv_len = np.full(batch, 1000, dtype=np.int64)
+    for anchor in anchors(kv_len, 16, 8, num_ctas):
+        tiles = batch * 8
+        assert anchor.lower_bound == anchor.makespan == -(-tiles // num_ctas) * (1000 + TILE_OVERHEAD_TOKENS)
+        assert anchor.lower_bound > -(-tiles * (1000 + TILE_OVERHEAD_TOKENS) // num_ctas) or tiles % num_ctas == 0
