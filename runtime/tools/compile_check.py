@@ -1,6 +1,6 @@
 """Driverless GPU compile check: every kernel module's ``gpu_compile_specs()`` for each compute capability.
 
-    python -m tilegraph.tools.compile_check [--json PATH] [--cc 80,90] [--only SUBSTR] [--module NAME]
+    python -m tilegraph.tools.compile_check [--json PATH] [--cc 80,90] [--sample-cc 80] [--only SUBSTR] [--module NAME]
 
     python -m tilegraph.tools.compile_check --perf [--perf-json PATH]
 
@@ -13,7 +13,9 @@ K/V loop, occupancy, the model's predictions) and held to its family's budgets
 (``perf_budgets.json``). A (spec, cc) passes when it compiles, every expected PTX substring and SASS
 form is present, nothing spills and no budget is broken (expected-to-fail budgets only show).
 ``--perf`` prints the predicted-performance table and the decode step model; ``--perf-json``
-writes them.
+writes them. ``--sample-cc 80`` compiles only each module's representative spec (the first it
+lists, or the first ``--only`` keeps) at sm_80 and every spec at the other ``--cc`` values: the default test tier's check (sm_90
+carries the performance budgets); the slow tier compiles the full sm_80 set module by module.
 
 Must run without the simulator (``compile_ptx`` does not exist there). Because ``python -m`` imports
 ``tilegraph`` (which may turn the simulator on) before this module runs, ``main`` re-executes the
@@ -214,8 +216,9 @@ def check_spec(module: str, spec: CompileSpec, cc: tuple[int, int], nvdisasm: st
     return check_sass(rec, spec, cubin, nvdisasm, budget_rules.load() if rules is None else rules)
 
 
-def collect(modules: tuple[str, ...], only: str | None) -> tuple[list[tuple[str, CompileSpec]], list[Record]]:
-    """(module, spec) pairs whose name contains ``only``; a module that fails to list its specs -> a failed Record."""
+def collect(modules: tuple[str, ...], only: str | None) -> tuple[list[tuple[str, CompileSpec, bool]], list[Record]]:
+    """(module, spec, representative) for the specs whose name contains ``only`` (representative: the
+    first of them its module lists); a module that fails to list its specs -> a failed Record."""
     specs, failed = [], []
     for name in modules:
         try:
@@ -223,14 +226,16 @@ def collect(modules: tuple[str, ...], only: str | None) -> tuple[list[tuple[str,
         except Exception as exc:
             failed.append(Record(module=name, spec=f"{name}.gpu_compile_specs()", cc="-", error=_one_line(exc)))
             continue
-        specs.extend((name, s) for s in module_specs if only is None or only in s.name)
+        chosen = [s for s in module_specs if only is None or only in s.name]
+        specs.extend((name, s, i == 0) for i, s in enumerate(chosen))
     return specs, failed
 
 
 def run_check(
     modules: tuple[str, ...] = KERNEL_MODULES, ccs: tuple[tuple[int, int], ...] = DEFAULT_CCS, only: str | None = None,
-    budgets_path: str | None = None,
+    budgets_path: str | None = None, sample_ccs: tuple[tuple[int, int], ...] = (),
 ) -> list[Record]:
+    """Check every (spec, cc); at a cc in ``sample_ccs`` only each module's representative spec."""
     if SIMULATOR:
         raise RuntimeError("the GPU compile check cannot run under the numba CUDA simulator")
     specs, records = collect(modules, only)
@@ -239,8 +244,10 @@ def run_check(
     # nvdisasm (a subprocess) and the SASS analysis overlap the next compile
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending: list[Record | Future[Record]] = []
-        for module, spec in specs:
+        for module, spec, representative in specs:
             for cc in ccs:
+                if cc in sample_ccs and not representative:
+                    continue
                 rec, cubin = compile_spec(module, spec, cc)
                 pending.append(rec if cubin is None else pool.submit(check_sass, rec, spec, cubin, nvdisasm, rules))
         records.extend(p if isinstance(p, Record) else p.result() for p in pending)
@@ -330,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="PATH", help="write every record as JSON")
     parser.add_argument("--cc", type=_parse_ccs, default=DEFAULT_CCS, help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--sample-cc", type=_parse_ccs, default=(), metavar="CCS",
+                        help="at these of the --cc values only each module's representative (first) spec")
     parser.add_argument("--only", metavar="SUBSTR", help="only specs whose name contains SUBSTR")
     parser.add_argument(
         "--module", action="append", metavar="NAME", help="check these modules instead of KERNEL_MODULES (repeatable)"
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _leave_simulator(argv)
     modules = tuple(args.module) if args.module else KERNEL_MODULES
-    records = run_check(modules, args.cc, args.only, args.budgets)
+    records = run_check(modules, args.cc, args.only, args.budgets, args.sample_cc)
     if not records:
         print(f"compile_check: no spec matched --only {args.only!r} in {', '.join(modules)}", file=sys.stderr)
         return 2
