@@ -226,10 +226,13 @@ def longest_first(kv_len):
 def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk):
     """(lower bound on the makespan, tiles) of ANY schedule of ``chunk``-token chunks.
 
-    The total cost spread evenly, and pigeonhole bounds: n tiles that each cost at least c put
-    ceil(n / num_ctas) of them on some CTA, so the makespan is at least ceil(n / num_ctas) * c.
-    The n tiles are the full chunks (the costliest) and then, in ``order`` (longest request
-    first), each request's last or only tile, c their smallest cost so far."""
+    The tiles as a stream, costliest class first: the full chunks, then each request's last or only
+    tile in ``order`` (longest request first). Three bounds: the total cost spread evenly; pigeonhole,
+    n tiles that each cost at least c put ceil(n / num_ctas) of them on one CTA (n: a prefix of the
+    stream, c: its smallest cost); and big-and-small: the first ``big`` tiles (the full chunks, or
+    the longest request's) each cost at least cb, the next s at least cs -- under a makespan below
+    cb + cs no CTA holding a big tile holds another of them, so the s tiles share the other
+    num_ctas - big CTAs, ceil(s / (num_ctas - big)) on one."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     total = full_tiles = np.int64(0)
     for i in range(kv_len.shape[0]):
@@ -242,6 +245,7 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk):
     cheapest = chunk + overhead if chunk > 0 else NO_BOUND  # no other tile costs more than a full chunk
     if full_tiles > 0:
         bound = max(bound, ((full_tiles - 1) // num_ctas + 1) * cheapest)
+    big, big_cost, small_cost = full_tiles, cheapest, NO_BOUND
     counted = full_tiles
     for i in order:
         length = np.int64(kv_len[i])
@@ -250,8 +254,16 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk):
         if split and last == 0:
             continue  # full chunks only
         counted += num_kv_heads
-        cheapest = min(cheapest, last + overhead)
+        cost = last + overhead
+        cheapest = min(cheapest, cost)
         bound = max(bound, ((counted - 1) // num_ctas + 1) * cheapest)
+        if big == 0:  # no full chunks: the longest request's tiles are the big ones
+            big, big_cost = counted, cost
+            continue
+        small_cost = min(small_cost, cost)
+        if big < num_ctas:
+            shared = ((counted - big - 1) // (num_ctas - big) + 1) * small_cost
+            bound = max(bound, min(big_cost + small_cost, shared))
     return bound, counted
 
 

@@ -10,6 +10,7 @@ it), and ``balance = ideal / makespan`` is in (0, 1], comparable across schedule
 from __future__ import annotations
 
 from functools import cached_property, lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -42,19 +43,42 @@ def live_ranges(offsets: dict[str, tuple[int, int]], buffer: np.ndarray, num_til
     read: header and CTA index whole, the tile_* sections' live tiles, the live merges, B + 1
     indptr entries, B kv lengths, the copied page ids (``host_indices``: kv_indptr[B] of them).
     Ranges closer than STAGE_GAP_WORDS are joined."""
-    n, m, b = num_tiles, num_merges, batch_size
-    nnz = int(buffer[offsets["kv_indptr"][0] + b]) if host_indices else 0
-    live = {"header": None, "cta_tile_indptr": None, "merge_slot_indptr": m + 1, "merge_request": m,
-            "merge_kv_head": m, "qo_indptr": b + 1, "kv_indptr": b + 1, "kv_indices": nnz, "kv_len": b}  # fmt: skip
+    return ranges_of_table(live_table(offsets), offsets["kv_indptr"][0], buffer, num_tiles, num_merges, batch_size,
+                           host_indices)  # fmt: skip
+
+
+#: which count bounds a section's live words (an index into ranges_of_table's ``counts``; tile_*: 1)
+_LIVE_KIND = {"header": 0, "cta_tile_indptr": 0, "merge_slot_indptr": 2, "merge_request": 3, "merge_kv_head": 3,
+              "qo_indptr": 4, "kv_indptr": 4, "kv_indices": 6, "kv_len": 5}  # fmt: skip
+
+
+def live_table(offsets: dict[str, tuple[int, int]]) -> tuple[tuple[int, int, int], ...]:
+    """(start, stop, which count bounds it) per section: what ``ranges_of_table`` walks (cache it per layout)."""
+    return tuple((start, stop, _LIVE_KIND.get(name, 1)) for name, (start, stop) in offsets.items())
+
+
+def ranges_of_table(table: tuple[tuple[int, int, int], ...], kv_indptr_start: int, buffer: np.ndarray, num_tiles: int,
+                    num_merges: int, batch_size: int, host_indices: bool) -> list[tuple[int, int]]:  # fmt: skip
+    """``live_ranges`` from a precomputed ``live_table``."""
+    b = batch_size
+    nnz = int(buffer[kv_indptr_start + b]) if host_indices else 0
+    counts = (-1, num_tiles, num_merges + 1, num_merges, b + 1, b, nnz)  # -1: the whole section
     ranges: list[tuple[int, int]] = []
-    for name, (start, stop) in offsets.items():
-        count = live.get(name, n)  # the tile_* sections: the live tiles
-        end = stop if count is None else min(stop, start + count)
+    for start, stop, kind in table:
+        count = counts[kind]
+        end = stop if count < 0 else min(stop, start + count)
         if ranges and start - ranges[-1][1] <= STAGE_GAP_WORDS:  # a short gap: one copy is cheaper
             ranges[-1] = (ranges[-1][0], end)
         else:
             ranges.append((start, end))
     return ranges
+
+
+@lru_cache(maxsize=128)
+def layout_live_table(layout: Any) -> tuple[tuple[tuple[int, int, int], ...], int]:
+    """A decode or prefill layout's ``live_table`` and the start of its kv_indptr section (cached)."""
+    offsets = layout.offsets()
+    return live_table(offsets), offsets["kv_indptr"][0]
 
 
 @lru_cache(maxsize=64)
@@ -122,8 +146,9 @@ class Plan:
         """The (start, stop) word ranges of ``buffer`` the kernels read for this plan: the header, the
         CTA index, the live tiles and merges and the live page-table entries (a device page table
         has none here). Staging only these keeps plan() independent of the Settings capacities."""
-        return live_ranges(_offsets(self.layout), self.buffer, self.num_tiles, self.num_merges, self.batch_size,
-                           self.page_table == "host")  # fmt: skip
+        table, kv_indptr_start = layout_live_table(self.layout)
+        return ranges_of_table(table, kv_indptr_start, self.buffer, self.num_tiles, self.num_merges, self.batch_size,
+                               self.page_table == "host")  # fmt: skip
 
     def tiles_per_cta(self) -> np.ndarray:
         """Number of tiles each CTA runs."""

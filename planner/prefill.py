@@ -44,7 +44,7 @@ from .decode import E_CAPACITY, INT32_MAX, R_ERROR, R_INDEX, R_MAX_PAGE, R_VALUE
 from .decode import S_KV_LEN, raise_plan_error, validate_page_table
 from .validation import validate_block_lengths, validate_page_lengths
 from .layout import H_NUM_PAGES, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS
-from .plan import TILE_OVERHEAD_TOKENS, balance_of, live_ranges
+from .plan import TILE_OVERHEAD_TOKENS, balance_of, layout_live_table, ranges_of_table
 from .validation import as_index_array
 from .prefill_layout import H_NUM_TOKENS, PREFILL_SECTIONS, ROWS_PER_TILE, TILE_SECTIONS, PrefillLayout
 
@@ -344,8 +344,9 @@ class PrefillPlan:
         """The word ranges of ``buffer`` the kernels read (planner.plan.live_ranges); a ragged plan's
         kv_indptr holds KV token offsets, so no page id is staged."""
         host_indices = self.page_table == "host" and self.layout.paged
-        return live_ranges(self.layout.offsets(), self.buffer, self.num_tiles, self.num_merges, self.batch_size,
-                           host_indices)  # fmt: skip
+        table, kv_indptr_start = layout_live_table(self.layout)
+        return ranges_of_table(table, kv_indptr_start, self.buffer, self.num_tiles, self.num_merges, self.batch_size,
+                               host_indices)  # fmt: skip
 
     def section(self, name: str) -> np.ndarray:
         """A read-only view of one buffer section at full capacity (names: PREFILL_SECTIONS)."""
