@@ -23,6 +23,8 @@ from tilegraph.errors import InputError
 from tilegraph.prefill import BatchPrefill, BatchPrefillRagged
 from tilegraph.settings import Settings
 
+from .bounds import Bounds
+
 
 class Shape(NamedTuple):
     """What fixes an attention object's kernels: heads, head_dim, pages, scale, dtype, device."""
@@ -42,26 +44,6 @@ class Features(NamedTuple):
     soft_cap: bool = False
     window: bool = False
     sinks: bool = False
-
-
-class Bounds(NamedTuple):
-    """Settings capacities a batch needs (requests, query tokens, page indices, page references)."""
-
-    batch: int
-    tokens: int
-    pages: int
-    page_refs: int
-
-    def covers(self, need: "Bounds") -> bool:
-        return all(have >= want for have, want in zip(self, need))
-
-    def grown_to(self, need: "Bounds") -> "Bounds":
-        """Each field raised to the next power of two that covers the need (few workspace rebuilds)."""
-        return Bounds(*(max(have, _power_of_two(want)) for have, want in zip(self, need)))
-
-
-def _power_of_two(value: int) -> int:
-    return max(16, 1 << (int(value) - 1).bit_length())
 
 
 @dataclass

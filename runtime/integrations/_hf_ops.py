@@ -26,7 +26,8 @@ from tilegraph.append import append_kv
 
 from ._hf_batch import BatchLayout, batch_layout, read_mask
 from ._hf_cache import layer_for
-from ._hf_objects import AttentionObjects, Bounds, Features, Shape
+from ._hf_objects import AttentionObjects, Features, Shape
+from .bounds import Bounds
 
 ATTENTION_OBJECTS = AttentionObjects()  # shared by every model that uses the backend
 

@@ -8,7 +8,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from tilegraph.append import append_kv_slots
 from tilegraph.errors import InputError, StateError
-from tilegraph.integrations._hf_objects import Bounds
+from tilegraph.integrations.bounds import Bounds
 
 from . import objects
 from .metadata import TilegraphMetadata

@@ -21,7 +21,7 @@ import torch
 from tilegraph import variants
 from tilegraph.decode import BatchDecode
 from tilegraph.errors import InputError
-from tilegraph.integrations._hf_objects import Bounds
+from tilegraph.integrations.bounds import Bounds
 from tilegraph.prefill import BatchPrefill
 from tilegraph.settings import Settings
 
