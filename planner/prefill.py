@@ -434,14 +434,7 @@ def plan_prefill(
     ``allow_split`` False: never split a tile's KV (as deterministic settings do)."""
     qo, indptr, last = _paged_lengths(layout, qo_indptr, kv_indptr, kv_last_page_len, num_pages)
     indices = as_index_array(kv_indices, "kv_indices")
-    batch = qo.shape[0] - 1
-    params, words = _layout_params(layout, bool(causal), bool(allow_split))
-    buffer = np.empty(words, dtype=np.int32)
-    result = np.zeros(RESULT_WORDS, dtype=np.int64)
-    _plan_paged(qo, indptr, indices, last, num_pages, serial, params, buffer, result)
-    if result[R_ERROR]:
-        _raise_prefill(result, layout, num_pages, batch)
-    return PrefillPlan(layout, buffer, serial, bool(causal), batch, result)
+    return _run_paged(layout, _plan_paged, (qo, indptr, indices, last), num_pages, causal, serial, allow_split, "host")
 
 
 def plan_prefill_device(layout: PrefillLayout, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any, num_indices: int,
@@ -462,12 +455,8 @@ def plan_prefill_block_table(layout: PrefillLayout, qo_indptr: Any, seq_lens: An
         raise InputError("plan_prefill_block_table needs a paged layout")
     qo = as_index_array(qo_indptr, "qo_indptr")
     lengths = as_index_array(seq_lens, "seq_lens")
-    batch = qo.shape[0] - 1
-    _check_batch(layout, qo, batch, "qo_indptr", batch + 1)
-    if lengths.shape[0] != batch:
-        raise InputError(f"seq_lens must have len(qo_indptr) - 1 = {batch} entries, got {lengths.shape[0]}")
-    if num_pages < 0:
-        raise InputError(f"num_pages must be >= 0, got {num_pages}")
+    _check_batch(layout, qo, qo.shape[0] - 1, "qo_indptr", qo.shape[0])
+    _check_per_request(lengths, "seq_lens", qo.shape[0] - 1, num_pages)
     args = (qo, lengths, np.int64(row_stride), np.int64(max_blocks), np.int64(span))
     return _run_paged(layout, _plan_paged_blocks, args, num_pages, causal, serial, allow_split, "block_table")
 
@@ -481,11 +470,16 @@ def _paged_lengths(layout: PrefillLayout, qo_indptr: Any, kv_indptr: Any, kv_las
     last = as_index_array(kv_last_page_len, "kv_last_page_len")
     batch = qo.shape[0] - 1
     _check_batch(layout, qo, batch, "kv_indptr", indptr.shape[0])
-    if last.shape[0] != batch:
-        raise InputError(f"kv_last_page_len must have len(qo_indptr) - 1 = {batch} entries, got {last.shape[0]}")
+    _check_per_request(last, "kv_last_page_len", batch, num_pages)
+    return qo, indptr, last
+
+
+def _check_per_request(values: np.ndarray, name: str, batch: int, num_pages: int) -> None:
+    """``values`` has one entry per request and ``num_pages`` is not negative."""
+    if values.shape[0] != batch:
+        raise InputError(f"{name} must have len(qo_indptr) - 1 = {batch} entries, got {values.shape[0]}")
     if num_pages < 0:
         raise InputError(f"num_pages must be >= 0, got {num_pages}")
-    return qo, indptr, last
 
 
 def _run_paged(layout: PrefillLayout, core: Any, args: tuple[Any, ...], num_pages: int, causal: bool, serial: int,
@@ -498,8 +492,9 @@ def _run_paged(layout: PrefillLayout, core: Any, args: tuple[Any, ...], num_page
     if result[R_ERROR]:
         _raise_prefill(result, layout, num_pages, batch)
     plan = PrefillPlan(layout, buffer, serial, bool(causal), batch, result)
-    plan.page_table = page_table
-    plan.max_page_index = -1  # the host read no page id
+    if page_table != "host":
+        plan.page_table = page_table
+        plan.max_page_index = -1  # the host read no page id
     return plan
 
 
