@@ -13,12 +13,15 @@ Page offsets of a whole stage are computed before its copies are issued, into sh
 page's index by shift/mask (power-of-two page_size) or a precomputed multiply-shift division
 (``page_divisor``; no 64-bit division anywhere), the page id from kv_indices (int32), its base word
 offset in int64 (pools above 2^31 elements), the token/head offset inside the page in int32.
+The offsets live in 2 * STAGES slots (stage s in slot s % (2 * STAGES)), so a stage's offsets are
+still there while its scores are made: a token whose page id the guard refused (offset -1,
+kernels/page_table.py) reads nothing and is masked like a position past the tile's end.
 Softmax max/rescale once per stage and thread, not per token. Rows are combined through shared
 memory at the end of a tile; every LSE written is a natural log.
 
 NaN: a NaN in q/k/v reaches every output row whose softmax includes it (the running max propagates
-NaN explicitly); masked, out-of-range and zero-filled tail positions are SELECTED out (never
-multiplied by a zero weight).
+NaN explicitly); masked, out-of-range, refused-page and zero-filled tail positions are SELECTED out
+(never multiplied by a zero weight).
 
 The kernel contract is the one of ``kernels.decode`` (same plan sections, outputs, split partials
 with slots, sinks for unsplit tiles, softmax-free variants, every AttentionHooks position), plus
@@ -89,7 +92,7 @@ def paged_word_offset(t, page_base, kv_indices, page_size, magic, shift, page_st
     """Word offset of token ``t`` (< 2^31) of a request whose pages start at kv_indices[page_base]:
     the page id (int32) times page_stride in int64, plus the int32 offset inside the page
     (token_in_page * token_stride + head_offset); ``(magic, shift)`` from page_divisor(page_size).
-    -1 when the page id is outside the pool (kernels/page_table.py; the token is then zero-filled)."""
+    -1 when the page id is outside the pool (kernels/page_table.py; the token is then masked)."""
     if magic == 0:
         page_index = int32(t >> shift)
         in_page = int32(t & (page_size - 1))
@@ -135,7 +138,7 @@ class DecodePipelineConfig:
         groups, scores = sh.heads * sh.rows, sh.heads_per_thread * sh.tokens_per_row
         words = 2 * tile_words + (1 if combine <= tile_words else combine)  # K, V, the combine (1 word when in K)
         words += groups * scores * sh.lanes + groups * (scores + sh.heads_per_thread) + 3 * groups * scores
-        return 4 * words + 8 * sh.stages * t + 1024  # + the int64 page offsets, the alignment allowance
+        return 4 * words + 16 * sh.stages * t + 1024  # + the int64 page offsets (2 * stages slots), alignment
 
     def ctas_per_sm(self) -> int:
         """Default persistent CTAs per SM (kernels.tuning.decode_ctas_per_sm of this config)."""
@@ -151,7 +154,8 @@ def pipeline_config(kind: int, head_dim: int, group: int, hooks: AttentionHooks 
 @cuda.jit(device=True, inline="always")
 def _stage_offsets(sh_off, slot, stage, T, flat, nthreads, t_begin, t_end, page_base, kv_indices, page_size,
                    magic, shift, page_stride, token_stride, head_offset, header, request):  # fmt: skip
-    """Word offsets of the T tokens of ``stage`` into sh_off[slot * T:], -1 past the tile's end."""
+    """Word offsets of the T tokens of ``stage`` into sh_off[slot * T:], -1 past the tile's end and
+    where the guard refused the page id."""
     for l0 in range(0, T, nthreads):  # compile-time trip count
         li = int32(l0 + flat)
         t = int32(t_begin + int32(stage) * T + li)  # int32: no 64-bit compares in the stage loop
@@ -165,8 +169,8 @@ def _stage_offsets(sh_off, slot, stage, T, flat, nthreads, t_begin, t_end, page_
 
 
 @cuda.jit(device=True, inline="always")
-def _issue_stage(sh_dst, src_words, sh_off, slot, n_valid, T, CPR, ROW_WORDS, flat, nthreads):
-    """cp.async the T rows of ``slot`` (offsets in sh_off) into sh_dst; rows >= n_valid (past the
+def _issue_stage(sh_dst, src_words, sh_off, off_slot, buf, n_valid, T, CPR, ROW_WORDS, flat, nthreads):
+    """cp.async the T rows whose offsets are in sh_off[off_slot * T:] into buffer ``buf`` of sh_dst; rows >= n_valid (past the
     tile's end) and rows whose offset is -1 (a page id the guard refused) are zero-filled and read nothing. Index math in int32 (non-negative: // and % by the
     compile-time CPR are shifts when it is a power of two); only the global word offset is int64."""
     for c0 in range(0, T * CPR, nthreads):  # compile-time trip count
@@ -175,8 +179,8 @@ def _issue_stage(sh_dst, src_words, sh_off, slot, n_valid, T, CPR, ROW_WORDS, fl
             continue
         li = int32(c // CPR)
         part = int32(c - li * CPR)
-        row = int32(slot * T + li)
-        off = sh_off[uint32(row)]  # -1: a refused page id (kernels/page_table.py): ignore-src, nothing is read
+        row = int32(buf * T + li)
+        off = sh_off[uint32(off_slot * T + li)]  # -1: a refused page id (kernels/page_table.py): ignore-src, nothing is read
         prim.cp_async_16(sh_dst, int32(row * ROW_WORDS + part * 4), src_words, off + part * 4, li < n_valid and off >= 0)
 
 
@@ -249,7 +253,8 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
     ROW_WORDS = LANES * WORDS8  # words per head_dim row of the value dtype
     CPR = ROW_WORDS // 4  # 16-byte copies per row
     TILE_WORDS = STAGES * T * ROW_WORDS
-    OFF_SLOTS = STAGES * T
+    OFF_STAGES = 2 * STAGES  # stage s's offsets in slot s % OFF_STAGES: alive until its scores are made
+    OFF_SLOTS = OFF_STAGES * T
     COMBINE = HEADS * ROWS * HEAD_DIM
     # the rows' partial outputs are combined in the K buffers when they fit (every K read is over by then)
     ACC_IN_K = COMBINE <= TILE_WORDS
@@ -388,13 +393,13 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                     cuda.syncthreads()
                     for s in range(STAGES):
                         if s < num_stages:
-                            _issue_stage(sh_k, k_words, sh_off, s, t_end - t_begin - s * T, T, CPR, ROW_WORDS, flat, NTHREADS)
+                            _issue_stage(sh_k, k_words, sh_off, s, s, t_end - t_begin - s * T, T, CPR, ROW_WORDS, flat, NTHREADS)
                         commit()
                         if s < num_stages:
-                            _issue_stage(sh_v, v_words, sh_off, s, t_end - t_begin - s * T, T, CPR, ROW_WORDS, flat, NTHREADS)
+                            _issue_stage(sh_v, v_words, sh_off, s, s, t_end - t_begin - s * T, T, CPR, ROW_WORDS, flat, NTHREADS)
                         commit()
                 for i in range(num_stages):
-                    buf = int32(i % STAGES)
+                    buf = int32(uint32(i) % uint32(STAGES))
                     t_stage = int32(t_begin + i * T)
                     WAIT()  # K of stage i landed (this thread's copies) ...
                     cuda.syncthreads()  # ... and every thread's
@@ -402,7 +407,6 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                     row0 = int32((buf * T + tz * TPR) * ROW_WORDS)  # this row's first token in the buffers
                     for j in range(TPR):
                         t = int32(t_stage + tz * TPR + j)
-                        valid = t < t_end
                         row_w = row0 + j * ROW_WORDS
                         for k in range(8):
                             kv8[k] = float32(0.0)
@@ -420,13 +424,16 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                     # partial dot products to shared memory: one reduction per stage, not per token
                     for v in range(NS):
                         sh_red[red_base + uint32(v * BDX)] = f32_bits(part[v])
-                    # the offsets of stage i + STAGES into this buffer's slot (its V copies were issued long ago)
+                    # the offsets of stage i + STAGES into its slot (last read by stage i - STAGES's scores)
+                    off_slot = int32(uint32(i) % uint32(OFF_STAGES))
+                    next_slot = int32(uint32(i + STAGES) % uint32(OFF_STAGES))
                     if i + STAGES < num_stages:
-                        _stage_offsets(sh_off, buf, i + STAGES, T, flat, NTHREADS, t_begin, t_end, page_base,
+                        _stage_offsets(sh_off, next_slot, i + STAGES, T, flat, NTHREADS, t_begin, t_end, page_base,
                                        kv_indices, ps, magic, shift, page_stride, ts32, head_offset, header, request)  # fmt: skip
                     cuda.syncthreads()  # every thread done with sh_k[buf]; new offsets and partials visible
                     if i + STAGES < num_stages:
-                        _issue_stage(sh_k, k_words, sh_off, buf, t_end - t_stage - STAGES * T, T, CPR, ROW_WORDS, flat, NTHREADS)
+                        _issue_stage(sh_k, k_words, sh_off, next_slot, buf, t_end - t_stage - STAGES * T, T, CPR, ROW_WORDS,
+                                     flat, NTHREADS)  # fmt: skip
                     commit()
                     # lane tx (+ kk * BDX) owns score v: sums the lanes' partials, applies the hooks, and
                     # (softmax) takes the stage max over its head's TPR lanes and makes the weight
@@ -443,7 +450,8 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                             s_val = float32(logit_hook(s_val, request, qo_pos, t, qo_head, kv_head, params))
                             if SOFTMAX:
                                 s_val = float32(s_val * LOG2E)
-                        valid = t < t_end
+                        # past the tile's end or a refused page id: offset -1 (the rows read nothing)
+                        valid = sh_off[uint32(off_slot * T + tz * TPR + j)] >= 0
                         include = valid and not (s_val == NEG_INF)
                         if HAS_MASK:
                             if valid and not mask_hook(request, qo_pos, t, qo_head, kv_head, params):
@@ -481,7 +489,8 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                                         acc[h * 8 + k] += w * kv8[k]
                     cuda.syncthreads()  # every thread done with sh_v[buf] and sh_w
                     if i + STAGES < num_stages:
-                        _issue_stage(sh_v, v_words, sh_off, buf, t_end - t_stage - STAGES * T, T, CPR, ROW_WORDS, flat, NTHREADS)
+                        _issue_stage(sh_v, v_words, sh_off, next_slot, buf, t_end - t_stage - STAGES * T, T, CPR, ROW_WORDS,
+                                     flat, NTHREADS)  # fmt: skip
                     commit()
                 # combine the ROWS token rows of each head
                 for h in range(HPT):

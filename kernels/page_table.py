@@ -2,7 +2,7 @@
 
 A page table that lives on the device (``BatchDecode.plan(..., page_table="device")``, a block
 table) is never read by the host, so its ids are checked where the kernels load them: an id
-outside ``[0, header[H_NUM_PAGES])`` reads nothing (the caller skips or zero-fills the token) and
+outside ``[0, header[H_NUM_PAGES])`` reads nothing (the caller masks the token out of the softmax) and
 records ``1 + request`` in ``header[H_PAGE_ERROR]`` (an atomic max: some offending request wins).
 The runtime reads that word after a step in debug mode (``Settings.debug_page_table``) and raises
 ``PageTableError`` naming the request. Host page tables are validated by the planner as before;

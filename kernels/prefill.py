@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 
-from numba import float32, int64
+from numba import float32, int32, int64
 
 from tilegraph._device import cuda
 from tilegraph.errors import InputError
@@ -197,10 +197,10 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
         return qo_pos0 + tok
 
     @cuda.jit(device=True, inline="always")
-    def scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params,
+    def scores(sq, sk, ss, srefused, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params,
                use_positions, row_qo_pos, row0, kv_off):  # fmt: skip
         """Core 1 (mma-replaceable): ss[r, c] = q_r . k_c in the log2 domain (softmax-free: the
-        transformed score), -inf where masked."""
+        transformed score), -inf where masked or where row c's page id was refused (srefused[c])."""
         for item in range(tid, n_rows * n_kv, NT):
             r = item // n_kv
             c = item - r * n_kv
@@ -216,7 +216,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                 s = float32(logit_hook(s, request, qo_pos, kv_pos, qo_head, kv_head, params))
             if NATURAL and SOFTMAX:
                 s = float32(s * LOG2E)
-            keep = head < GROUP
+            keep = head < GROUP and srefused[c] == 0
             if CAUSAL:
                 keep = keep and kv_pos <= qo_pos
             if HAS_MASK:
@@ -269,7 +269,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                             acc[i * 8 + k] += p * sv[c, dim0 + k]
 
     @cuda.jit(device=True, inline="always")
-    def prefill_pass(sq, sk, sv, ss, sm, sd, acc, v8, pair8, sscale, tid, q_scale, work, geo, kv_indptr, kv_indices, header,
+    def prefill_pass(sq, sk, sv, ss, srefused, sm, sd, acc, v8, pair8, sscale, tid, q_scale, work, geo, kv_indptr, kv_indices, header,
                      q_words, k_words, v_words, out_words, lse, partial_out, partial_lse, params, row_qo_pos):  # fmt: skip
         """Query tokens q_start .. q_start + n_tok of the tile (n_tok <= QT) against KV [kv_start,
         kv_end), in passes of HP heads: load, scores, softmax, P V per KV block, then the epilogue.
@@ -311,7 +311,9 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                     dim0 = (item - c * LANES) * 8
                     row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride,
                                  head_stride, page_size)  # fmt: skip
-                    if row < 0:  # a page id outside the pool: read nothing, stage zeros
+                    if dim0 == 0:
+                        srefused[c] = 1 if row < 0 else 0
+                    if row < 0:  # a page id outside the pool: read nothing, stage zeros; scores() masks the row
                         for k in range(8):
                             sk[c, dim0 + k] = float32(0.0)
                             sv[c, dim0 + k] = float32(0.0)
@@ -327,7 +329,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                     for k in range(8):
                         sv[c, dim0 + k] = v8[k]
                 cuda.syncthreads()
-                scores(sq, sk, ss, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params,
+                scores(sq, sk, ss, srefused, tid, n_rows, n_kv, kb0, head0, kv_head, request, qo_pos0, params,
                        use_positions, row_qo_pos, row0, kv_off)
                 cuda.syncthreads()
                 softmax_step(ss, sm, sd, sscale, tid, n_rows, n_kv)
@@ -396,6 +398,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
         sk = cuda.shared.array((KB, HEAD_DIM), float32)
         sv = cuda.shared.array((KB, HEAD_DIM), float32)
         ss = cuda.shared.array((ROWS, KB), float32)
+        srefused = cuda.shared.array(KB, int32)  # 1: row c's page id was refused (kernels/page_table.py)
         sm = cuda.shared.array(ROWS, float32)
         sd = cuda.shared.array(ROWS, float32)
         sscale = cuda.shared.array(ROWS, float32)
@@ -432,7 +435,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
                 n_rows = n_tok * HP
                 work = (request, kv_head, q_start, n_tok, n_rows, kv_start, kv_end, slot, slot_stride, qo_begin,
                         qo_pos0, row0, kv_off)  # fmt: skip
-                prefill_pass(sq, sk, sv, ss, sm, sd, acc, v8, pair8, sscale, tid, q_scale, work, geo, kv_indptr,
+                prefill_pass(sq, sk, sv, ss, srefused, sm, sd, acc, v8, pair8, sscale, tid, q_scale, work, geo, kv_indptr,
                              kv_indices, header, q_words, k_words, v_words, out_words, lse, partial_out, partial_lse, params,
                              row_qo_pos)  # fmt: skip
 

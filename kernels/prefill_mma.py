@@ -11,7 +11,8 @@ or any other size) runs as passes of R // HP tokens x HP heads; per pass:
         -> A fragments (ldmatrix) held in registers for the whole pass
     K/V blocks of KB tokens -> shared by cp.async (16 B, zero-filled past the range), 2 stages shared
         by all W warps: block j + 1 is in flight while block j is computed (one commit group each)
-        (key hooks: K goes through registers instead, V still by cp.async)
+        (key hooks: K goes through registers instead, V still by cp.async); a row whose page id the
+        guard refused reads nothing and is flagged, and a block holding one (a barrier-OR) masks it
     S = Q K^T per warp: B fragments by ldmatrix from the K rows, fp32 accumulators; scale, logits
         hook, causal / hook / range masks SELECT -inf; online softmax on the C fragments (row max and
         sum over the quad by shuffles, nan_max); P packed to A fragments in registers
@@ -134,8 +135,10 @@ class PrefillMmaConfig:
 
     @property
     def shared_bytes(self) -> int:
-        """Static shared memory: K and V, two stages each, plus the per-row max and sum."""
-        return 4 * self.kv_block * self.head_dim * 2 + 2 * 4 * self.rows
+        """Static shared memory: K and V, two stages each, the refused-row flags of the two stages
+        (paged), plus the per-row max and sum."""
+        flags = 2 * 4 * self.kv_block if self.paged else 0
+        return 4 * self.kv_block * self.head_dim * 2 + flags + 2 * 4 * self.rows
 
 
 def swizzle_chunks(head_dim: int) -> int:
@@ -163,7 +166,9 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     DB = HEAD_DIM // 8  # n-blocks of O
     STAGE = KB * RW  # words per K (or V) stage
     V_BASE = 2 * STAGE
-    SMEM_WORDS = 4 * STAGE  # K and V, two stages each; Q (R * RW) and fp32 O (R * HEAD_DIM) fit: R <= 2 KB
+    REFUSED_BASE = 4 * STAGE  # paged: per stage, KB words flagging rows whose page id the guard refused
+    # K and V, two stages each (Q (R * RW) and fp32 O (R * HEAD_DIM) fit: R <= 2 KB), the refused flags
+    SMEM_WORDS = 4 * STAGE + (2 * KB if PAGED else 0)
     QA, SA, OA = KS * 4, NB * 4, DB * 4  # fragment registers per lane: Q (A), S (C), O (C)
     WORDS8 = 4
     HALF_EXP = 0x7C00 if KIND == prim.F16 else 0x7F80
@@ -223,8 +228,11 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     def load_block(skv, stage, kb0, n_kv, request, kv_head, kv_indptr, kv_indices, header, k_words, v_words,
                    page_stride, token_stride, head_stride, page_size, params, kv_off, tid, v8, pair8):  # fmt: skip
         """Issue the copies of KV block kb0 (n_kv tokens; rows past them zero-filled) into ``stage``
-        (K words at stage * STAGE, V words at (2 + stage) * STAGE)."""
+        (K words at stage * STAGE, V words at (2 + stage) * STAGE). Paged: a row whose page id the
+        guard refused reads nothing and is flagged at REFUSED_BASE + stage * KB (every row's flag is
+        written); returns 1 when this thread flagged one (the consumer ORs it over the CTA)."""
         base = stage * STAGE
+        refused = 0
         for item in range(tid, KB * CH, NT):
             c = item // CH
             chunk = item - c * CH
@@ -233,8 +241,12 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             if valid:
                 row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride,
                              head_stride, page_size)  # fmt: skip
-                valid = row >= 0  # a page id outside the pool reads nothing: zero-filled (kernels/page_table.py)
+                valid = row >= 0  # a page id outside the pool reads nothing (kernels/page_table.py) ...
                 row = max(row, int64(0))
+            if PAGED and chunk == 0:  # ... and its row is masked by refuse_scores
+                skv[REFUSED_BASE + stage * KB + c] = 0 if valid or c >= n_kv else 1
+                if not valid and c < n_kv:
+                    refused = 1
             dst = base + swz(c, chunk)
             cp_async_16(skv, V_BASE + dst, v_words, row + chunk * WORDS8, valid)
             if HAS_K_HOOK:
@@ -251,6 +263,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             else:
                 cp_async_16(skv, dst, k_words, row + chunk * WORDS8, valid)
         cp_async_commit()
+        return refused
 
     @cuda.jit(device=True, inline="always")
     def has_non_finite(skv, stage, tid):
@@ -360,6 +373,24 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             else:
                 mx0 = nan_max(mx0, sc)
         return masked_any, mx0, mx1
+
+    @cuda.jit(device=True, inline="always")
+    def refuse_scores(skv, s, km, stage, t4):
+        """Mask the columns of rows whose page id the guard refused (flags of ``stage``): -inf, not
+        kept. Returns the recomputed (row max of g, row max of g + 8). Runs only in a block holding
+        such a row (CTA-uniform), so the common path pays one barrier-OR per block."""
+        mx0 = NEG_INF
+        mx1 = NEG_INF
+        for e in range(SA):
+            c = (e >> 2) * 8 + 2 * t4 + (e & 1)
+            if skv[REFUSED_BASE + stage * KB + c] != 0:
+                s[e] = NEG_INF
+                km[e] = 0
+            if (e & 2) != 0:
+                mx1 = nan_max(mx1, s[e])
+            else:
+                mx0 = nan_max(mx0, s[e])
+        return mx0, mx1
 
     @cuda.jit(device=True, inline="always")
     def pv_mma(skv, s, o, vbase, lane):
@@ -541,10 +572,12 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         if live:
             q_fragments(skv, qa, lane, wrow)
         cuda.syncthreads()  # the Q words are free: block 0 lands on them
+        refused_now = 0  # this thread flagged a refused row in the block being computed / the next one
+        refused_next = 0
         if kv_start < kv_stop:
-            load_block(skv, 0, kv_start, min(int64(KB), kv_stop - kv_start), request, kv_head, kv_indptr,
-                       kv_indices, header, k_words, v_words, page_stride, token_stride, head_stride, page_size,
-                       params, kv_off, tid, v8, pair8)  # fmt: skip
+            refused_next = load_block(skv, 0, kv_start, min(int64(KB), kv_stop - kv_start), request, kv_head, kv_indptr,
+                                      kv_indices, header, k_words, v_words, page_stride, token_stride, head_stride,
+                                      page_size, params, kv_off, tid, v8, pair8)  # fmt: skip
         for k in range(OA):
             o[k] = float32(0.0)
         m0 = NEG_INF  # running max of rows g and g + 8 (log2 domain), lane-partial sums
@@ -554,22 +587,31 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         stage = 0
         for kb0 in range(kv_start, kv_stop, KB):
             n_kv = min(int64(KB), kv_stop - kb0)
+            refused_now = refused_next
             if kb0 + KB < kv_stop:  # the next block flies while this one is computed
-                load_block(skv, 1 - stage, kb0 + KB, min(int64(KB), kv_stop - kb0 - KB), request, kv_head,
-                           kv_indptr, kv_indices, header, k_words, v_words, page_stride, token_stride, head_stride,
-                           page_size, params, kv_off, tid, v8, pair8)  # fmt: skip
+                refused_next = load_block(skv, 1 - stage, kb0 + KB, min(int64(KB), kv_stop - kb0 - KB), request,
+                                          kv_head, kv_indptr, kv_indices, header, k_words, v_words, page_stride,
+                                          token_stride, head_stride, page_size, params, kv_off, tid, v8, pair8)  # fmt: skip
                 wait_1()
             else:
                 wait_0()
-            cuda.syncthreads()
+            refused = 0
+            if PAGED:  # the block landed, and whether any of its rows had a refused page id
+                refused = cuda.syncthreads_or(refused_now)
+            else:
+                cuda.syncthreads()
             kbase = stage * STAGE
             masked_any = 0
             if live:
                 scores(skv, qa, s, kbase, lane)
                 masked_any, mx0, mx1 = mask_scores(s, km, g, t4, wrow, s_scale, n_tok, tok0, head0, n_kv, kb0, request,
                                                    kv_head, qo_pos0, row0, kv_off, params, row_qo_pos, use_positions)  # fmt: skip
+                if PAGED and refused != 0:
+                    mx0, mx1 = refuse_scores(skv, s, km, stage, t4)
+                    masked_any = 1
                 m0, m1, d0, d1 = softmax_block(s, o, m0, m1, d0, d1, mx0, mx1)
-            # a masked entry next to a non-finite V element: the selected path (CTA-uniform)
+            # a masked entry next to a non-finite V element: the selected path (CTA-uniform); a refused
+            # row's V is zero-filled, so refused rows alone never need it
             slow = 0
             if CAUSAL or HAS_MASK:
                 masked_any = cuda.syncthreads_or(masked_any)

@@ -89,7 +89,11 @@ def test_out_of_pool_id_reads_nothing_and_raises_naming_the_request(device):
     assert err.value.request == 1
     ref, _ = decode_reference(q[:1], cache, s, indptr[:2], indices, last[:1])
     assert relative_error(out[:1], ref) < 4e-3  # the other request is untouched
-    assert torch.isfinite(out[1].float()).all()  # the bad one read zeros, not memory outside the pool
+    # the bad one read nothing and its refused tokens 4..6 are masked: attention over its first page only
+    # (zero-filled but scored tokens would dilute the softmax with weights exp(0 - max))
+    first_page = indices[indptr[1] : indptr[1] + 1]
+    masked, _ = decode_reference(q[1:], cache, s, np.array([0, 1], np.int32), first_page, np.array([PS], np.int32))
+    assert relative_error(out[1:], masked) < 4e-3
     dec.check_page_errors()  # the word was cleared with the raise
     # without the debug mode the step completes; the flag waits for check_page_errors()
     quiet = tilegraph.BatchDecode(settings().model_copy(update={"debug_page_table": False}), device=device)
@@ -140,7 +144,42 @@ def test_prefill_out_of_pool_id_raises_naming_the_request(device, dtype):
     k, v = gather_kv(cache, s, indices[indptr[1] : indptr[2]], kv_lens[1])
     want, _ = attention_reference(q[1:], k, v, s.sm_scale)
     assert relative_error(out[1:], want) < 4e-3  # the other request is untouched
-    assert torch.isfinite(out[:1].float()).all()  # the bad one read zeros, not memory outside the pool
+    # the bad one read nothing and its refused tokens 0..3 are masked: attention over token 4 alone
+    k, v = gather_kv(cache, s, indices[indptr[0] : indptr[1]], kv_lens[0])
+    masked, _ = attention_reference(q[:1], k[PS:], v[PS:], s.sm_scale)
+    assert relative_error(out[:1], masked) < 4e-3
+
+
+@pytest.mark.parametrize("kernel", ["decode", "prefill-float16", "prefill-float32"])
+def test_refused_pages_mid_request_are_masked_across_many_stages(device, kernel):
+    """A 22-token request whose 2nd and 4th pages are outside the pool: those 8 tokens are left out of
+    the softmax (not scored as zeros), in stages past the first pipeline slots and across splits."""
+    rng = np.random.default_rng()
+    dtype = kernel.split("-")[1] if "-" in kernel else "float16"
+    s = settings(dtype=dtype)
+    cache = cache_for(device).to(s.torch_dtype)
+    kv_lens = [22, 9]
+    indptr, indices, last = csr(kv_lens, rng)
+    bt = block_table(indptr, indices, device)
+    bt[0, 1] = PAGES + 1
+    bt[0, 3] = -2
+    q = torch.randn(2, HQ, HD).to(s.torch_dtype).to(device)
+    if kernel == "decode":
+        runner = tilegraph.BatchDecode(s, device=device)
+        runner.plan_block_table(bt, np.array(kv_lens, np.int32))
+    else:
+        runner = tilegraph.BatchPrefill(s, causal=False, device=device)
+        runner.plan_block_table(np.array([0, 1, 2], np.int32), bt, np.array(kv_lens, np.int32))
+    out = poisoned(q)
+    with pytest.raises(PageTableError, match="request 0"):
+        runner.run(q, cache, out=out)
+    kept = [t for t in range(kv_lens[0]) if t // PS not in (1, 3)]
+    k, v = gather_kv(cache, s, indices[indptr[0] : indptr[1]], kv_lens[0])
+    want, _ = attention_reference(q[:1], k[kept], v[kept], s.sm_scale)
+    assert relative_error(out[:1], want) < 4e-3
+    k, v = gather_kv(cache, s, indices[indptr[1] : indptr[2]], kv_lens[1])
+    want, _ = attention_reference(q[1:], k, v, s.sm_scale)
+    assert relative_error(out[1:], want) < 4e-3
 
 
 def test_device_page_table_arguments_are_checked_before_any_launch(device):
