@@ -399,7 +399,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                             _issue_stage(sh_v, v_words, sh_off, s, s, t_end - t_begin - s * T, T, CPR, ROW_WORDS, flat, NTHREADS)
                         commit()
                 for i in range(num_stages):
-                    buf = int32(uint32(i) % uint32(STAGES))
+                    buf = int32(i % STAGES)
                     t_stage = int32(t_begin + i * T)
                     WAIT()  # K of stage i landed (this thread's copies) ...
                     cuda.syncthreads()  # ... and every thread's
@@ -425,7 +425,6 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                     for v in range(NS):
                         sh_red[red_base + uint32(v * BDX)] = f32_bits(part[v])
                     # the offsets of stage i + STAGES into its slot (last read by stage i - STAGES's scores)
-                    off_slot = int32(uint32(i) % uint32(OFF_STAGES))
                     next_slot = int32(uint32(i + STAGES) % uint32(OFF_STAGES))
                     if i + STAGES < num_stages:
                         _stage_offsets(sh_off, next_slot, i + STAGES, T, flat, NTHREADS, t_begin, t_end, page_base,
@@ -451,7 +450,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                             if SOFTMAX:
                                 s_val = float32(s_val * LOG2E)
                         # past the tile's end or a refused page id: offset -1 (the rows read nothing)
-                        valid = sh_off[uint32(off_slot * T + tz * TPR + j)] >= 0
+                        valid = sh_off[(uint32(i) % uint32(OFF_STAGES)) * uint32(T) + uint32(tz * TPR + j)] >= 0
                         include = valid and not (s_val == NEG_INF)
                         if HAS_MASK:
                             if valid and not mask_hook(request, qo_pos, t, qo_head, kv_head, params):
