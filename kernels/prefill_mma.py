@@ -244,9 +244,9 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                 valid = row >= 0  # a page id outside the pool reads nothing (kernels/page_table.py) ...
                 row = max(row, int64(0))
             if PAGED and chunk == 0:  # ... and its row is masked by refuse_scores
-                skv[REFUSED_BASE + stage * KB + c] = 0 if valid or c >= n_kv else 1
-                if not valid and c < n_kv:
-                    refused = 1
+                refused_row = 1 if c < n_kv and not valid else 0
+                skv[REFUSED_BASE + stage * KB + c] = refused_row
+                refused = max(refused, refused_row)
             dst = base + swz(c, chunk)
             cp_async_16(skv, V_BASE + dst, v_words, row + chunk * WORDS8, valid)
             if HAS_K_HOOK:
