@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # commands that parse their own arguments: name -> (module, help)
@@ -27,7 +28,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_source_tree() -> None:
+    """Run from a tilegraph checkout, ``python -m`` puts it first on sys.path, where its source folders
+    (kernels/, planner/, graphs/; installed as tilegraph.*) shadow PyPI packages of the same name
+    (transformers >= 5.25 imports ``kernels``): such entries are dropped."""
+    def is_checkout(entry: str) -> bool:
+        return all(os.path.isfile(os.path.join(entry or os.curdir, *parts))
+                   for parts in (("kernels", "__init__.py"), ("runtime", "__main__.py")))  # fmt: skip
+
+    sys.path[:] = [entry for entry in sys.path if not is_checkout(entry)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    _drop_source_tree()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         import importlib

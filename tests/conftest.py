@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 import zlib
 
-import pytest
-import torch
-from hypothesis import settings as hypothesis_settings
+# The tests import the INSTALLED package. `python -m pytest` puts the working directory first on
+# sys.path, and from the repository root its source folders (kernels/, planner/, graphs/) would shadow
+# PyPI packages of the same name: transformers >= 5.25 imports the `kernels` package.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _ROOT]
 
-import tilegraph
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+import tilegraph  # noqa: E402
 
 hypothesis_settings.register_profile("tilegraph", deadline=None, print_blob=True)
 hypothesis_settings.load_profile("tilegraph")
