@@ -359,7 +359,9 @@ def _schedule(batch, num_pages, serial, params, buf, result):
         chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
         chunk_b = 0 if chunk_b >= longest else chunk_b
         bound_a, tiles_a = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_a)
-        bound_b, tiles_b = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b)
+        bound_b, tiles_b = bound_a, tiles_a  # the same chunks: the same schedule, bounded once
+        if chunk_b != chunk_a:
+            bound_b, tiles_b = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b)
         if bound_b < bound_a:  # the more promising first: the other may then be skipped
             chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
         anchor_chunk = np.int64(-1)
