@@ -124,6 +124,20 @@ def f32_to_bits(typingctx, x):
 
 
 @intrinsic
+def max_nan(typingctx, a, b):
+    """max(a, b) as float32, NaN when either is NaN, via max.NaN.f32 (one FMNMX; sm_80+)."""
+    if not isinstance(a, types.Number) or not isinstance(b, types.Number):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fa = context.cast(builder, args[0], sig.args[0], types.float32)
+        fb = context.cast(builder, args[1], sig.args[1], types.float32)
+        return _asm(builder, _F32, [_F32, _F32], "max.NaN.f32 $0, $1, $2;", "=f,f,f", [fa, fb])
+
+    return types.float32(a, b), codegen
+
+
+@intrinsic
 def ex2(typingctx, x):
     """2**x via ex2.approx.ftz.f32 (max rel. error 2**-22; denormal results flush to zero)."""
     if not isinstance(x, types.Number):

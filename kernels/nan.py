@@ -20,6 +20,8 @@ FASTMATH = frozenset({"contract", "afn", "arcp", "nsz", "reassoc"})
 
 #: what the compile check finds in the PTX when the NaN selects survived (``nan_max``'s a != a)
 NAN_PTX = "setp.nan"
+#: ... and when the maxima are primitives.max_nan (one NaN-propagating max instruction)
+MAX_NAN_PTX = "max.NaN.f32"
 
 
 def nan_expect(hooks: object) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ or any other size) runs as passes of R // HP tokens x HP heads; per pass:
         guard refused reads nothing and is flagged, and a block holding one (a barrier-OR) masks it
     S = Q K^T per warp: B fragments by ldmatrix from the K rows, fp32 accumulators; scale, logits
         hook, causal / hook / range masks SELECT -inf; online softmax on the C fragments (row max and
-        sum over the quad by shuffles, nan_max); P packed to A fragments in registers
+        sum over the quad by shuffles, max.NaN); P packed to A fragments in registers
     O += P V: B fragments by ldmatrix.trans from the V rows, O in C fragments (fp32)
     epilogue: O (normalized) staged as fp32 rows in the (idle) KV stage words, then written by
         8-vectors exactly like the CUDA-core kernel (sink, output hook, LSE, partial slots).
@@ -59,7 +59,7 @@ from .hooks import identity_pair as _identity_pair
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
-from .nan import NAN_PTX, fastmath_flags, nan_max
+from .nan import MAX_NAN_PTX, fastmath_flags
 from .page_table import guarded_page
 from .prefill import PREFILL_ARGS
 from .tuning import PrefillMmaShape, prefill_mma_shape, prefill_mma_short_shape
@@ -181,6 +181,8 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     HAS_SINK = hooks.sink is not None
     SOFTMAX = hooks.softmax
     NATURAL = HAS_LOGITS_HOOK or not SOFTMAX
+    # interior KV blocks skip the per-entry mask code when no hook can mask or transform a score
+    FAST_BLOCKS = not HAS_MASK and not HAS_LOGITS_HOOK
     q_pair_hook = hooks.query_pair_transform or _identity_pair
     k_pair_hook = hooks.key_pair_transform or _identity_pair
     sink_hook = hooks.sink or _no_sink
@@ -193,7 +195,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     pack2 = prim.pack_f16x2 if KIND == prim.F16 else prim.pack_bf16x2
     unpack2 = prim.unpack_f16x2 if KIND == prim.F16 else prim.unpack_bf16x2
     ldsm, ldsm_t = prim.ldmatrix_x4, prim.ldmatrix_x4_trans
-    load_row8, ex2, shfl_xor = prim.load_row8, prim.ex2, prim.shfl_xor_sync
+    load_row8, ex2, shfl_xor, max_nan = prim.load_row8, prim.ex2, prim.shfl_xor_sync, prim.max_nan
     cp_async_16, cp_async_commit = prim.cp_async_16, prim.cp_async_commit
     wait_1, wait_0 = prim.cp_async_wait_group(1), prim.cp_async_wait_group(0)
     FULL = prim.FULL_MASK
@@ -346,6 +348,18 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         ok_b = tok_b < n_tok and head_b < GROUP
         pos_a = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0 + tok_a) if ok_a else int64(0)
         pos_b = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0 + tok_b) if ok_b else int64(0)
+        if FAST_BLOCKS and ok_a and ok_b and n_kv == KB and (not CAUSAL or kv_off + kb0 + KB - 1 <= min(pos_a, pos_b)):
+            # an interior block (both rows exist, every column in range and at or before both rows'
+            # positions): nothing to mask, the scores are only scaled
+            for e in range(SA):
+                sc = s[e] * s_scale
+                s[e] = sc
+                km[e] = 1
+                if (e & 2) != 0:
+                    mx1 = max_nan(mx1, sc)
+                else:
+                    mx0 = max_nan(mx0, sc)
+            return masked_any, mx0, mx1
         for e in range(SA):  # one flat loop over the fragment's entries (unrolled: static indices)
             upper = (e & 2) != 0
             c = (e >> 2) * 8 + 2 * t4 + (e & 1)
@@ -369,9 +383,9 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             s[e] = sc
             km[e] = 1 if keep else 0
             if upper:
-                mx1 = nan_max(mx1, sc)
+                mx1 = max_nan(mx1, sc)
             else:
-                mx0 = nan_max(mx0, sc)
+                mx0 = max_nan(mx0, sc)
         return masked_any, mx0, mx1
 
     @cuda.jit(device=True, inline="always")
@@ -387,9 +401,9 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                 s[e] = NEG_INF
                 km[e] = 0
             if (e & 2) != 0:
-                mx1 = nan_max(mx1, s[e])
+                mx1 = max_nan(mx1, s[e])
             else:
-                mx0 = nan_max(mx0, s[e])
+                mx0 = max_nan(mx0, s[e])
         return mx0, mx1
 
     @cuda.jit(device=True, inline="always")
@@ -452,12 +466,12 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         scale0 = float32(1.0)
         scale1 = float32(1.0)
         if SOFTMAX:
-            mx0 = nan_max(mx0, shfl_xor(FULL, mx0, 1))
-            mx0 = nan_max(mx0, shfl_xor(FULL, mx0, 2))
-            mx1 = nan_max(mx1, shfl_xor(FULL, mx1, 1))
-            mx1 = nan_max(mx1, shfl_xor(FULL, mx1, 2))
-            n0 = nan_max(m0, mx0)
-            n1 = nan_max(m1, mx1)
+            mx0 = max_nan(mx0, shfl_xor(FULL, mx0, 1))
+            mx0 = max_nan(mx0, shfl_xor(FULL, mx0, 2))
+            mx1 = max_nan(mx1, shfl_xor(FULL, mx1, 1))
+            mx1 = max_nan(mx1, shfl_xor(FULL, mx1, 2))
+            n0 = max_nan(m0, mx0)
+            n1 = max_nan(m1, mx1)
             if not (n0 == NEG_INF):
                 scale0 = ex2(m0 - n0)
             if not (n1 == NEG_INF):
@@ -530,7 +544,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                     if HAS_SINK and slot < 0:
                         sink = float32(sink_hook(qo_head, params) * LOG2E)
                         if not (sink == NEG_INF):
-                            m_new = nan_max(m_row, sink)
+                            m_new = max_nan(m_row, sink)
                             rescale = ex2(m_row - m_new)
                             d = d * rescale + ex2(sink - m_new)
                             m_row = m_new
@@ -724,7 +738,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 pyfunc=make_prefill_mma_kernel(cfg),
                 signature=PREFILL_ARGS.signature,
                 expect=(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
-                        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cp.async.cg.shared.global", NAN_PTX),  # fmt: skip
+                        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cp.async.cg.shared.global", MAX_NAN_PTX),  # fmt: skip
                 fastmath=fastmath_flags(),
                 perf=PerfHints(threads=cfg.threads, ctas_per_sm=2, bound="compute"),
             )

@@ -13,6 +13,7 @@ Data convention: every tensor a kernel reads or writes arrives as a flat **int32
     pack_f16x2(lo, hi), pack_bf16x2(lo, hi) -> int32, round to nearest even (cvt.rn.*x2.f32)
     bits_to_f32(w), f32_to_bits(x)                                          (mov.b32)
     ex2(x) -> 2**x                                                          (ex2.approx.ftz.f32)
+    max_nan(a, b) -> float32 max, canonical NaN when either is NaN, -0 < +0 (max.NaN.f32)
     shfl_xor_sync(mask, value, lane_mask), shfl_sync(mask, value, src_lane) (shfl.sync)
     mma_f16_16816 / mma_bf16_16816(a0..a3, b0, b1, c0..c3) -> (d0..d3)      (mma.sync m16n8k16)
     cp_async_16(dst_shared, di, src, si, valid)  16 B global -> shared, zeros if not valid
@@ -138,6 +139,16 @@ if SIMULATOR:
             r = np.exp2(np.float32(x))
         return r if r >= _FLT_MIN or r != r else np.float32(0.0)  # .ftz: denormal results flush to 0
 
+    _CANONICAL_NAN = np.array([0x7FFFFFFF], np.uint32).view(np.float32)[0]
+
+    def max_nan(a, b):
+        a, b = np.float32(a), np.float32(b)
+        if a != a or b != b:
+            return _CANONICAL_NAN
+        if a == b:  # only +-0 differ here: -0 < +0
+            return b if np.signbit(a) else a
+        return a if a > b else b
+
     def shfl_xor_sync(mask, value, lane_mask):
         lane, slots, lanes = _exchange(mask, value)
         src = lane ^ lane_mask
@@ -184,6 +195,7 @@ else:
         cp_async_wait_group,
         ex2,
         f32_to_bits,
+        max_nan,
         load_16b,
         ldmatrix_x4,
         ldmatrix_x4_trans,
@@ -314,6 +326,7 @@ __all__ = [
     "bits_to_f32",
     "f32_to_bits",
     "ex2",
+    "max_nan",
     "shfl_xor_sync",
     "shfl_sync",
     "mma_f16_16816",

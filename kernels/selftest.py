@@ -29,6 +29,7 @@ from .primitives import (
     cp_async_commit,
     cp_async_wait_group,
     ex2,
+    max_nan,
     f32_to_bits,
     ldmatrix_x4,
     ldmatrix_x4_trans,
@@ -81,6 +82,11 @@ def pack_kernel(bits, out, n):
 def ex2_kernel(x, out):
     i = cuda.grid(1)
     out[i] = ex2(x[i])
+
+
+def max_nan_kernel(a, b, out):
+    i = cuda.grid(1)
+    out[i] = max_nan(a[i], b[i])
 
 
 def shuffle_kernel(x, src_lane, xor_mask, out, n):
@@ -212,6 +218,7 @@ _PLAIN = {
     "unpack": unpack_kernel,
     "pack": pack_kernel,
     "ex2": ex2_kernel,
+    "max_nan": max_nan_kernel,
     "shuffle": shuffle_kernel,
     "reduce": reduce_kernel,
     "load16": load16_kernel,
@@ -259,6 +266,12 @@ def run_pack(values: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch
 def run_ex2(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     out = torch.full_like(x, float("nan"))
     _launch("ex2", _jitted("ex2"), x.numel(), block, (x, out))
+    return out
+
+
+def run_max_nan(a: torch.Tensor, b: torch.Tensor, block: int = 32) -> torch.Tensor:
+    out = torch.full_like(a, 7.0)
+    _launch("max_nan", _jitted("max_nan"), a.numel(), block, (a, b, out))
     return out
 
 
@@ -546,6 +559,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
             ("cvt.rn.f16x2.f32", "cvt.rn.bf16x2.f32"),
         ),
         CompileSpec("selftest.ex2", ex2_kernel, f"void({F32A}, {F32A})", ("ex2.approx.ftz.f32",)),
+        CompileSpec("selftest.max_nan", max_nan_kernel, f"void({F32A}, {F32A}, {F32A})", ("max.NaN.f32",)),
         CompileSpec(
             "selftest.shuffle",
             shuffle_kernel,

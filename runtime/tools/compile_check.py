@@ -64,6 +64,7 @@ SASS_FOR_PTX: tuple[tuple[str, str], ...] = (
     ("shfl.sync.bfly", r"SHFL\.BFLY\b"),
     ("shfl.sync.idx", r"SHFL\.IDX\b"),
     ("ex2.approx", r"MUFU\.EX2\b"),
+    ("max.NaN.f32", r"FMNMX\.NAN\b"),
     ("mma.sync.aligned.m16n8k16.row.col.f32.bf16", r"HMMA\.16816\.F32\.BF16\s"),
     ("mma.sync.aligned.m16n8k16.row.col.f32.f16", r"HMMA\.16816\.F32\s"),
 )

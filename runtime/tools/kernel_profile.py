@@ -41,23 +41,60 @@ def tensor_flop(instrs: tuple[sass.Instr, ...]) -> int:
     return sum(pm.flop_of(i.opcode) for i in instrs if pm.is_tensor(i.opcode))
 
 
-def tensor_loop(found: list[sass.Loop]) -> tuple[sass.Loop, int] | None:
+def tensor_loop(fn: sass.Function, found: list[sass.Loop]) -> tuple[sass.Loop, int] | None:
     """(The KV-block loop of a tensor-core kernel, its fast-path instruction count), or None without
     HMMA. The loop: the smallest of the loops holding the most tensor FLOP (the fragments' k-step
-    loops are unrolled, so that is the loop over KV blocks). Its fast path: the body without the
-    nested loops that issue no HMMA and no LDGSTS (the scalar fallback P V, the non-finite scan: taken
-    only on masked blocks next to Inf/NaN V); nested cp.async issue loops count once (at the GPU
-    shapes they run 2-4 times: the count is a lower bound)."""
+    loops are unrolled, so that is the loop over KV blocks). Its fast path: ``fast_path`` through the
+    body -- an interior KV block, which branches around the masked-block code, the refused-page
+    fix-up, the non-finite V scan and the scalar P V fallback."""
     with_mma = [loop for loop in found if tensor_flop(loop.body)]
     if not with_mma:
         return None
     most = max(tensor_flop(loop.body) for loop in with_mma)
     loop = min((l for l in with_mma if tensor_flop(l.body) == most), key=lambda l: len(l.body))
-    nested = [l for l in found if l is not loop and loop.start <= l.start and l.end <= loop.end]
-    outer = [l for l in nested if not any(o is not l and o.start <= l.start and l.end <= o.end for o in nested)]
-    skipped = sum(len(l.body) for l in outer
-                  if not tensor_flop(l.body) and not any(i.opcode.startswith("LDGSTS") for i in l.body))  # fmt: skip
-    return loop, len(loop.body) - skipped
+    return loop, fast_path(fn, loop)[1]
+
+
+#: a conditional forward branch skipping fewer instructions than this is charged them when taken:
+#: the compiler leaves small selects as branches too (a NaN check, a -inf test) whose short side is
+#: the rare one, so a short skip saves nothing on the fast path
+SKIP_MIN_INSTRUCTIONS = 64
+
+
+def fast_path(fn: sass.Function, loop: sass.Loop) -> tuple[int, int]:
+    """(HMMA, instructions) of the path from the loop's head to its back edge with the most HMMA,
+    then the most cp.async issues (the next block's copies are in flight), then the fewest
+    instructions. A forward branch inside the body may be taken or not (an unconditional one must
+    be); taking a conditional one that skips fewer than SKIP_MIN_INSTRUCTIONS costs what it skips; a
+    branch leaving the body ends no path; a nested loop's backward branch falls through (its body
+    counts once: at the GPU shapes the nested cp.async issue loops run 2-4 times, so the count is a
+    lower bound)."""
+    body = loop.body
+    index = {instr.addr: k for k, instr in enumerate(body)}
+    # best[k]: (HMMA, LDGSTS, -instructions) from instruction k to the back edge, None: no path
+    best: list[tuple[int, int, int] | None] = [None] * len(body)
+    for k in range(len(body) - 1, -1, -1):
+        instr = body[k]
+        own = (int(pm.is_tensor(instr.opcode)), int(instr.opcode.startswith("LDGSTS")), -1)
+        if k == len(body) - 1:
+            best[k] = own
+            continue
+        tails = []
+        target = fn.labels.get(instr.target, -1) if instr.opcode.startswith("BRA") else -1
+        forward = target > instr.addr
+        if forward and target in index and best[index[target]] is not None:
+            hmma, copies, neg = best[index[target]]  # type: ignore[misc]
+            skipped = index[target] - k - 1
+            charge = skipped if not instr.unconditional and skipped < SKIP_MIN_INSTRUCTIONS else 0
+            tails.append((hmma, copies, neg - charge))
+        if not (forward and instr.unconditional) and best[k + 1] is not None:
+            tails.append(best[k + 1])  # type: ignore[arg-type]
+        if tails:
+            tail = max(tails)
+            best[k] = (own[0] + tail[0], own[1] + tail[1], own[2] + tail[2])
+    if best[0] is None:
+        return 0, len(body)
+    return best[0][0], -best[0][2]
 
 
 def profile(sass_text: str, cc: str, registers: int, smem: int, spec_name: str, hints: Any = None) -> dict[str, Any]:
@@ -89,7 +126,7 @@ def profile(sass_text: str, cc: str, registers: int, smem: int, spec_name: str, 
             "instr_per_byte": len(loop.body) / per_warp,
             "loads_in_flight": sass.in_flight_loads(loop.body),
         }
-    tensor = tensor_loop(sass.loops(fn))
+    tensor = tensor_loop(fn, sass.loops(fn))
     found = math_loops(inner)
     if tensor is not None:
         block, instrs = tensor

@@ -184,6 +184,20 @@ def test_ex2_special_values_and_ftz(device: torch.device) -> None:
     assert got[7] == pytest.approx(2.0**-125.5, rel=2.0**-20)
 
 
+def test_max_nan_is_max_and_propagates_nan(device: torch.device) -> None:
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal(64).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    a[:8] = [math.nan, 1.0, math.nan, -math.inf, math.inf, -0.0, 0.0, -1e-40]
+    b[:8] = [2.0, math.nan, math.nan, -math.inf, 3.0, 0.0, -0.0, -2e-40]
+    got = st.run_max_nan(_dev(a, device), _dev(b, device)).cpu().numpy()
+    assert np.isnan(got[:3]).all()  # a NaN on either side (a plain max would return the other)
+    assert got[:3].view(np.uint32).tolist() == [0x7FFFFFFF] * 3  # the canonical NaN
+    np.testing.assert_array_equal(got[3:], np.maximum(a[3:], b[3:]))
+    assert not np.signbit(got[5]) and not np.signbit(got[6])  # -0 < +0 either way round
+    assert got[7] == np.float32(-1e-40)  # subnormals kept (no .ftz)
+
+
 # ---- warp shuffles and reductions ---------------------------------------------------------------------
 
 
