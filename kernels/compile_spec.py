@@ -30,6 +30,7 @@ class PerfHints:
     grid_ctas: int | None = None        # a fixed total grid (the partial merge: 4 CTAs)
     bound: str = "memory"               # "memory" (bandwidth) or "compute" (prefill: FLOP/s)
     family: str = ""                    # budget family (default: the spec name before "[")
+    issue_trips: int = 1                # tensor loop: iterations per KV block of its nested cp.async issue loop
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,23 @@ class PrefillMmaConfig:
         return self.shape.kv_tokens
 
     @property
+    def row_threads(self) -> int:
+        """Threads sharing one KV row in load_block (each looks its page up once per block and copies
+        every row_threads-th 16-byte chunk): the largest power of two <= threads / kv_block and
+        <= the row's chunks that divides them."""
+        chunks = self.head_dim // 8
+        most = min(max(self.threads // self.kv_block, 1), chunks)
+        tpr = 1
+        while tpr * 2 <= most and chunks % (tpr * 2) == 0:
+            tpr *= 2
+        return tpr
+
+    @property
+    def issue_trips(self) -> int:
+        """Rows each thread issues per KV block in load_block (1 at the GPU shapes)."""
+        return -(-self.kv_block * self.row_threads // self.threads)
+
+    @property
     def threads(self) -> int:
         return WARP * self.shape.warps
 
@@ -156,6 +173,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     KIND, HEAD_DIM, GROUP, PAGED, CAUSAL = cfg.kind, cfg.head_dim, cfg.group, cfg.paged, cfg.causal
     HP, KB, NT, SIM = cfg.heads_per_pass, cfg.kv_block, cfg.threads, SIMULATOR
     R = cfg.rows  # query rows of one pass: 16 per warp
+    TPR, ROW_TRIPS = cfg.row_threads, cfg.issue_trips  # load_block: threads per KV row, rows per thread
     TP = R // HP  # query tokens of one pass
     CH = HEAD_DIM // 8  # 16-byte chunks per row
     RW = HEAD_DIM // 2  # int32 words per fp16/bf16 row
@@ -206,18 +224,22 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         return row * RW + 4 * (chunk ^ (row & (SW - 1)))
 
     @cuda.jit(device=True, inline="always")
-    def kv_page_id(request, t, kv_indptr, kv_indices, header, page_size):
-        """The page id holding KV token t (request-local) of ``request``: the ONE place this kernel
+    def kv_page_id(request, page_index, kv_indptr, kv_indices, header):
+        """The id of page ``page_index`` (request-local) of ``request``: the ONE place this kernel
         reads the page table, through the guard (kernels/page_table.py): -1 for an id outside the pool."""
-        return guarded_page(kv_indices, int64(kv_indptr[request]) + t // page_size, header[H_NUM_PAGES], header, request)
+        return guarded_page(kv_indices, int64(kv_indptr[request]) + page_index, header[H_NUM_PAGES], header, request)
 
     @cuda.jit(device=True, inline="always")
     def kv_row(request, t, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride, head_stride, page_size):
         if PAGED:
-            page = kv_page_id(request, t, kv_indptr, kv_indices, header, page_size)
+            # t is request-local (< 2**31): a 32-bit division, its remainder by one multiply
+            t32 = int32(t)
+            page_index = t32 // int32(page_size)
+            page = kv_page_id(request, page_index, kv_indptr, kv_indices, header)
             if page < 0:  # outside the pool: the caller reads nothing
                 return int64(-1)
-            return page * page_stride + (t % page_size) * token_stride + kv_head * head_stride
+            in_page = t32 - page_index * int32(page_size)
+            return page * page_stride + int64(in_page) * token_stride + kv_head * head_stride
         return (int64(kv_indptr[request]) + t) * token_stride + kv_head * head_stride
 
     @cuda.jit(device=True, inline="always")
@@ -235,35 +257,40 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         written); returns 1 when this thread flagged one (the consumer ORs it over the CTA)."""
         base = stage * STAGE
         refused = 0
-        for item in range(tid, KB * CH, NT):
-            c = item // CH
-            chunk = item - c * CH
-            valid = c < n_kv
-            row = int64(0)
-            if valid:
-                row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride,
-                             head_stride, page_size)  # fmt: skip
-                valid = row >= 0  # a page id outside the pool reads nothing (kernels/page_table.py) ...
-                row = max(row, int64(0))
-            if PAGED and chunk == 0:  # ... and its row is masked by refuse_scores
-                refused_row = 1 if c < n_kv and not valid else 0
-                skv[REFUSED_BASE + stage * KB + c] = refused_row
-                refused = max(refused, refused_row)
-            dst = base + swz(c, chunk)
-            cp_async_16(skv, V_BASE + dst, v_words, row + chunk * WORDS8, valid)
-            if HAS_K_HOOK:
-                for k in range(8):
-                    v8[k] = float32(0.0)
+        row_of_thread = tid // TPR  # TPR threads per row: one page lookup each, chunks TPR apart
+        first_chunk = tid - row_of_thread * TPR
+        for trip in range(ROW_TRIPS):
+            c = row_of_thread + trip * (NT // TPR)
+            if c < KB:
+                valid = c < n_kv
+                row = int64(0)
                 if valid:
-                    load_row8(k_words, row + chunk * WORDS8, KIND, v8)
-                    if HAS_K_PAIR:
-                        load_row8(k_words, row + ((chunk * 8 + HEAD_DIM // 2) % HEAD_DIM // 8) * WORDS8, KIND, pair8)
-                        k_pair_hook(v8, pair8, chunk * 8, HEAD_DIM, request, kv_head, kv_off + kb0 + c, params)
-                    k_hook(v8, chunk * 8, request, kv_head, kv_off + kb0 + c, params)
-                for k in range(4):
-                    skv[dst + k] = pack2(v8[2 * k], v8[2 * k + 1])
-            else:
-                cp_async_16(skv, dst, k_words, row + chunk * WORDS8, valid)
+                    row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride,
+                                 head_stride, page_size)  # fmt: skip
+                    valid = row >= 0  # a page id outside the pool reads nothing (kernels/page_table.py) ...
+                    row = max(row, int64(0))
+                if PAGED and first_chunk == 0:  # ... and its row is masked by refuse_scores
+                    refused_row = 1 if c < n_kv and not valid else 0
+                    skv[REFUSED_BASE + stage * KB + c] = refused_row
+                    refused = max(refused, refused_row)
+                for j in range(CH // TPR):
+                    chunk = first_chunk + j * TPR
+                    dst = base + swz(c, chunk)
+                    cp_async_16(skv, V_BASE + dst, v_words, row + chunk * WORDS8, valid)
+                    if HAS_K_HOOK:
+                        for k in range(8):
+                            v8[k] = float32(0.0)
+                        if valid:
+                            load_row8(k_words, row + chunk * WORDS8, KIND, v8)
+                            if HAS_K_PAIR:
+                                load_row8(k_words, row + ((chunk * 8 + HEAD_DIM // 2) % HEAD_DIM // 8) * WORDS8, KIND,
+                                          pair8)  # fmt: skip
+                                k_pair_hook(v8, pair8, chunk * 8, HEAD_DIM, request, kv_head, kv_off + kb0 + c, params)
+                            k_hook(v8, chunk * 8, request, kv_head, kv_off + kb0 + c, params)
+                        for k in range(4):
+                            skv[dst + k] = pack2(v8[2 * k], v8[2 * k + 1])
+                    else:
+                        cp_async_16(skv, dst, k_words, row + chunk * WORDS8, valid)
         cp_async_commit()
         return refused
 
@@ -740,7 +767,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 expect=(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
                         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cp.async.cg.shared.global", MAX_NAN_PTX),  # fmt: skip
                 fastmath=fastmath_flags(),
-                perf=PerfHints(threads=cfg.threads, ctas_per_sm=2, bound="compute"),
+                perf=PerfHints(threads=cfg.threads, ctas_per_sm=2, bound="compute", issue_trips=cfg.issue_trips),
             )
         )
     return specs

@@ -41,18 +41,22 @@ def tensor_flop(instrs: tuple[sass.Instr, ...]) -> int:
     return sum(pm.flop_of(i.opcode) for i in instrs if pm.is_tensor(i.opcode))
 
 
-def tensor_loop(fn: sass.Function, found: list[sass.Loop]) -> tuple[sass.Loop, int] | None:
+def tensor_loop(fn: sass.Function, found: list[sass.Loop], issue_trips: int = 1) -> tuple[sass.Loop, int] | None:
     """(The KV-block loop of a tensor-core kernel, its fast-path instruction count), or None without
     HMMA. The loop: the smallest of the loops holding the most tensor FLOP (the fragments' k-step
     loops are unrolled, so that is the loop over KV blocks). Its fast path: ``fast_path`` through the
     body -- an interior KV block, which branches around the masked-block code, the refused-page
-    fix-up, the non-finite V scan and the scalar P V fallback."""
+    fix-up, the non-finite V scan and the scalar P V fallback -- with each nested loop issuing
+    cp.async counted ``issue_trips`` times (PerfHints: its iterations per block), by its own fast path."""
     with_mma = [loop for loop in found if tensor_flop(loop.body)]
     if not with_mma:
         return None
     most = max(tensor_flop(loop.body) for loop in with_mma)
     loop = min((l for l in with_mma if tensor_flop(l.body) == most), key=lambda l: len(l.body))
-    return loop, fast_path(fn, loop)[1]
+    copies = [l for l in found if loop.contains(l) and any(i.opcode.startswith("LDGSTS") for i in l.body)]
+    outermost = [l for l in copies if not any(o.contains(l) for o in copies)]
+    repeats = sum(fast_path(fn, l)[1] for l in outermost) * (max(issue_trips, 1) - 1)
+    return loop, fast_path(fn, loop)[1] + repeats
 
 
 #: a conditional forward branch skipping fewer instructions than this is charged them when taken:
@@ -67,8 +71,7 @@ def fast_path(fn: sass.Function, loop: sass.Loop) -> tuple[int, int]:
     instructions. A forward branch inside the body may be taken or not (an unconditional one must
     be); taking a conditional one that skips fewer than SKIP_MIN_INSTRUCTIONS costs what it skips; a
     branch leaving the body ends no path; a nested loop's backward branch falls through (its body
-    counts once: at the GPU shapes the nested cp.async issue loops run 2-4 times, so the count is a
-    lower bound)."""
+    counts once here; ``tensor_loop`` adds the other trips of the cp.async issue loops)."""
     body = loop.body
     index = {instr.addr: k for k, instr in enumerate(body)}
     # best[k]: (HMMA, LDGSTS, -instructions) from instruction k to the back edge, None: no path
@@ -126,7 +129,7 @@ def profile(sass_text: str, cc: str, registers: int, smem: int, spec_name: str, 
             "instr_per_byte": len(loop.body) / per_warp,
             "loads_in_flight": sass.in_flight_loads(loop.body),
         }
-    tensor = tensor_loop(fn, sass.loops(fn))
+    tensor = tensor_loop(fn, sass.loops(fn), getattr(hints, "issue_trips", 1))
     found = math_loops(inner)
     if tensor is not None:
         block, instrs = tensor
