@@ -51,7 +51,7 @@ from .hooks import identity_pair as _identity_pair
 from .hooks import identity_vec as _identity_vec
 from .hooks import no_mask as _no_mask
 from .hooks import no_sink as _no_sink
-from .nan import NAN_PTX, fastmath_flags, nan_max
+from .nan import NAN_PTX, fastmath_flags
 from .page_table import guarded_page
 from .tuning import DecodePipelineShape, decode_ctas_per_sm, decode_pipeline_shape
 
@@ -221,7 +221,7 @@ def _softmax_lane(s_val, include, m, d, kk, TPR):
     m_new = m_old
     rescale = float32(1.0)
     if not (m_stage == NEG_INF):
-        m_new = nan_max(m_old, m_stage)
+        m_new = prim.max_nan(m_old, m_stage)
         rescale = prim.ex2(m_old - m_new)
     w = prim.ex2(s_val - m_new)
     w = w if include else float32(0.0)  # selected, so a left-out row adds nothing
@@ -236,7 +236,7 @@ def _row_max(values, first, n):
     """NaN-keeping maximum of values[first:first + n] (one head's running maxima over its score lanes)."""
     out = NEG_INF
     for j in range(n):
-        out = nan_max(out, values[first + j])
+        out = prim.max_nan(out, values[first + j])
     return out
 
 
@@ -513,7 +513,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                         if SOFTMAX:
                             m_all = NEG_INF
                             for r in range(ROWS):
-                                m_all = nan_max(m_all, _row_max(sh_m, (hy * ROWS + r) * NS + h * TPR, TPR))
+                                m_all = prim.max_nan(m_all, _row_max(sh_m, (hy * ROWS + r) * NS + h * TPR, TPR))
                             d_all = float32(0.0)
                             if not (m_all == NEG_INF):
                                 for r in range(ROWS):
@@ -531,7 +531,7 @@ def make_decode_pipeline_kernel(cfg: DecodePipelineConfig) -> Callable[..., Any]
                                 # the sink: a state (zeros, LSE = sink) joined once; split requests: in the merge
                                 sink = float32(sink_hook(qo_head, params) * LOG2E)
                                 if sink > NEG_INF:
-                                    m_new = nan_max(m_all, sink)
+                                    m_new = prim.max_nan(m_all, sink)
                                     rescale = ex2(m_all - m_new)
                                     d_all = d_all * rescale + ex2(sink - m_new)
                                     for k in range(8):
