@@ -222,27 +222,29 @@ class DecodeEngineChoice:
 
     engine: str  # "cuda_cores": kernels.decode_pipeline (the only decode kernel built)
     cuda_core_instr_per_byte: float  # read from the SASS (compile-check) or scaled from it (marked ~)
-    tensor_core_instr_per_byte: float  # a model estimate from the instruction mix (no kernel built)
+    tensor_core_instr_per_byte: float  # the tensor-core prefill's one-warp shape, read from its SASS
     predicted_h100_h200: tuple[float, float]  # of the chosen engine
     note: str
 
 
 #: Tensor-core decode (the group's heads as the 16 rows of mma.m16n8k16, FlashInfer's
-#: use_tensor_cores), estimated per warp and 16 tokens of K+V (8 KB): Q.K 16 HMMA + 8 LDSM, P.V 16
-#: HMMA + 8 LDSM.T, softmax on the C fragments ~40, the O rescale 64 FMUL, P packing 4, 16 copies
-#: with their addresses ~100, offsets/barriers/loop ~40: ~300 instructions -> ~0.037 instr/B, the same
-#: for every group <= 16 (rows past the group are padding). The CUDA-core pipeline grows with the
-#: heads per pass: 0.182 at g4 (SASS, 746 per 4 KB), 0.118 at g1 (fp16), ~0.37 at g8 (0.374 for the
-#: alibi+sinks g8 variant's SASS). H200 saturates below 0.201 instr/B, H100 below 0.288.
+#: use_tensor_cores), read from compiled code: the one-warp shape of the tensor-core prefill
+#: (``prefill_mma[bfloat16,hd128,g4,paged,causal,default,rows16]``, the kernel a decode step would run
+#: with qo_len 1 per request) takes 748 instructions on its fast path per warp and 32-token block of
+#: K+V (16 KB): 0.046 instr/B, the same for every group <= 16 (rows past the group are padding), with
+#: 16 KB of copies in flight per CTA. The CUDA-core pipeline grows with the heads per pass (sm_90
+#: SASS): 0.197 at g4, 0.133 at g1 (fp16), 0.400 at g8 (alibi+sinks), 0.479 at g16 (fp16 hd64).
+#: H200 saturates below 0.201 instr/B, H100 below 0.288.
 #: Decision: group <= 4 stays on CUDA cores (predicted at the HBM peak on both GPUs, exact fp32 dot
-#: products, every hook); group >= 5 is where tensor cores would be predicted faster, but no
-#: tensor-core decode kernel is built yet, so every group runs the CUDA-core pipeline today.
+#: products, every hook); group >= 5 is where tensor cores are predicted faster, but decode plans do
+#: not drive the tensor-core kernel yet (it takes prefill plans), so every group runs the CUDA-core
+#: pipeline today.
 DECODE_ENGINES: dict[str, DecodeEngineChoice] = {
-    "g1-4": DecodeEngineChoice("cuda_cores", 0.182, 0.037, (1.00, 1.00),
+    "g1-4": DecodeEngineChoice("cuda_cores", 0.197, 0.046, (1.00, 1.00),
                                "at the HBM roof by the model; tensor cores predict no gain"),
-    "g5-16": DecodeEngineChoice("cuda_cores", 0.37, 0.037, (0.78, 0.54),
-                                "tensor cores predicted 1.00 / 1.00 of peak; not built: CUDA cores until a "
-                                "tensor-core decode kernel exists"),
+    "g5-16": DecodeEngineChoice("cuda_cores", 0.400, 0.046, (0.72, 0.50),
+                                "tensor cores predicted 1.00 / 1.00 of peak; decode plans do not drive the "
+                                "tensor-core kernel yet: CUDA cores until they do"),
 }  # fmt: skip
 
 
