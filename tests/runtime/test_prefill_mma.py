@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import tilegraph
+from tilegraph.kernels import primitives as prim
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.prefill import PREFILL_ARGS
 from tilegraph.kernels.prefill_mma import PrefillMmaConfig, prefill_mma_kernel
@@ -308,6 +309,16 @@ def test_plan_tiles_larger_than_one_pass(device):
     got, lse = pre.run(q, cache, out=torch.full(q.shape, float("nan"), dtype=q.dtype, device=device), return_lse=True)
     ref_out, ref_lse = reference(q, settings, requests, True, paged_kv_of(cache, settings, kv_indptr, kv_indices, requests))
     check(got, lse, ref_out, ref_lse, "bfloat16", plan)
+
+
+def test_copy_loop_with_several_rows_per_thread(device):
+    """load_block gives each KV row to row_threads threads (one page lookup each per block); the
+    one-warp 16-row GPU shape at head_dim 64 (64-token stages) has each thread issue two rows per
+    block. (Every other GPU shape issues one: a valid shape has no thread without a row.)"""
+    cfg = PrefillMmaConfig(prim.F16, 64, 2, True, True, warps=1, kv_tokens=64)
+    assert (cfg.row_threads, cfg.issue_trips) == (1, 2)
+    overrides = dict(num_qo_heads=2, num_kv_heads=1, head_dim=64, page_size=16, dtype="float16", num_ctas=1)
+    run_paged(overrides, [(9, 150), (1, 37)], True, device, cls=shaped((1, 64), 16))
 
 
 GPU_SHAPE_CASES = [
