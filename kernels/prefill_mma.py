@@ -743,15 +743,17 @@ def prefill_mma_kernel(cfg: PrefillMmaConfig) -> Any:
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
-    """The benchmark shape (bf16 hd128 g4 paged causal), fp16 hd64 ragged full, and a hooked variant."""
+    """The benchmark shape (bf16 hd128 g4 paged causal), fp16 hd64 ragged full, a hooked variant and RoPE."""
     from .compile_spec import PREFILL_CHECK_HOOKS as CHECK_HOOKS
-    from .compile_spec import CompileSpec, PerfHints
+    from .compile_spec import CompileSpec, PerfHints, prefill_variant_cases
 
+    rope = next(hooks for *_, hooks in prefill_variant_cases() if hooks.query_pair_transform is not None)
     cases = [
         (prim.BF16, 128, 4, True, True, DEFAULT_HOOKS, False),
         (prim.BF16, 128, 4, True, True, DEFAULT_HOOKS, True),  # the 16-row shape of short-query plans
         (prim.F16, 64, 1, False, False, DEFAULT_HOOKS, False),
         (prim.F16, 64, 8, True, True, CHECK_HOOKS, False),
+        (prim.BF16, 64, 4, True, True, rope, False),  # q and k transformed (k loaded by the threads)
     ]
     specs = []
     for kind, head_dim, group, paged, causal, hooks, short in cases:
@@ -775,12 +777,13 @@ def gpu_compile_specs() -> list[CompileSpec]:
 
 def tensor_core_config(kind: int, head_dim: int, group: int, paged: bool, causal: bool,
                        hooks: AttentionHooks = DEFAULT_HOOKS, short: bool = False) -> PrefillMmaConfig | None:  # fmt: skip
-    """The tensor-core specialization BatchPrefill launches, or None for the CUDA-core kernel: fp32,
-    head_dim % 16 != 0, and variants that transform q or k (their transformed values would be rounded
-    to fp16/bf16 for the mma; the CUDA-core kernel keeps them fp32) stay on CUDA cores. ``short``:
-    the 16-row shape for plans of short queries only (kernels.tuning.prefill_mma_short_shape)."""
-    transforms = (hooks.query_transform, hooks.key_transform, hooks.query_pair_transform, hooks.key_pair_transform)
-    if kind not in (prim.F16, prim.BF16) or head_dim % 16 or any(h is not None for h in transforms):
+    """The tensor-core specialization BatchPrefill launches, or None for the CUDA-core kernel (fp32,
+    head_dim % 16 != 0). Every variant runs on it; one that transforms q or k (RoPE, a key hook) has
+    the transformed values computed in fp32 and rounded to the input dtype for the mma, as the
+    tensor-core kernels of other engines do (the CUDA-core kernel keeps them fp32); k is then loaded,
+    transformed and stored by the threads, not by cp.async. ``short``: the 16-row shape for plans of
+    short queries only (kernels.tuning.prefill_mma_short_shape)."""
+    if kind not in (prim.F16, prim.BF16) or head_dim % 16:
         return None
     shape = prefill_mma_short_shape(head_dim) if short else prefill_mma_shape(head_dim)
     return PrefillMmaConfig(kind, head_dim, group, paged, causal, hooks, warps=shape.warps, kv_tokens=shape.kv_tokens)
