@@ -81,6 +81,8 @@ PREFILL_ARGS = KernelArgs("prefill", (
     ("q_words", I32), ("q_stride_n", "int64"), ("q_stride_h", "int64"),
     *ATTENTION_KV_OUT_ARGS,
     ("row_qo_pos", I32), ("entry_kv_offset", I32), ("use_positions", "int32"),
+    # page_size's divisor (kernels.decode_pipeline.page_divisor): the tensor-core kernel's page lookup
+    ("page_div_magic", "int64"), ("page_div_shift", "int64"),
 ))  # fmt: skip
 
 
@@ -391,7 +393,7 @@ def make_prefill_kernel(cfg: PrefillConfig) -> Callable[..., Any]:
         k_words, v_words, page_stride, token_stride, head_stride, page_size,
         out_words, lse, write_lse, partial_out, partial_lse,
         sm_scale, num_qo_heads, params,
-        row_qo_pos, entry_kv_offset, use_positions,
+        row_qo_pos, entry_kv_offset, use_positions, page_div_magic, page_div_shift,
     ):  # fmt: skip
         tid = cuda.threadIdx.x
         sq = cuda.shared.array((ROWS, HEAD_DIM), float32)

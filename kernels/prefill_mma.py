@@ -62,7 +62,7 @@ from .hooks import no_sink as _no_sink
 from .nan import MAX_NAN_PTX, fastmath_flags
 from .page_table import guarded_page
 from .prefill import PREFILL_ARGS
-from .tuning import PrefillMmaShape, prefill_mma_shape, prefill_mma_short_shape
+from .tuning import PrefillMmaShape, decode_tensor_ctas_per_sm, prefill_mma_shape, prefill_mma_short_shape
 
 if TYPE_CHECKING:
     from .compile_spec import CompileSpec
@@ -230,11 +230,16 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         return guarded_page(kv_indices, int64(kv_indptr[request]) + page_index, header[H_NUM_PAGES], header, request)
 
     @cuda.jit(device=True, inline="always")
-    def kv_row(request, t, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride, head_stride, page_size):
+    def kv_row(request, t, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride, head_stride, pdiv):
         if PAGED:
-            # t is request-local (< 2**31): a 32-bit division, its remainder by one multiply
+            # t is request-local (< 2**31); pdiv = (page_size, magic, shift) of page_divisor: a shift
+            # for a power-of-two page_size, else a multiply-shift -- no division
+            page_size, magic, shift = pdiv
             t32 = int32(t)
-            page_index = t32 // int32(page_size)
+            if magic == 0:
+                page_index = int32(t32 >> shift)
+            else:
+                page_index = int32((int64(t32) * magic) >> shift)
             page = kv_page_id(request, page_index, kv_indptr, kv_indices, header)
             if page < 0:  # outside the pool: the caller reads nothing
                 return int64(-1)
@@ -250,7 +255,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
 
     @cuda.jit(device=True, inline="always")
     def load_block(skv, stage, kb0, n_kv, request, kv_head, kv_indptr, kv_indices, header, k_words, v_words,
-                   page_stride, token_stride, head_stride, page_size, params, kv_off, tid, v8, pair8):  # fmt: skip
+                   page_stride, token_stride, head_stride, pdiv, params, kv_off, tid, v8, pair8):  # fmt: skip
         """Issue the copies of KV block kb0 (n_kv tokens; rows past them zero-filled) into ``stage``
         (K words at stage * STAGE, V words at (2 + stage) * STAGE). Paged: a row whose page id the
         guard refused reads nothing and is flagged at REFUSED_BASE + stage * KB (every row's flag is
@@ -266,7 +271,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                 row = int64(0)
                 if valid:
                     row = kv_row(request, kb0 + c, kv_head, kv_indptr, kv_indices, header, page_stride, token_stride,
-                                 head_stride, page_size)  # fmt: skip
+                                 head_stride, pdiv)  # fmt: skip
                     valid = row >= 0  # a page id outside the pool reads nothing (kernels/page_table.py) ...
                     row = max(row, int64(0))
                 if PAGED and first_chunk == 0:  # ... and its row is masked by refuse_scores
@@ -535,7 +540,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         8-vectors like the CUDA-core kernel (sink, output hook, LSE, partial slots). Tuples as pass_rows."""
         tid, lane, wrow, g, t4 = lanes
         request, kv_head, n_tok, tok0, head0, kv_start, kv_stop, slot, slot_stride, qo_pos0, row0, kv_off = work
-        q_stride_n, q_stride_h, page_stride, token_stride, head_stride, page_size, write_lse, num_qo_heads, use_positions = geo
+        q_stride_n, q_stride_h, page_stride, token_stride, head_stride, pdiv, write_lse, num_qo_heads, use_positions = geo
         d0 += shfl_xor(FULL, d0, 1)
         d0 += shfl_xor(FULL, d0, 2)
         d1 += shfl_xor(FULL, d1, 1)
@@ -601,11 +606,11 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         against KV [kv_start, kv_stop), every warp on its 16 rows, all sharing the KV stages.
         ``lanes`` = (tid, lane, wrow, g, t4); ``work`` = (request, kv_head, n_tok, tok0, head0, kv_start,
         kv_stop, slot, slot_stride, qo_pos0, row0, kv_off); ``geo`` = (q_stride_n, q_stride_h,
-        page_stride, token_stride, head_stride, page_size, write_lse, num_qo_heads, use_positions)
-        (tuples: a device call takes at most 30 arguments)."""
+        page_stride, token_stride, head_stride, (page_size, page_div_magic, page_div_shift), write_lse,
+        num_qo_heads, use_positions) (tuples: a device call takes at most 30 arguments)."""
         tid, lane, wrow, g, t4 = lanes
         request, kv_head, n_tok, tok0, head0, kv_start, kv_stop, slot, slot_stride, qo_pos0, row0, kv_off = work
-        q_stride_n, q_stride_h, page_stride, token_stride, head_stride, page_size, write_lse, num_qo_heads, use_positions = geo
+        q_stride_n, q_stride_h, page_stride, token_stride, head_stride, pdiv, write_lse, num_qo_heads, use_positions = geo
         stage_q(skv, v8, pair8, tid, request, kv_head, n_tok, tok0, head0, row0, qo_pos0, q_words,
                 q_stride_n, q_stride_h, params, row_qo_pos, use_positions)  # fmt: skip
         cuda.syncthreads()
@@ -618,7 +623,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         if kv_start < kv_stop:
             refused_next = load_block(skv, 0, kv_start, min(int64(KB), kv_stop - kv_start), request, kv_head, kv_indptr,
                                       kv_indices, header, k_words, v_words, page_stride, token_stride, head_stride,
-                                      page_size, params, kv_off, tid, v8, pair8)  # fmt: skip
+                                      pdiv, params, kv_off, tid, v8, pair8)  # fmt: skip
         for k in range(OA):
             o[k] = float32(0.0)
         m0 = NEG_INF  # running max of rows g and g + 8 (log2 domain), lane-partial sums
@@ -632,7 +637,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             if kb0 + KB < kv_stop:  # the next block flies while this one is computed
                 refused_next = load_block(skv, 1 - stage, kb0 + KB, min(int64(KB), kv_stop - kb0 - KB), request,
                                           kv_head, kv_indptr, kv_indices, header, k_words, v_words, page_stride,
-                                          token_stride, head_stride, page_size, params, kv_off, tid, v8, pair8)  # fmt: skip
+                                          token_stride, head_stride, pdiv, params, kv_off, tid, v8, pair8)  # fmt: skip
                 wait_1()
             else:
                 wait_0()
@@ -675,7 +680,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         k_words, v_words, page_stride, token_stride, head_stride, page_size,
         out_words, lse, write_lse, partial_out, partial_lse,
         sm_scale, num_qo_heads, params,
-        row_qo_pos, entry_kv_offset, use_positions,
+        row_qo_pos, entry_kv_offset, use_positions, page_div_magic, page_div_shift,
     ):  # fmt: skip
         tid = cuda.threadIdx.x
         lane = tid & (WARP - 1)
@@ -700,7 +705,8 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         s_scale = float32(sm_scale) if NATURAL else float32(sm_scale * LOG2E)
         lanes = (int64(tid), int64(lane), int64(wrow), int64(g), int64(t4))
         geo = (int64(q_stride_n), int64(q_stride_h), int64(page_stride), int64(token_stride), int64(head_stride),
-               int64(page_size), int64(write_lse), int64(num_qo_heads), int64(use_positions))  # fmt: skip
+               (int64(page_size), int64(page_div_magic), int32(page_div_shift)), int64(write_lse), int64(num_qo_heads),
+               int64(use_positions))  # fmt: skip
         num_tiles = header[H_NUM_TILES]
         cta = cuda.blockIdx.x
         tile_stop = min(cta_tile_indptr[cta + 1], num_tiles)
@@ -772,6 +778,20 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 perf=PerfHints(threads=cfg.threads, ctas_per_sm=2, bound="compute", issue_trips=cfg.issue_trips),
             )
         )
+    # BatchDecode's tensor-core engine (runtime.decode): one-token plans on the 16-row shape, not
+    # causal, GQA group 8 (the tuning table's choice for groups >= 5); HBM-bound like decode
+    cfg = tensor_core_config(prim.BF16, 128, 8, True, False, short=True)
+    specs.append(
+        CompileSpec(
+            name="decode_mma[bfloat16,hd128,g8,default]",
+            pyfunc=make_prefill_mma_kernel(cfg),
+            signature=PREFILL_ARGS.signature,
+            expect=("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "cp.async.cg.shared.global", MAX_NAN_PTX),
+            fastmath=fastmath_flags(),
+            perf=PerfHints(threads=cfg.threads, ctas_per_sm=decode_tensor_ctas_per_sm(cfg.threads, cfg.shared_bytes),
+                           family="decode_mma", issue_trips=cfg.issue_trips),  # fmt: skip
+        )
+    )
     return specs
 
 

@@ -213,6 +213,22 @@ def decode_ctas_per_sm(threads: int, smem_bytes: int) -> int:
     return max(1, min(resident_ctas_per_sm(threads, smem_bytes), DECODE_TARGET_CTAS_PER_SM))
 
 
+#: resident one-warp CTAs per SM the tensor-core decode engine's default grid aims at: four warps to
+#: issue (one per SM sub-partition) and 4 x 16 KB of K/V copies in flight at hd128, over what
+#: Little's law asks for; its shared memory (two 32-token K/V stages) admits 6 at hd128
+DECODE_TENSOR_TARGET_CTAS_PER_SM = 4
+#: registers per thread of the tensor-core kernels (compile-check's sm_90 budget for prefill_mma)
+TENSOR_CORE_REGISTER_BUDGET = 255
+
+
+def decode_tensor_ctas_per_sm(threads: int, smem_bytes: int) -> int:
+    """Persistent CTAs per SM of the tensor-core decode engine when Settings leave num_ctas None: the
+    resident count (registers at the 255 budget, its static shared memory) capped at
+    DECODE_TENSOR_TARGET_CTAS_PER_SM, at least 1."""
+    resident = resident_ctas_per_sm(threads, smem_bytes, TENSOR_CORE_REGISTER_BUDGET)
+    return max(1, min(resident, DECODE_TENSOR_TARGET_CTAS_PER_SM))
+
+
 @dataclass(frozen=True)
 class DecodeEngineChoice:
     """Which decode kernel a group size launches, with the static model's figures behind the choice
@@ -220,7 +236,7 @@ class DecodeEngineChoice:
     HBM peak on H100 / H200, the lower of Little's law and the issue ceiling 4 x 1.83 GHz x 132 SMs /
     instr_per_byte, capped at the peak). All figures are predicted, none measured."""
 
-    engine: str  # "cuda_cores": kernels.decode_pipeline (the only decode kernel built)
+    engine: str  # "cuda_cores": kernels.decode_pipeline; "tensor_cores": kernels.prefill_mma's one-warp shape
     cuda_core_instr_per_byte: float  # read from the SASS (compile-check) or scaled from it (marked ~)
     tensor_core_instr_per_byte: float  # the tensor-core prefill's one-warp shape, read from its SASS
     predicted_h100_h200: tuple[float, float]  # of the chosen engine
@@ -234,20 +250,38 @@ class DecodeEngineChoice:
 #: K+V (16 KB): 0.046 instr/B, the same for every group <= 16 (rows past the group are padding), with
 #: 16 KB of copies in flight per CTA. The CUDA-core pipeline grows with the heads per pass (sm_90
 #: SASS): 0.197 at g4, 0.133 at g1 (fp16), 0.400 at g8 (alibi+sinks), 0.479 at g16 (fp16 hd64).
-#: H200 saturates below 0.201 instr/B, H100 below 0.288.
+#: H200 saturates below 0.201 instr/B, H100 below 0.288. The engine's own spec
+#: (``decode_mma[bfloat16,hd128,g8,default]``: one-token plans, not causal, 4 one-warp CTAs per SM)
+#: reads 0.055 instr/B, 166 registers, 64 KB of copies in flight per SM, no spills on sm_80 or sm_90.
 #: Decision: group <= 4 stays on CUDA cores (predicted at the HBM peak on both GPUs, exact fp32 dot
-#: products, every hook); group >= 5 is where tensor cores are predicted faster, but decode plans do
-#: not drive the tensor-core kernel yet (it takes prefill plans), so every group runs the CUDA-core
-#: pipeline today.
+#: products, every hook); group >= 5 (float16 / bfloat16) runs on tensor cores: BatchDecode then plans
+#: its batch as one-token prefill requests (runtime.decode, Settings.decode_engine) and launches that
+#: one-warp shape. float32 has no mma inputs and stays on CUDA cores at every group.
 DECODE_ENGINES: dict[str, DecodeEngineChoice] = {
     "g1-4": DecodeEngineChoice("cuda_cores", 0.197, 0.046, (1.00, 1.00),
                                "at the HBM roof by the model; tensor cores predict no gain"),
-    "g5-16": DecodeEngineChoice("cuda_cores", 0.400, 0.046, (0.72, 0.50),
-                                "tensor cores predicted 1.00 / 1.00 of peak; decode plans do not drive the "
-                                "tensor-core kernel yet: CUDA cores until they do"),
+    "g5-64": DecodeEngineChoice("tensor_cores", 0.400, 0.055, (1.00, 1.00),
+                                "CUDA cores predicted 0.72 / 0.50 of peak at g8 and less beyond; tensor cores "
+                                "at the HBM roof (rows past the group are padding up to 16, passes beyond)"),
 }  # fmt: skip
 
 
 def decode_engine(group: int) -> DecodeEngineChoice:
     """The decode engine (and its predicted figures) for a GQA group size."""
-    return DECODE_ENGINES["g1-4" if group <= 4 else "g5-16"]
+    return DECODE_ENGINES["g1-4" if group <= 4 else "g5-64"]
+
+
+DECODE_ENGINE_NAMES = ("cuda_cores", "tensor_cores")
+
+
+def decode_engine_name(kind: int, head_dim: int, group: int, requested: str = "auto") -> str:
+    """The decode kernel BatchDecode launches: ``requested`` ("cuda_cores" / "tensor_cores", from
+    Settings.decode_engine) as given, or for "auto" the table's choice for ``group`` when the dtype
+    ``kind`` has mma inputs (float16 / bfloat16, head_dim % 16 == 0), else CUDA cores."""
+    if requested in DECODE_ENGINE_NAMES:
+        return requested
+    if requested != "auto":
+        raise ValueError(f"decode engine must be 'auto' or one of {DECODE_ENGINE_NAMES}, got {requested!r}")
+    if kind not in (0, 1) or head_dim % 16:  # primitives.F16 == 0, BF16 == 1
+        return "cuda_cores"
+    return decode_engine(group).engine

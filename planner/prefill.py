@@ -365,6 +365,20 @@ class PrefillPlan:
         return (self.section("merge_slot_indptr")[: m + 1].copy(), self.section("merge_request")[:m].copy(),
                 self.section("merge_kv_head")[:m].copy())  # fmt: skip
 
+    def tiles_per_cta(self) -> np.ndarray:
+        """Number of tiles each CTA runs."""
+        return np.diff(self.section("cta_tile_indptr").astype(np.int64))
+
+    # the decode plan's inspection names (planner.plan.Plan), so a BatchDecode plan reads the same on
+    # either engine: tile fields at full capacity, the first num_tiles live
+    request = property(lambda self: self.section("tile_request"))
+    kv_head = property(lambda self: self.section("tile_kv_head"))
+    token_start = property(lambda self: self.section("tile_kv_start"))
+    token_end = property(lambda self: self.section("tile_kv_end"))
+    slot = property(lambda self: self.section("tile_slot"))
+    cta = property(lambda self: self.section("tile_cta"))
+    cta_tile_indptr = property(lambda self: self.section("cta_tile_indptr"))
+
     def cta_loads(self) -> np.ndarray:
         tiles = self.tiles()
         cost = tiles["kv_end"] - tiles["kv_start"] + TILE_OVERHEAD_TOKENS

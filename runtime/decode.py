@@ -12,6 +12,13 @@
     dec = tilegraph.BatchDecode(settings, variant=variants.soft_cap(30.0))  # from tilegraph import variants
     dec.run(q, kv_cache, params={"logits_soft_cap": 50.0})     # its run-time parameters (they persist)
 
+Two engines, one contract (``dec.engine``, from Settings.decode_engine; "auto" follows the launch
+tuning table, kernels.tuning.DECODE_ENGINES): "cuda_cores" runs the pipelined CUDA-core kernel
+(kernels.decode_pipeline) on decode plans (``tilegraph.Plan``); "tensor_cores" (float16 / bfloat16;
+auto for GQA groups >= 5) plans the batch as one-token prefill requests (planner.decode_prefill,
+a ``PrefillPlan``) and runs the tensor-core prefill kernel's one-warp shape, the group's heads as the
+rows of its mma tiles. Inputs, outputs, errors and the graph protocol are the same.
+
 Every error a caller can cause is raised before any kernel launches and nothing is written.
 """
 
@@ -29,16 +36,23 @@ from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
 from tilegraph.kernels.primitives import DTYPE_CODES
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
+from tilegraph.kernels.prefill_mma import prefill_mma_kernel, tensor_core_config
+from tilegraph.kernels.tuning import decode_engine_name, decode_tensor_ctas_per_sm
 from tilegraph.nvtx_ranges import plan_range
 from tilegraph.planner.decode import plan_decode, plan_decode_block_table, plan_decode_device
+from tilegraph.planner.decode_prefill import decode_prefill_layout, plan_decode_prefill, plan_decode_prefill_block_table
+from tilegraph.planner.decode_prefill import plan_decode_prefill_device
 from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import Plan
+from tilegraph.planner.prefill import PrefillPlan
+from tilegraph.planner.prefill_layout import PrefillLayout
 
 from .attention import AttentionBase, define_attention_op, device_page_ids, next_plan_serial, padded_rows, resolve_num_ctas
 from .checks import check_bucket
 from .kv_cache import PagedKV, paged_kv
 from .settings import Settings
 from .compiling import compile_with_progress
+from .prefill_launch import launch_prefill_kernel
 from .variant import ParamContext, Variant
 
 
@@ -47,17 +61,36 @@ def workspace_nbytes(settings: Settings, device: str | torch.device | None = Non
     function of Settings and the device (its SM count decides ``num_ctas`` when Settings leave it None)."""
     if not isinstance(settings, Settings):
         raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
-    dev = resolve_device(device)
-    return DecodeLayout.from_settings(settings, decode_num_ctas(settings, dev)).workspace_nbytes
+    return decode_layout(settings, resolve_device(device)).workspace_nbytes
+
+
+def decode_engine_of(settings: Settings) -> str:
+    """The decode engine BatchDecode runs for ``settings``: "cuda_cores" or "tensor_cores"
+    (Settings.decode_engine; "auto": kernels.tuning.decode_engine_name's table choice)."""
+    return decode_engine_name(DTYPE_CODES[settings.dtype], settings.head_dim, settings.group_size, settings.decode_engine)
+
+
+def decode_layout(settings: Settings, device: torch.device) -> DecodeLayout | PrefillLayout:
+    """The plan layout of BatchDecode: a DecodeLayout (CUDA cores) or the one-token prefill layout
+    (tensor cores, planner.decode_prefill), over ``decode_num_ctas`` CTAs."""
+    num_ctas = decode_num_ctas(settings, device)
+    if decode_engine_of(settings) == "tensor_cores":
+        return decode_prefill_layout(settings, num_ctas)
+    return DecodeLayout.from_settings(settings, num_ctas)
 
 
 def decode_num_ctas(settings: Settings, device: torch.device) -> int:
     """Persistent CTAs of BatchDecode: Settings.num_ctas, else SMs x the resident-CTA count of the
     pipelined kernel's config for these Settings (kernels.tuning.decode_ctas_per_sm: registers at the
-    128 budget and its static shared memory, capped at 2 per SM); the simulator's small default on CPU.
-    A function of Settings and the device only (never of the variant), so workspace_nbytes agrees."""
+    128 budget and its static shared memory, capped at 2 per SM), or for the tensor-core engine SMs x
+    its one-warp CTAs' resident count (kernels.tuning.decode_tensor_ctas_per_sm, capped at 4); the
+    simulator's small default on CPU. A function of Settings and the device
+    only (never of the variant), so workspace_nbytes agrees."""
     if settings.num_ctas is not None or device.type != "cuda":
         return resolve_num_ctas(settings, device)
+    if decode_engine_of(settings) == "tensor_cores":
+        mma = tensor_core_config(DTYPE_CODES[settings.dtype], settings.head_dim, settings.group_size, True, False, short=True)
+        return default_num_ctas(device, ctas_per_sm=decode_tensor_ctas_per_sm(mma.threads, mma.shared_bytes))
     cfg = pipeline_config(DTYPE_CODES[settings.dtype], settings.head_dim, settings.group_size)
     return default_num_ctas(device, ctas_per_sm=cfg.ctas_per_sm())
 
@@ -77,19 +110,34 @@ class BatchDecode(AttentionBase):
     ) -> None:
         """``variant``: a tilegraph.Variant (default: plain softmax attention). ``hooks``: raw
         compile-time AttentionHooks without run-time parameters (lower level; not with ``variant``)."""
+        if not isinstance(settings, Settings):
+            raise InputError(f"settings must be a tilegraph.Settings, got {type(settings).__name__}")
+        #: "cuda_cores" (kernels.decode_pipeline on decode plans) or "tensor_cores" (the tensor-core
+        #: prefill's one-warp shape on one-token prefill plans)
+        self.engine = decode_engine_of(settings)
         super().__init__(settings, device, hooks, variant)
         self.config = pipeline_config(self.kind_code, settings.head_dim, settings.group_size, self.hooks)
         self.page_divisor = page_divisor(settings.page_size)
+        self.mma_config = None
+        if self.engine == "tensor_cores":
+            self.mma_config = tensor_core_config(self.kind_code, settings.head_dim, settings.group_size, True, False,
+                                                 self.hooks, short=True)  # fmt: skip
+            self._no_positions = torch.zeros(1, dtype=torch.int32, device=self.device)
 
-    def make_layout(self) -> DecodeLayout:
+    def make_layout(self) -> DecodeLayout | PrefillLayout:
         # AttentionBase set num_ctas from the shared default just before this call; decode's own default
-        # comes from its kernel's occupancy (decode_num_ctas), the same one workspace_nbytes uses
+        # comes from its engine (decode_num_ctas), the same one workspace_nbytes uses
         self.num_ctas = decode_num_ctas(self.settings, self.device)
-        return DecodeLayout.from_settings(self.settings, self.num_ctas)
+        return decode_layout(self.settings, self.device)
+
+    @property
+    def tensor_cores(self) -> bool:
+        """Whether this object runs the tensor-core engine (one-token prefill plans)."""
+        return self.engine == "tensor_cores"
 
     @plan_range
     def plan(self, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any, padded_batch_size: int | None = None,
-             page_table: str = "host") -> Plan:  # fmt: skip
+             page_table: str = "host") -> Plan | PrefillPlan:  # fmt: skip
         """Validate the page table, balance it over the CTAs and stage it for upload.
 
         kv_indptr [B+1], kv_indices [nnz_pages], kv_last_page_len [B]: int32 CPU tensors or numpy
@@ -104,18 +152,23 @@ class BatchDecode(AttentionBase):
         self.refuse_while_capturing()
         if page_table not in ("host", "device"):
             raise InputError(f"page_table must be 'host' or 'device', got {page_table!r}")
-        flat = None
+        flat, pages, serial = None, self.settings.max_num_pages, next_plan_serial()
         if page_table == "device":
             flat, _, _ = device_page_ids(kv_indices, "kv_indices", self.device, block_table=False)
-            plan = plan_decode_device(self.layout, kv_indptr, kv_last_page_len, num_indices=flat.numel(),
-                                      num_pages=self.settings.max_num_pages, serial=next_plan_serial())  # fmt: skip
+            if self.tensor_cores:
+                plan = plan_decode_prefill_device(self.layout, kv_indptr, kv_last_page_len, flat.numel(), pages, serial,
+                                                  allow_split=True)  # fmt: skip
+            else:
+                plan = plan_decode_device(self.layout, kv_indptr, kv_last_page_len, num_indices=flat.numel(),
+                                          num_pages=pages, serial=serial)  # fmt: skip
+        elif self.tensor_cores:
+            plan = plan_decode_prefill(self.layout, kv_indptr, kv_indices, kv_last_page_len, pages, serial, allow_split=True)
         else:
-            plan = plan_decode(self.layout, kv_indptr, kv_indices, kv_last_page_len,
-                               num_pages=self.settings.max_num_pages, serial=next_plan_serial())  # fmt: skip
+            plan = plan_decode(self.layout, kv_indptr, kv_indices, kv_last_page_len, num_pages=pages, serial=serial)
         return self.stage_decode_plan(plan, padded_batch_size, page_table, kv_indices, flat)
 
     @plan_range
-    def plan_block_table(self, block_table: torch.Tensor, seq_lens: Any, padded_batch_size: int | None = None) -> Plan:
+    def plan_block_table(self, block_table: torch.Tensor, seq_lens: Any, padded_batch_size: int | None = None) -> Plan | PrefillPlan:
         """Plan from a device block table (vLLM's / SGLang's shape) and host lengths.
 
         block_table [rows >= B, max_blocks] int32 on this object's device, last dim contiguous: row r
@@ -124,12 +177,17 @@ class BatchDecode(AttentionBase):
         <= max_blocks pages used). Page ids are guarded on the device as with ``page_table="device"``."""
         self.refuse_while_capturing()
         flat, row_stride, max_blocks = device_page_ids(block_table, "block_table", self.device, block_table=True)
-        plan = plan_decode_block_table(self.layout, seq_lens, row_stride, max_blocks, flat.numel(),
-                                       num_pages=self.settings.max_num_pages, serial=next_plan_serial())  # fmt: skip
+        pages, serial = self.settings.max_num_pages, next_plan_serial()
+        if self.tensor_cores:
+            plan = plan_decode_prefill_block_table(self.layout, seq_lens, row_stride, max_blocks, flat.numel(), pages,
+                                                   serial, allow_split=True)  # fmt: skip
+        else:
+            plan = plan_decode_block_table(self.layout, seq_lens, row_stride, max_blocks, flat.numel(), num_pages=pages,
+                                           serial=serial)  # fmt: skip
         return self.stage_decode_plan(plan, padded_batch_size, "block_table", block_table, flat)
 
-    def stage_decode_plan(self, plan: Plan, padded_batch_size: int | None, page_table: str, source: Any,
-                          flat: torch.Tensor | None) -> Plan:  # fmt: skip
+    def stage_decode_plan(self, plan: Plan | PrefillPlan, padded_batch_size: int | None, page_table: str, source: Any,
+                          flat: torch.Tensor | None) -> Plan | PrefillPlan:  # fmt: skip
         """Make ``plan`` current (its padded rows checked) with the page table it reads, and stage it."""
         rows = padded_rows(padded_batch_size, "padded_batch_size", plan.batch_size, "B",
                            self.settings.max_batch_size, "max_batch_size")  # fmt: skip
@@ -160,10 +218,17 @@ class BatchDecode(AttentionBase):
         return check_paged_kv(k, v, paired, self.settings, self.device, self._plan.max_page_index)
 
     def q_stride_names(self) -> tuple[tuple[str, int], ...]:
+        if self.tensor_cores:  # the prefill kernel's names (q rows are its one-token requests)
+            return (("q_stride_n", 0), ("q_stride_h", 1))
         return (("q_stride_b", 0), ("q_stride_h", 1))
 
     def launch(self, q: torch.Tensor, kv: PagedKV, out: torch.Tensor, lse: torch.Tensor | None) -> None:
         s, hooks = self.settings, self.hooks
+        if self.tensor_cores:
+            label = f"decode_mma[{s.dtype},hd{s.head_dim},g{s.group_size},{hooks.name}]"
+            launch_prefill_kernel(self, prefill_mma_kernel(self.mma_config), self.mma_config.block, label, q, kv, out,
+                                  lse, self._no_positions)  # fmt: skip
+            return
         kernel = decode_pipeline_kernel(self.config)
         label = f"decode_pipeline[{s.dtype},hd{s.head_dim},g{s.group_size},{hooks.name}]"
         merge = (partial_merge_kernel(self.kind_code, hooks), PARTIAL_MERGE_SIGNATURE)
@@ -186,4 +251,5 @@ def check_paged_kv(k: Any, v: Any, paired: bool, settings: Settings, device: tor
     return kv
 
 
-__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "decode_num_ctas", "check_paged_kv"]
+__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "decode_num_ctas", "decode_engine_of", "decode_layout",
+           "check_paged_kv"]

@@ -35,9 +35,7 @@ import torch
 from tilegraph._device import resolve_device
 from tilegraph.errors import InputError
 from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
-from tilegraph.kernels.launch import launch
-from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
-from tilegraph.kernels.prefill import PREFILL_ARGS, PrefillConfig, default_threads, prefill_kernel, prefill_signature
+from tilegraph.kernels.prefill import PrefillConfig, default_threads, prefill_kernel
 from tilegraph.kernels.prefill_mma import PrefillMmaConfig, prefill_mma_kernel, tensor_core_config
 from tilegraph.kernels.primitives import DTYPE_CODES
 from tilegraph.kernels.tuning import prefill_tile_rows
@@ -50,7 +48,7 @@ from .decode import check_paged_kv
 from .checks import check_bucket
 from .kv_cache import PagedKV, strided_words
 from .settings import Settings
-from .compiling import compile_with_progress
+from .prefill_launch import launch_prefill_kernel
 from .variant import ParamContext, Variant
 from .workspace import StagedUpload
 
@@ -184,22 +182,11 @@ class PrefillAttention(AttentionBase):
 
     def launch(self, q: torch.Tensor, kv: PagedKV, out: torch.Tensor, lse: torch.Tensor | None) -> None:
         """One attention launch over the fixed grid, then one partial-merge launch (no host sync)."""
-        s, hooks = self.settings, self.hooks
-        mma = self.tensor_core_launch_config()
+        s, mma = self.settings, self.tensor_core_launch_config()
         kernel = prefill_kernel(self.config) if mma is None else prefill_mma_kernel(mma)
-        label = f"prefill[{s.dtype},hd{s.head_dim},g{s.group_size},{self.kind.split(':', 1)[1].replace(':', ',')},{hooks.name}]"
-        compile_with_progress(label, [(kernel, prefill_signature()),
-                                      (partial_merge_kernel(self.kind_code, hooks, True), PARTIAL_MERGE_SIGNATURE)])  # fmt: skip
-        out_words = self.output_words(out)
-        lse_arg = lse.view(-1) if lse is not None else self.workspace.no_lse
-        row_qo_pos, entry_kv_offset = self._positions or (self._no_positions, self._no_positions)
-        values = PREFILL_ARGS.values(
-            **self.plan_sections(PREFILL_ARGS.names),
-            **self.shared_launch_values(q, kv, out_words, lse_arg, lse is not None),
-            row_qo_pos=row_qo_pos, entry_kv_offset=entry_kv_offset, use_positions=np.int32(self._positions is not None),
-        )  # fmt: skip
-        launch("prefill", kernel, (self.num_ctas,), self.config.block if mma is None else mma.block, values)
-        self.launch_partial_merge(out_words, lse, prefill=True)
+        label = f"prefill[{s.dtype},hd{s.head_dim},g{s.group_size},{self.kind.split(':', 1)[1].replace(':', ',')},{self.hooks.name}]"
+        block = self.config.block if mma is None else mma.block
+        launch_prefill_kernel(self, kernel, block, label, q, kv, out, lse, self._no_positions, self._positions)
 
 
 class BatchPrefill(PrefillAttention):

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DTypeName = Literal["float16", "bfloat16", "float32"]
 KVLayout = Literal["NHD", "HND"]
+DecodeEngine = Literal["auto", "cuda_cores", "tensor_cores"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -94,6 +95,11 @@ class Settings(BaseSettings):
     deterministic: bool = Field(
         default=False, description="split requests independently of the rest of the batch (bitwise-stable outputs)"
     )
+    decode_engine: DecodeEngine = Field(
+        default="auto",
+        description="BatchDecode's kernel: 'auto' (the launch tuning table: tensor cores for float16/bfloat16 "
+        "GQA groups >= 5, else CUDA cores), 'cuda_cores' or 'tensor_cores' (float16/bfloat16 only)",
+    )
     debug_page_table: bool = Field(
         default=False,
         description="after every step with a device page table, read the kernels' page-id guard and raise PageTableError (a host sync)",
@@ -163,6 +169,8 @@ class Settings(BaseSettings):
             )
         if self.num_qo_heads // self.num_kv_heads > 64:
             raise ValueError(f"num_qo_heads / num_kv_heads (the GQA group) is at most 64, got {self.num_qo_heads // self.num_kv_heads}")
+        if self.decode_engine == "tensor_cores" and self.dtype == "float32":
+            raise ValueError("decode_engine='tensor_cores' needs dtype float16 or bfloat16 (mma has no float32 inputs), got float32")
         buckets = self.graphs.batch_sizes
         if buckets is not None and buckets[-1] > self.max_batch_size:
             raise ValueError(f"graphs.batch_sizes has {buckets[-1]} > max_batch_size ({self.max_batch_size})")

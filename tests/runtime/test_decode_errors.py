@@ -10,8 +10,16 @@ import torch
 import tilegraph
 from tilegraph import InputError, PlanError, StateError
 
-SETTINGS = tilegraph.Settings(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16",
-                              max_batch_size=3, max_num_pages=8, max_page_refs=6, num_ctas=2)  # fmt: skip
+BASE = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16", max_batch_size=3, max_num_pages=8,
+            max_page_refs=6, num_ctas=2)  # fmt: skip
+SETTINGS = tilegraph.Settings(**BASE)
+
+
+@pytest.fixture(autouse=True, params=["cuda_cores", "tensor_cores"])
+def engine(request, monkeypatch):
+    """Every case on both decode engines: the same errors before any launch, whichever kernel runs."""
+    monkeypatch.setitem(globals(), "SETTINGS", tilegraph.Settings(**BASE, decode_engine=request.param))
+    return request.param
 INDPTR = torch.tensor([0, 2, 3], dtype=torch.int32)
 INDICES = torch.tensor([5, 1, 7], dtype=torch.int32)
 LAST = torch.tensor([3, 4], dtype=torch.int32)

@@ -12,6 +12,7 @@ import torch
 
 import tilegraph
 from tilegraph import variants as V
+from tilegraph.decode import decode_engine_of
 from tilegraph.serving.reference import gather_kv, relative_error
 
 TOLERANCE = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 1e-4}
@@ -210,6 +211,46 @@ def _scale_keys(vals, dim0, request, kv_head, pos, params, key_gain):
 def _square_out(vals, dim0, request, qo_head, pos, params, out_gain):
     for k in range(8):
         vals[k] = vals[k] * vals[k] * params[out_gain + request]
+
+
+# ---- the same variants on BatchDecode's tensor-core engine (g8: the table's choice) ---------------------
+
+TENSOR_CORES = dict(num_qo_heads=8, num_kv_heads=1)
+
+
+def _mask_window(s, window):
+    return lambda r, qo, kv, h: (qo - kv <= window).expand(s.num_qo_heads, -1)
+
+
+@pytest.mark.parametrize("name", ["soft_cap", "window", "alibi", "sinks", "window_sinks_softcap", "custom_mask"])
+def test_variants_on_tensor_cores(device, name):
+    """Each hook kind through the one-token prefill plan and the tensor-core kernel, split, vs float64."""
+    sinks = torch.randn(8) * 2
+    variants = {
+        "soft_cap": (V.soft_cap(0.7), {}, dict(logits=lambda x, *_: 0.7 * torch.tanh(x / 0.7))),
+        "window": (V.sliding_window(5), {}, None),
+        "alibi": (V.alibi(), {}, None),
+        "sinks": (V.attention_sinks(), {"sinks": sinks}, dict(sinks=sinks.double())),
+        "window_sinks_softcap": (V.combine(V.sliding_window(5), V.attention_sinks(), V.soft_cap(1.5)), {"sinks": sinks},
+                                 dict(sinks=sinks.double(), logits=lambda x, *_: 1.5 * torch.tanh(x / 1.5))),
+        "custom_mask": (V.custom_mask(), None, None),
+    }  # fmt: skip
+    variant, params, ref_kwargs = variants[name]
+    rows = [np.random.default_rng().random(n) < 0.6 for n in LENGTHS]
+    if name == "custom_mask":
+        params = {"custom_mask": torch.from_numpy(np.concatenate(rows))}
+    s, q, cache, table, got, lse, plan = run_variant(variant, device, "split", params=params, **TENSOR_CORES)
+    assert s.decode_engine == "auto" and decode_engine_of(s) == "tensor_cores"
+    assert hasattr(plan, "tile_rows"), plan  # a one-token prefill plan
+    if name in ("window", "window_sinks_softcap"):
+        ref_kwargs = {**(ref_kwargs or {}), "mask": _mask_window(s, 5)}
+    elif name == "alibi":
+        slopes = torch.as_tensor(V.alibi_slopes(8), dtype=torch.float64)[:, None]
+        ref_kwargs = dict(logits=lambda x, r, qo, kv, h: x + slopes * (kv - qo))
+    elif name == "custom_mask":
+        masks = [torch.from_numpy(r)[None, :].expand(8, -1) for r in rows]
+        ref_kwargs = dict(mask=lambda r, *_: masks[r])
+    check(s, got, lse, *variant_reference(q, cache, s, table, **ref_kwargs), plan)
 
 
 def test_user_key_and_output_hooks_with_request_params(device):
