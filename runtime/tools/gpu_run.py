@@ -11,6 +11,8 @@ is collected from there):
     pytest-gpu    ``python -m pytest -m gpu`` (the GPU test tier)   -> pytest-gpu.xml (+ summary)
     bench-SUITE   every GPU bench suite this checkout has (decode, graphs, merge, prefill,
                   cascade, hf), each told to stop 30 s before its box -> SUITE/SUITE.json, .png
+    bench-decode-g8  both decode engines forced, Hq 64 / Hkv 8 (the tuning table's tensor-core
+                  choice measured)                                  -> decode-g8/decode.json
     bench-plan    ``tilegraph bench plan`` (CPU)                       -> plan/plan.json, .png
     calibration   the static model's prediction for this GPU's decode specialization next to
                   the measured decode GB/s and copy bandwidth (tools/calibration.py) -> calibration.json
@@ -57,6 +59,11 @@ def parts(out: Path, quick: bool) -> list[Part]:
         for suite, cap_s in (("decode", 150), ("graphs", 90), ("merge", 60), ("prefill", 120), ("cascade", 90), ("hf", 90))
         if SUITES[suite].available
     ]  # fmt: skip
+    # the decode engine choice measured at GQA group 8 (Hq 64 / Hkv 8), where the table picks tensor cores
+    engines = ["--num-qo-heads", "64", "--num-kv-heads", "8", "--batch-sizes", "64", "--mixes", "uniform,skewed",
+               "--peers", "tilegraph-cuda-cores,tilegraph-tensor-cores"]  # fmt: skip
+    benches.insert(1, Part("bench-decode-g8", 60, [py, "-m", "tilegraph", "bench", "decode", "--out", str(out / "decode-g8"),
+                                                   *engines, *smoke], "decode-g8/decode.json", True))  # fmt: skip
     return [
         Part("environment", 30, [py, "-m", "tilegraph.tools.gpu_run", "--environment-json", str(out / "environment.json")], "environment.json"),
         Part("ceilings", 45, [py, "-m", "tilegraph.tools.bench.common", "--json", str(out / "ceilings.json"), *smoke], "ceilings.json"),

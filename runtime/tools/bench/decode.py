@@ -3,7 +3,9 @@
 For each length mix (uniform, skewed, ShareGPT-like log-normal) and batch size: GB/s counting the
 bytes a decode must move (KV of every token read once, q read, out written), as a fraction of the
 device-to-device copy bandwidth measured in the same run. Implementations on the same shapes:
-tilegraph, torch SDPA on gathered dense KV (padded to the longest request, masked), FlexAttention
+tilegraph (its table's engine for the shape), each of its two decode engines forced
+(``tilegraph-cuda-cores``, ``tilegraph-tensor-cores``: the measured side of the tuning table's
+choice), torch SDPA on gathered dense KV (padded to the longest request, masked), FlexAttention
 (compiled; same dense KV and a length mask) and FlashInfer's paged decode wrapper if installed.
 Every output is checked against the float64 reference (``rel_err``). CUDA-event medians after
 warm-up; input sets rotated so one pass is at least 3x the L2; random data, never zeros.
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
     from tilegraph.settings import Settings
 
 NEEDS_GPU = True
-PEERS = ("sdpa", "flex", "flashinfer")
+PEERS = ("tilegraph-cuda-cores", "tilegraph-tensor-cores", "sdpa", "flex", "flashinfer")
 COLUMNS = [
     ("mix", "mix", ""), ("batch_size", "B", ""), ("impl", "impl", ""), ("kv_tokens", "KV tokens", ""),
     ("median_us", "median µs", ".1f"), ("gbs", "GB/s", ".0f"), ("copy_fraction", "of copy", ".2f"),
@@ -125,16 +127,17 @@ def make_case(mix: str, lengths: list[int], args: argparse.Namespace, device: to
 # ---- implementations ----------------------------------------------------------------------------
 
 
-def run_tilegraph(case: Case) -> tuple[Timing, torch.Tensor, dict[str, Any]]:
+def run_tilegraph(case: Case, engine: str = "auto") -> tuple[Timing, torch.Tensor, dict[str, Any]]:
+    """BatchDecode with ``engine`` (Settings.decode_engine: "auto" is the tuning table's choice)."""
     from tilegraph import BatchDecode
 
-    dec = BatchDecode(case.settings, device=case.device)
+    dec = BatchDecode(case.settings.model_copy(update={"decode_engine": engine}), device=case.device)
     plan = dec.plan(case.kv_indptr, case.kv_indices, case.kv_last_page_len)
     outs = [torch.full_like(q, float("nan")) for q in case.q_sets]
     n = len(outs)
     timing = time_calls_us(lambda i: dec.run(case.q_sets[i % n], case.kv_sets[i % n], out=outs[i % n]),
                           case.reps, case.warmup, case.gpu)  # fmt: skip
-    return timing, outs[0], {"balance": float(plan.balance), "num_tiles": int(plan.num_tiles)}
+    return timing, outs[0], {"balance": float(plan.balance), "num_tiles": int(plan.num_tiles), "engine": dec.engine}
 
 
 def _dense_kv(case: Case, kv_cache: torch.Tensor, padded_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +251,14 @@ def run_flashinfer(case: Case) -> tuple[Timing, torch.Tensor, dict[str, Any]]:
     return timing, result[0], {"flashinfer": getattr(flashinfer, "__version__", "?")}
 
 
-IMPLS: dict[str, Impl] = {"tilegraph": run_tilegraph, "sdpa": run_sdpa, "flex": run_flex, "flashinfer": run_flashinfer}
+IMPLS: dict[str, Impl] = {
+    "tilegraph": run_tilegraph,
+    "tilegraph-cuda-cores": lambda case: run_tilegraph(case, "cuda_cores"),
+    "tilegraph-tensor-cores": lambda case: run_tilegraph(case, "tensor_cores"),
+    "sdpa": run_sdpa,
+    "flex": run_flex,
+    "flashinfer": run_flashinfer,
+}
 
 
 # ---- the suite ----------------------------------------------------------------------------------
@@ -282,7 +292,7 @@ def measure_case(case: Case, impls: list[str], copy_gbs: float) -> list[dict[str
 
 def _smoke_args(args: argparse.Namespace) -> argparse.Namespace:
     tiny = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16", reps=1, warmup=0,
-                batch_sizes=[2], mixes=["skewed"], peers=[p for p in args.peers if p == "sdpa"])  # fmt: skip
+                batch_sizes=[2], mixes=["skewed"], peers=[p for p in args.peers if p in ("sdpa", "tilegraph-tensor-cores")])  # fmt: skip
     return argparse.Namespace(**{**vars(args), **tiny})
 
 
