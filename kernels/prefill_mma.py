@@ -749,7 +749,8 @@ def prefill_mma_kernel(cfg: PrefillMmaConfig) -> Any:
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
-    """The benchmark shape (bf16 hd128 g4 paged causal), fp16 hd64 ragged full, a hooked variant and RoPE."""
+    """The benchmark shape (bf16 hd128 g4 paged causal), fp16 hd64 ragged full, a hooked variant and RoPE;
+    then the decode engine's shapes (family decode_mma)."""
     from .compile_spec import PREFILL_CHECK_HOOKS as CHECK_HOOKS
     from .compile_spec import CompileSpec, PerfHints, prefill_variant_cases
 
@@ -779,19 +780,22 @@ def gpu_compile_specs() -> list[CompileSpec]:
             )
         )
     # BatchDecode's tensor-core engine (runtime.decode): one-token plans on the 16-row shape, not
-    # causal, GQA group 8 (the tuning table's choice for groups >= 5); HBM-bound like decode
-    cfg = tensor_core_config(prim.BF16, 128, 8, True, False, short=True)
-    specs.append(
-        CompileSpec(
-            name="decode_mma[bfloat16,hd128,g8,default]",
-            pyfunc=make_prefill_mma_kernel(cfg),
-            signature=PREFILL_ARGS.signature,
-            expect=("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "cp.async.cg.shared.global", MAX_NAN_PTX),
-            fastmath=fastmath_flags(),
-            perf=PerfHints(threads=cfg.threads, ctas_per_sm=decode_tensor_ctas_per_sm(cfg.threads, cfg.shared_bytes),
-                           family="decode_mma", issue_trips=cfg.issue_trips),  # fmt: skip
+    # causal, GQA group >= 5 (the tuning table's choice); HBM-bound like decode. The benchmark head_dim
+    # first, then the smallest and largest the engine runs at its groups
+    for kind, head_dim, group in ((prim.BF16, 128, 8), (prim.F16, 64, 8), (prim.BF16, 256, 16)):
+        cfg = tensor_core_config(kind, head_dim, group, True, False, short=True)
+        ab = "f16" if kind == prim.F16 else "bf16"
+        specs.append(
+            CompileSpec(
+                name=f"decode_mma[{DTYPE_NAMES[kind]},hd{head_dim},g{group},default]",
+                pyfunc=make_prefill_mma_kernel(cfg),
+                signature=PREFILL_ARGS.signature,
+                expect=(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32", "cp.async.cg.shared.global", MAX_NAN_PTX),
+                fastmath=fastmath_flags(),
+                perf=PerfHints(threads=cfg.threads, ctas_per_sm=decode_tensor_ctas_per_sm(cfg.threads, cfg.shared_bytes),
+                               family="decode_mma", issue_trips=cfg.issue_trips),  # fmt: skip
+            )
         )
-    )
     return specs
 
 
