@@ -66,8 +66,11 @@ def test_bench_decode_smoke_writes_json_and_plot(tmp_path):
     assert tilegraph_main(["bench", "decode", "--smoke", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "decode.json").read_text())
     rows = {r["impl"]: r for r in data["rows"]}
-    assert set(rows) == {"tilegraph", "sdpa"}
+    assert set(rows) == {"tilegraph", "tilegraph-tensor-cores", "sdpa"}
     assert rows["tilegraph"]["rel_err"] < 1e-2 and rows["tilegraph"]["gbs"] > 0
+    # the smoke shape is group 2: the table's engine is CUDA cores, the forced peer runs tensor cores
+    assert rows["tilegraph"]["engine"] == "cuda_cores" and rows["tilegraph-tensor-cores"]["engine"] == "tensor_cores"
+    assert rows["tilegraph-tensor-cores"]["rel_err"] < 1e-2
     assert rows["tilegraph"]["bytes_moved"] == rows["sdpa"]["bytes_moved"] > 0
     assert data["ceilings"]["copy"]["gbs"] > 0
     assert (tmp_path / "decode.png").exists() == HAS_MATPLOTLIB
