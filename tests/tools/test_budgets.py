@@ -31,6 +31,11 @@ def test_the_budget_file_installs_and_loads() -> None:
     assert not by_name[("decode", "LDGSTS")].expected_to_fail and not by_name[("decode", "div64_calls")].expected_to_fail
     assert not by_name[("decode", "instr_per_byte")].expected_to_fail
     assert by_name[("prefill", "HMMA")].expected_to_fail and by_name[("prefill", "LDSM")].expected_to_fail
+    # the tensor-core decode engine's family (issue 16), and prefill_mma's sm_80 spill / stack rules
+    # (flipped once the page lookup lost its 64-bit division): all enforced
+    assert {r.metric for r in rules if r.family == "decode_mma"} >= {"HMMA", "LDGSTS", "div64_calls", "instr_per_byte", "spill_bytes"}
+    assert {r.cc for r in rules if r.family == "prefill_mma" and r.metric == "spill_bytes"} == {"sm_80", "sm_90"}
+    assert not any(r.expected_to_fail for r in rules if r.family in ("decode_mma", "prefill_mma"))
 
 
 def test_a_broken_budget_fails_naming_kernel_and_budget() -> None:
