@@ -182,3 +182,27 @@ def test_graph_replay_follows_new_plans(device):
         ref, _ = decode_reference(q, cache, settings, *table)
         assert relative_error(out, ref) < TOLERANCE["float16"], dec.current_plan
     assert dec.current_plan.num_merges > 0
+
+
+def test_deterministic_outputs_ignore_batch_mates(device):
+    """deterministic=True: a request's output is bitwise the same alone and among other requests
+    (the tensor-core engine then splits nothing, as prefill)."""
+    settings = tilegraph.Settings(num_qo_heads=8, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16",
+                                  max_batch_size=3, max_num_pages=32, num_ctas=4, deterministic=True)  # fmt: skip
+    rng = np.random.default_rng()
+    cache = make_cache(settings, device, False)
+    q = torch.randn(3, 8, 16).half().to(device)
+    dec = tilegraph.BatchDecode(settings, device=device)
+    alone = page_table([41], settings.page_size, settings.max_num_pages, rng)
+    plan = dec.plan(*alone)
+    assert plan.num_merges == 0, plan
+    first = dec.run(q[:1], cache).clone()
+    indptr, pages, last = alone
+    others = torch.from_numpy(np.setdiff1d(np.arange(32), pages.numpy())[:6].astype(np.int32))  # 2 + 4 pages unused by it
+    batch = (torch.tensor([0, int(indptr[1]), int(indptr[1]) + 2, int(indptr[1]) + 6], dtype=torch.int32),
+             torch.cat([pages, others]), torch.tensor([int(last[0]), 3, 4], dtype=torch.int32))  # fmt: skip
+    dec.plan(*batch)
+    together = dec.run(q, cache)
+    assert torch.equal(together[:1], first)
+    ref, _ = decode_reference(q, cache, settings, *batch)
+    assert relative_error(together, ref) < TOLERANCE["float16"]
