@@ -84,8 +84,8 @@ def decode_num_ctas(settings: Settings, device: torch.device) -> int:
     pipelined kernel's config for these Settings (kernels.tuning.decode_ctas_per_sm: registers at the
     128 budget and its static shared memory, capped at 2 per SM), or for the tensor-core engine SMs x
     its one-warp CTAs' resident count (kernels.tuning.decode_tensor_ctas_per_sm, capped at 4); the
-    simulator's small default on CPU. A function of Settings and the device
-    only (never of the variant), so workspace_nbytes agrees."""
+    simulator's small default on CPU. A function of Settings and the device only (never of the
+    variant), so workspace_nbytes agrees."""
     if settings.num_ctas is not None or device.type != "cuda":
         return resolve_num_ctas(settings, device)
     if decode_engine_of(settings) == "tensor_cores":
