@@ -79,19 +79,28 @@ def inspect(lengths: list[int], args: argparse.Namespace, num_ctas: int) -> dict
     """Plan ``lengths`` under Settings sized to fit; the numbers as plain data."""
     settings = settings_for(lengths, args, num_ctas)  # invalid shapes are reported before planning
 
+    import torch
+
+    from tilegraph.decode import decode_engine_of, decode_layout
     from tilegraph.planner.decode import plan_decode
-    from tilegraph.planner.layout import DecodeLayout
+    from tilegraph.planner.decode_prefill import plan_decode_prefill
 
     from .bench.common import page_table
 
-    layout = DecodeLayout.from_settings(settings, num_ctas)
+    # BatchDecode's own layout and planner for these Settings (its engine decides both; num_ctas is set)
+    engine = decode_engine_of(settings)
+    layout = decode_layout(settings, torch.device("cpu"))
     kv_indptr, kv_indices, kv_last = page_table(lengths, args.page_size, np.random.default_rng(0))
-    plan = plan_decode(layout, kv_indptr, kv_indices, kv_last, num_pages=settings.max_num_pages, serial=1)
+    if engine == "tensor_cores":
+        plan = plan_decode_prefill(layout, kv_indptr, kv_indices, kv_last, settings.max_num_pages, 1, allow_split=True)
+    else:
+        plan = plan_decode(layout, kv_indptr, kv_indices, kv_last, num_pages=settings.max_num_pages, serial=1)
     tiles_per_cta = np.asarray(plan.tiles_per_cta()).astype(int)
     return {
         "lengths": {"requests": len(lengths), "total_tokens": int(sum(lengths)), "max_tokens": int(max(lengths))},
         "settings": settings.model_dump(mode="json"),
         "num_ctas": num_ctas,
+        "engine": engine,
         "plan": {
             "num_tiles": int(plan.num_tiles),
             "num_merges": int(getattr(plan, "num_merges", 0)),
@@ -129,6 +138,7 @@ def render(report: dict[str, Any], where: str) -> None:
                         f"(longest {lengths['max_tokens']}) on {report['num_ctas']} CTAs ({where})")  # fmt: skip
     table.add_column("quantity")
     table.add_column("value", justify="right")
+    table.add_row("decode engine", report["engine"])
     table.add_row("tiles", str(plan["num_tiles"]))
     table.add_row("split (request, kv head) pairs merged", str(plan["num_merges"]))
     table.add_row("tiles per CTA min / median / max", f"{tiles.min()} / {np.median(tiles):.0f} / {tiles.max()}")

@@ -122,6 +122,20 @@ def test_inspect_plan_invalid_settings_exit_2(capsys):
     assert "multiple of num_kv_heads" in capsys.readouterr().err
 
 
+def test_inspect_plan_follows_the_decode_engine(tmp_path, capsys):
+    """Group 8 (bf16): BatchDecode's tensor-core engine, so its one-token prefill plan and workspace."""
+    out = tmp_path / "plan.json"
+    argv = ["inspect-plan", "--lengths", "300,17x5", "--num-qo-heads", "16", "--num-kv-heads", "2",
+            "--head-dim", "64", "--page-size", "16", "--num-ctas", "8", "--json", str(out)]  # fmt: skip
+    assert tilegraph_main(argv) == 0
+    assert "tensor_cores" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    settings = tilegraph.Settings(**{k: v for k, v in report["settings"].items() if k != "graphs"})
+    dec = tilegraph.BatchDecode(settings, device="cpu")
+    assert report["engine"] == dec.engine == "tensor_cores"
+    assert report["workspace_bytes"] == dec.workspace_nbytes == tilegraph.workspace_nbytes(settings, "cpu")
+
+
 def test_inspect_plan_matches_a_direct_plan(tmp_path, capsys):
     from tilegraph.planner.decode import plan_decode
     from tilegraph.planner.layout import DecodeLayout
