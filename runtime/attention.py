@@ -25,6 +25,7 @@ from tilegraph._device import default_num_ctas, resolve_device
 from tilegraph.errors import InputError, PageTableError, PlanError, StateError
 from tilegraph.graphs.protocol import PlanState
 from tilegraph.kernels import primitives as prim
+from tilegraph.kernels.decode_pipeline import page_divisor
 from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
 from tilegraph.kernels.launch import as_words
 from tilegraph.kernels.tuning import PARTIAL_MERGE_CTAS
@@ -98,6 +99,13 @@ def device_page_ids(table: Any, name: str, device: torch.device, block_table: bo
     return torch.as_strided(table, (span,), (1,)), int(row_stride), int(cols)
 
 
+def page_divisor_values(page_size: int) -> dict[str, np.int64]:
+    """The page_div_magic / page_div_shift launch arguments of ``page_size``
+    (kernels.decode_pipeline.page_divisor: the kernels' page index without a division)."""
+    magic, shift = page_divisor(page_size)
+    return {"page_div_magic": np.int64(magic), "page_div_shift": np.int64(shift)}
+
+
 def split_kv_cache(kv_cache: Any) -> tuple[Any, Any, bool]:
     """(k, v, paired): a (k_cache, v_cache) pair apart, or one packed cache twice."""
     if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2:
@@ -157,6 +165,8 @@ class AttentionBase:
         self.variant = variant if variant is not None else DEFAULT
         self.hooks = variant.decode_hooks(settings) if variant is not None else hooks
         self.kind_code = prim.DTYPE_CODES[settings.dtype]
+        #: the page_div_magic / page_div_shift launch arguments, computed once (every paged kernel takes them)
+        self.page_div_values = page_divisor_values(settings.page_size)
         self.num_ctas = resolve_num_ctas(settings, self.device)
         self.layout = self.make_layout()
         self.workspace = Workspace(self.layout, self.device, upload=plan_upload)
@@ -461,4 +471,5 @@ class AttentionBase:
         return as_words(out)
 
 
-__all__ = ["AttentionBase", "define_attention_op", "device_page_ids", "instance", "next_plan_serial", "padded_rows", "resolve_num_ctas"]
+__all__ = ["AttentionBase", "define_attention_op", "device_page_ids", "instance", "next_plan_serial", "padded_rows",
+           "page_divisor_values", "resolve_num_ctas"]

@@ -31,7 +31,7 @@ import torch
 
 from tilegraph._device import default_num_ctas, resolve_device
 from tilegraph.errors import InputError
-from tilegraph.kernels.decode_pipeline import DECODE_PIPELINE_ARGS, decode_pipeline_kernel, page_divisor, pipeline_config
+from tilegraph.kernels.decode_pipeline import DECODE_PIPELINE_ARGS, decode_pipeline_kernel, pipeline_config
 from tilegraph.kernels.hooks import DEFAULT_HOOKS, AttentionHooks
 from tilegraph.kernels.primitives import DTYPE_CODES
 from tilegraph.kernels.launch import launch
@@ -117,7 +117,6 @@ class BatchDecode(AttentionBase):
         self.engine = decode_engine_of(settings)
         super().__init__(settings, device, hooks, variant)
         self.config = pipeline_config(self.kind_code, settings.head_dim, settings.group_size, self.hooks)
-        self.page_divisor = page_divisor(settings.page_size)
         self.mma_config = None
         if self.engine == "tensor_cores":
             self.mma_config = tensor_core_config(self.kind_code, settings.head_dim, settings.group_size, True, False,
@@ -127,8 +126,9 @@ class BatchDecode(AttentionBase):
     def make_layout(self) -> DecodeLayout | PrefillLayout:
         # AttentionBase set num_ctas from the shared default just before this call; decode's own default
         # comes from its engine (decode_num_ctas), the same one workspace_nbytes uses
-        self.num_ctas = decode_num_ctas(self.settings, self.device)
-        return decode_layout(self.settings, self.device)
+        layout = decode_layout(self.settings, self.device)
+        self.num_ctas = layout.num_ctas
+        return layout
 
     @property
     def tensor_cores(self) -> bool:
@@ -235,10 +235,9 @@ class BatchDecode(AttentionBase):
         compile_with_progress(label, [(kernel, DECODE_PIPELINE_ARGS.signature), merge])
         out_words = self.output_words(out)
         lse_arg = lse.view(-1) if lse is not None else self.workspace.no_lse
-        magic, shift = self.page_divisor
         values = DECODE_PIPELINE_ARGS.values(**self.plan_sections(DECODE_PIPELINE_ARGS.names),
                                              **self.shared_launch_values(q, kv, out_words, lse_arg, lse is not None),
-                                             page_div_magic=np.int64(magic), page_div_shift=np.int64(shift))  # fmt: skip
+                                             **self.page_div_values)  # fmt: skip
         launch("decode", kernel, (self.num_ctas,), self.config.block, values)
         self.launch_partial_merge(out_words, lse, prefill=False)
 

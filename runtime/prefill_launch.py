@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from tilegraph.kernels.decode_pipeline import page_divisor
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.merge import PARTIAL_MERGE_SIGNATURE, partial_merge_kernel
 from tilegraph.kernels.prefill import PREFILL_ARGS, prefill_signature
@@ -34,16 +33,10 @@ def launch_prefill_kernel(attn: Any, kernel: Any, block: tuple[int, ...], label:
         **attn.plan_sections(PREFILL_ARGS.names),
         **attn.shared_launch_values(q, kv, out_words, lse_arg, lse is not None),
         row_qo_pos=row_qo_pos, entry_kv_offset=entry_kv_offset, use_positions=np.int32(positions is not None),
-        **page_divisor_values(attn.settings.page_size),
+        **attn.page_div_values,
     )  # fmt: skip
     launch("prefill", kernel, (attn.num_ctas,), block, values)
     attn.launch_partial_merge(out_words, lse, prefill=True)
 
 
-def page_divisor_values(page_size: int) -> dict[str, np.int64]:
-    """The page_div_magic / page_div_shift launch arguments of ``page_size`` (page_divisor)."""
-    magic, shift = page_divisor(page_size)
-    return {"page_div_magic": np.int64(magic), "page_div_shift": np.int64(shift)}
-
-
-__all__ = ["launch_prefill_kernel", "page_divisor_values"]
+__all__ = ["launch_prefill_kernel"]

@@ -24,7 +24,6 @@ from tilegraph.kernels import primitives as prim
 from tilegraph.kernels.launch import launch
 from tilegraph.kernels.prefill import PREFILL_ARGS
 from tilegraph.kernels.prefill_mma import PrefillMmaConfig, prefill_mma_kernel
-from tilegraph.prefill_launch import page_divisor_values
 from tilegraph.kernels.tuning import prefill_mma_shape
 from tilegraph.serving.reference import relative_error
 
@@ -58,7 +57,7 @@ class _MmaLaunch:
             **self.plan_sections(PREFILL_ARGS.names),
             **self.shared_launch_values(q, kv, out_words, lse_arg, lse is not None),
             row_qo_pos=row_qo_pos, entry_kv_offset=entry_kv_offset, use_positions=np.int32(self.positions is not None),
-            **page_divisor_values(s.page_size),
+            **self.page_div_values,
         )  # fmt: skip
         launch("prefill_mma", prefill_mma_kernel(cfg), (self.num_ctas,), cfg.block, values)
         _MmaLaunch.mma_launches += 1
