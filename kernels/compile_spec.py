@@ -31,6 +31,8 @@ class PerfHints:
     bound: str = "memory"               # "memory" (bandwidth) or "compute" (prefill: FLOP/s)
     family: str = ""                    # budget family (default: the spec name before "[")
     issue_trips: int = 1                # tensor loop: iterations per KV block of its nested cp.async issue loop
+    dynamic_shared_bytes: int = 0       # dynamic shared memory of a launch (occupancy counts it with the static)
+    score_tiles: int = 1                # tensor loop: S tiles per KV stage, computed by a nested loop
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@
 * Simulator: CPU tensors are wrapped without a copy, so kernels write straight into them, and the
   launch runs with a fast GIL switch interval.
 * A launch interceptor (set by the graph stand-in while capturing) receives the launch instead.
+* Dynamic shared memory (``shared_bytes``): on a GPU the compiled kernel about to launch is opted
+  into that many bytes first (``opt_in_shared_memory``; past 48 KB a CTA the driver refuses the
+  launch otherwise, and numba-cuda has no option for it).
 
 Threads. Simulator: launches from several Python threads are serialized by
 ``tilegraph._device.SIMULATOR_LAUNCH_LOCK`` (the simulator swaps module globals while a launch
@@ -45,7 +48,37 @@ class KernelLaunch:
                 self.kernel[self.grid, self.block, 0, self.shared_bytes](*self.args)
         else:
             stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-            self.kernel[self.grid, self.block, stream, self.shared_bytes](*self.args)
+            configured = self.kernel[self.grid, self.block, stream, self.shared_bytes]
+            if self.shared_bytes:
+                nbytes = self.shared_bytes
+                configured.pre_launch_callbacks.append(lambda compiled, _config: opt_in_shared_memory(compiled, nbytes))
+            configured(*self.args)
+
+
+#: id of a compiled kernel (numba's per-signature _Kernel, cached for the process) -> the dynamic
+#: shared bytes it was opted into
+_OPTED_IN: dict[int, int] = {}
+
+
+def opt_in_shared_memory(compiled: Any, nbytes: int, set_attribute: Callable[..., Any] | None = None) -> None:
+    """Let ``compiled`` (the kernel numba is about to launch: its per-signature object, whose
+    ``library.get_cufunc()`` is the driver function) launch with ``nbytes`` of dynamic shared memory:
+    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, set once per kernel and size, the way numba-cuda
+    sets its own carveout attribute (a function attribute: no launch, no stream work, allowed while a
+    graph is captured). ``set_attribute``: the driver's cuKernelSetAttribute(attribute, value,
+    handle, device id) (None: numba-cuda's). GPU only."""
+    if _OPTED_IN.get(id(compiled), -1) >= nbytes:
+        return
+    from cuda.bindings import driver as binding
+
+    if set_attribute is None:
+        from numba.cuda.cudadrv.driver import driver
+
+        set_attribute = driver.cuKernelSetAttribute
+    cufunc = compiled.library.get_cufunc()
+    attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    set_attribute(attribute, int(nbytes), cufunc.handle, cufunc.device.id)
+    _OPTED_IN[id(compiled)] = nbytes
 
 
 def set_interceptor(interceptor: Interceptor | None) -> Interceptor | None:
@@ -75,7 +108,7 @@ def _device_arg(arg: Any) -> Any:
 
 def launch(name: str, kernel: Any, grid: tuple, block: tuple, args: Sequence[Any], shared_bytes: int = 0) -> None:
     """Launch ``kernel[grid, block]`` on the current stream (or hand it to the capture interceptor),
-    inside the NVTX/profiling range named ``name``."""
+    inside the NVTX/profiling range named ``name``, with ``shared_bytes`` of dynamic shared memory."""
     with launch_range(name):
         record = KernelLaunch(name, kernel, grid, block, shared_bytes, tuple(_device_arg(a) for a in args))
         if _interceptor is not None:

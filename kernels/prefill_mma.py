@@ -13,6 +13,8 @@ or any other size) runs as passes of R // HP tokens x HP heads; per pass:
         by all W warps: block j + 1 is in flight while block j is computed (one commit group each)
         (key hooks: K goes through registers instead, V still by cp.async); a row whose page id the
         guard refused reads nothing and is flagged, and a block holding one (a barrier-OR) masks it
+    per S tile of SB tokens of the block (SB = KB, or a divisor: 64-token blocks at head_dim 128 are
+    computed as two 32-token tiles, so S stays in registers while a stage's copies double):
     S = Q K^T per warp: B fragments by ldmatrix from the K rows, fp32 accumulators; scale, logits
         hook, causal / hook / range masks SELECT -inf; online softmax on the C fragments (row max and
         sum over the quad by shuffles, max.NaN); P packed to A fragments in registers
@@ -24,8 +26,10 @@ A warp whose 16 rows lie past the pass's rows (a short query) skips the math (wa
 still issues its share of the copies and meets every barrier.
 
 Shared memory: one int32 word array of 4 stages x KB rows of HEAD_DIM / 8 16-byte chunks (K stage
-0, 1, then V stage 0, 1): 4 KB HEAD_DIM 2 bytes, under 48 KB of static shared memory (64 tokens at
-head_dim 128 would need 64 KB, i.e. dynamic shared memory: not expressible in numba-cuda today).
+0, 1, then V stage 0, 1) and the refused-row flags: 4 KB HEAD_DIM 2 bytes, *dynamic* shared memory
+whose size the launch passes (``PrefillMmaConfig.dynamic_shared_bytes``; 64 KB at head_dim 128, past
+the 48 KB a CTA may hold statically, so a GPU launch first opts the compiled kernel in:
+kernels.launch.opt_in_shared_memory); the per-row max and sum are static.
 Chunk c of row r is stored at chunk c ^ (r mod SW) (``swizzle_chunks``): the 128-byte XOR swizzle
 (SW = 8) for rows of >= 128 bytes with head_dim / 8 a multiple of 8; smaller or odd head dims
 swizzle within the largest power of two of chunks dividing the row (32 -> 64-byte swizzle, 16 ->
@@ -34,9 +38,9 @@ row allows it.
 
 Causal: KV blocks past the pass's last visible position are skipped (tiles above the diagonal
 never load), the diagonal block is masked. NaN: a masked / out-of-range score is selected out; P V
-is a product, so a block that has a masked entry AND a non-finite V element takes a CUDA-core path
-that skips masked positions (0 * Inf must not reach a row), its weights staged in the block's idle
-K stage. Fragment arrays are indexed at compile-time positions only: no local memory.
+is a product, so an S tile that has a masked entry AND a non-finite V element takes a CUDA-core
+path that skips masked positions (0 * Inf must not reach a row), its weights staged in the tile's
+own K rows (S is done with them; the stage's next tile's rows are untouched). Fragment arrays are indexed at compile-time positions only: no local memory.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ from .hooks import no_sink as _no_sink
 from .nan import MAX_NAN_PTX, fastmath_flags
 from .page_table import guarded_page
 from .prefill import PREFILL_ARGS
-from .tuning import PrefillMmaShape, decode_tensor_ctas_per_sm, prefill_mma_shape, prefill_mma_short_shape
+from .tuning import (PrefillMmaShape, decode_tensor_ctas_per_sm, prefill_mma_score_tokens, prefill_mma_shape,
+                     prefill_mma_short_shape)  # fmt: skip
 
 if TYPE_CHECKING:
     from .compile_spec import CompileSpec
@@ -85,6 +90,9 @@ class PrefillMmaConfig:
     warps: int = 0
     #: KV tokens per shared-memory stage (0: the tuning table's choice; a multiple of 16)
     kv_tokens: int = 0
+    #: KV tokens per S = Q K^T tile, a multiple of 16 dividing kv_tokens (0:
+    #: kernels.tuning.prefill_mma_score_tokens: 32 at head_dim 128, so S stays in registers)
+    score_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in (prim.F16, prim.BF16):
@@ -93,15 +101,19 @@ class PrefillMmaConfig:
             raise InputError(f"the tensor-core prefill kernel needs head_dim % 16 == 0, got {self.head_dim}")
         if self.warps < 0 or self.kv_tokens < 0 or self.kv_tokens % 16:
             raise InputError(f"warps must be >= 0 and kv_tokens a multiple of 16, got {self.warps}, {self.kv_tokens}")
-        if self.rows > 2 * self.kv_block or 16 * self.rows > self.kv_block * self.head_dim:
-            raise InputError(f"{self.rows} query rows need kv_tokens >= {self.rows // 2} and kv_tokens x head_dim >= "
+        if self.score_tokens < 0 or self.score_tokens % 16 or self.kv_block % self.score_block:
+            raise InputError(f"score_tokens must be a multiple of 16 dividing kv_tokens {self.kv_block}, got {self.score_tokens}")
+        if self.rows > 2 * self.kv_block or 16 * self.rows > self.score_block * self.head_dim:
+            raise InputError(f"{self.rows} query rows need kv_tokens >= {self.rows // 2} and score_tokens x head_dim >= "
                              f"{16 * self.rows} (Q, O and the selected path's weights are staged in the KV stages)")
 
     @property
     def shape(self) -> PrefillMmaShape:
         """The tuning table's launch shape with this config's overrides."""
         base = prefill_mma_shape(self.head_dim)
-        return PrefillMmaShape(self.warps or base.warps, self.kv_tokens or base.kv_tokens)
+        kv_tokens = self.kv_tokens or base.kv_tokens
+        score_tokens = self.score_tokens or prefill_mma_score_tokens(kv_tokens, self.head_dim)
+        return PrefillMmaShape(self.warps or base.warps, kv_tokens, score_tokens)
 
     @property
     def rows(self) -> int:
@@ -120,6 +132,11 @@ class PrefillMmaConfig:
     @property
     def kv_block(self) -> int:
         return self.shape.kv_tokens
+
+    @property
+    def score_block(self) -> int:
+        """KV tokens of one S tile (a stage holds kv_block // score_block of them)."""
+        return self.shape.score_tokens
 
     @property
     def row_threads(self) -> int:
@@ -151,11 +168,16 @@ class PrefillMmaConfig:
         return True
 
     @property
-    def shared_bytes(self) -> int:
-        """Static shared memory: K and V, two stages each, the refused-row flags of the two stages
-        (paged), plus the per-row max and sum."""
+    def dynamic_shared_bytes(self) -> int:
+        """Dynamic shared memory of a launch: K and V, two stages each, and the refused-row flags of
+        the two stages (paged). Past STATIC_SHARED_BYTES the launch opts in (kernels.launch)."""
         flags = 2 * 4 * self.kv_block if self.paged else 0
-        return 4 * self.kv_block * self.head_dim * 2 + flags + 2 * 4 * self.rows
+        return 4 * self.kv_block * self.head_dim * 2 + flags
+
+    @property
+    def shared_bytes(self) -> int:
+        """Shared memory of a CTA: the dynamic words plus the static per-row max and sum."""
+        return self.dynamic_shared_bytes + 2 * 4 * self.rows
 
 
 def swizzle_chunks(head_dim: int) -> int:
@@ -179,14 +201,17 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     RW = HEAD_DIM // 2  # int32 words per fp16/bf16 row
     SW = swizzle_chunks(HEAD_DIM)  # the XOR stays inside the row
     KS = HEAD_DIM // 16  # k-steps of Q K^T
-    NB = KB // 8  # n-blocks of S
-    PK = KB // 16  # k-steps of P V
+    SB = cfg.score_block  # KV tokens of one S tile; a stage holds SUBS of them
+    SUBS = KB // SB
+    NB = SB // 8  # n-blocks of S
+    PK = SB // 16  # k-steps of P V
     DB = HEAD_DIM // 8  # n-blocks of O
     STAGE = KB * RW  # words per K (or V) stage
     V_BASE = 2 * STAGE
     REFUSED_BASE = 4 * STAGE  # paged: per stage, KB words flagging rows whose page id the guard refused
     # K and V, two stages each (Q (R * RW) and fp32 O (R * HEAD_DIM) fit: R <= 2 KB), the refused flags
-    SMEM_WORDS = 4 * STAGE + (2 * KB if PAGED else 0)
+    SMEM_WORDS = cfg.dynamic_shared_bytes // 4
+    assert SMEM_WORDS == 4 * STAGE + (2 * KB if PAGED else 0)
     QA, SA, OA = KS * 4, NB * 4, DB * 4  # fragment registers per lane: Q (A), S (C), O (C)
     WORDS8 = 4
     HALF_EXP = 0x7C00 if KIND == prim.F16 else 0x7F80
@@ -300,11 +325,11 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         return refused
 
     @cuda.jit(device=True, inline="always")
-    def has_non_finite(skv, stage, tid):
-        """This thread's share of V stage ``stage``: any Inf/NaN half?"""
+    def has_non_finite(skv, vbase, tid):
+        """This thread's share of the S tile's V rows (at word ``vbase``): any Inf/NaN half?"""
         bad = 0
-        for w in range(tid, STAGE, NT):
-            word = skv[V_BASE + stage * STAGE + w]
+        for w in range(tid, SB * RW, NT):
+            word = skv[vbase + w]
             if (word & HALF_EXP) == HALF_EXP or ((word >> 16) & HALF_EXP) == HALF_EXP:
                 bad = 1
         return bad
@@ -380,7 +405,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         ok_b = tok_b < n_tok and head_b < GROUP
         pos_a = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0 + tok_a) if ok_a else int64(0)
         pos_b = token_pos(use_positions, row_qo_pos, row0, qo_pos0, tok0 + tok_b) if ok_b else int64(0)
-        if FAST_BLOCKS and ok_a and ok_b and n_kv == KB and (not CAUSAL or kv_off + kb0 + KB - 1 <= min(pos_a, pos_b)):
+        if FAST_BLOCKS and ok_a and ok_b and n_kv == SB and (not CAUSAL or kv_off + kb0 + SB - 1 <= min(pos_a, pos_b)):
             # an interior block (both rows exist, every column in range and at or before both rows'
             # positions): nothing to mask, the scores are only scaled
             for e in range(SA):
@@ -421,15 +446,16 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         return masked_any, mx0, mx1
 
     @cuda.jit(device=True, inline="always")
-    def refuse_scores(skv, s, km, stage, t4):
-        """Mask the columns of rows whose page id the guard refused (flags of ``stage``): -inf, not
+    def refuse_scores(skv, s, km, flags, t4):
+        """Mask the columns of rows whose page id the guard refused (the S tile's flags at word
+        ``flags``): -inf, not
         kept. Returns the recomputed (row max of g, row max of g + 8). Runs only in a block holding
         such a row (CTA-uniform), so the common path pays one barrier-OR per block."""
         mx0 = NEG_INF
         mx1 = NEG_INF
         for e in range(SA):
             c = (e >> 2) * 8 + 2 * t4 + (e & 1)
-            if skv[REFUSED_BASE + stage * KB + c] != 0:
+            if skv[flags + c] != 0:
                 s[e] = NEG_INF
                 km[e] = 0
             if (e & 2) != 0:
@@ -466,7 +492,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     def pv_selected(skv, s, km, o, kbase, vbase, lane, wrow, g, t4, n_kv, live):
         """O += P V on CUDA cores, masked positions selected out (0 * Inf must not reach a row); every
         thread of the CTA calls it. Per n-block, each warp writes its 16 x 8 weights (masked: -inf)
-        into its rows of a scratch tile in the current K stage (free: S is done), then reads them
+        into its rows of a scratch tile in the current S tile's K rows (free: S is done), then reads them
         back by column. The fragment registers are read at compile-time indices only (a flat loop),
         so they stay registers (a run-time index would move them to local memory)."""
         for nb in range(NB):
@@ -600,6 +626,36 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline="always")
+    def score_tile(skv, qa, s, o, km, kbase, flags, kb0, n_kv, refused, m0, m1, d0, d1, lanes, work, s_scale, params,
+                   row_qo_pos, use_positions, live):  # fmt: skip
+        """One S tile: KV tokens kb0 .. kb0 + n_kv (<= SB) whose K rows start at word ``kbase`` of a
+        landed stage (V at V_BASE + kbase, refused flags at ``flags``): S = Q K^T, masks, online
+        softmax, O += P V. Every thread of the CTA calls it (barriers). Returns (m0, m1, d0, d1)."""
+        tid, lane, wrow, g, t4 = lanes
+        request, kv_head, n_tok, tok0, head0, kv_start, kv_stop, slot, slot_stride, qo_pos0, row0, kv_off = work
+        masked_any = 0
+        if live:
+            scores(skv, qa, s, kbase, lane)
+            masked_any, mx0, mx1 = mask_scores(s, km, g, t4, wrow, s_scale, n_tok, tok0, head0, n_kv, kb0, request,
+                                               kv_head, qo_pos0, row0, kv_off, params, row_qo_pos, use_positions)  # fmt: skip
+            if PAGED and refused != 0:
+                mx0, mx1 = refuse_scores(skv, s, km, flags, t4)
+                masked_any = 1
+            m0, m1, d0, d1 = softmax_block(s, o, m0, m1, d0, d1, mx0, mx1)
+        # a masked entry next to a non-finite V element: the selected path (CTA-uniform); a refused
+        # row's V is zero-filled, so refused rows alone never need it
+        slow = 0
+        if CAUSAL or HAS_MASK:
+            masked_any = cuda.syncthreads_or(masked_any)
+            if masked_any != 0:
+                slow = cuda.syncthreads_or(has_non_finite(skv, V_BASE + kbase, tid))
+        if slow != 0:
+            pv_selected(skv, s, km, o, kbase, V_BASE + kbase, lane, wrow, g, t4, n_kv, live)
+        elif live:
+            pv_mma(skv, s, o, V_BASE + kbase, lane)
+        return m0, m1, d0, d1
+
+    @cuda.jit(device=True, inline="always")
     def pass_rows(skv, sm, sd, qa, s, o, km, v8, pair8, lanes, work, geo, s_scale, kv_indptr, kv_indices, header,
                   q_words, k_words, v_words, out_words, lse, partial_out, partial_lse, params, row_qo_pos):  # fmt: skip
         """One pass: R rows (tokens tok0 .. tok0 + n_tok of the tile x heads head0 .. head0 + HP)
@@ -646,27 +702,13 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                 refused = cuda.syncthreads_or(refused_now)
             else:
                 cuda.syncthreads()
-            kbase = stage * STAGE
-            masked_any = 0
-            if live:
-                scores(skv, qa, s, kbase, lane)
-                masked_any, mx0, mx1 = mask_scores(s, km, g, t4, wrow, s_scale, n_tok, tok0, head0, n_kv, kb0, request,
-                                                   kv_head, qo_pos0, row0, kv_off, params, row_qo_pos, use_positions)  # fmt: skip
-                if PAGED and refused != 0:
-                    mx0, mx1 = refuse_scores(skv, s, km, stage, t4)
-                    masked_any = 1
-                m0, m1, d0, d1 = softmax_block(s, o, m0, m1, d0, d1, mx0, mx1)
-            # a masked entry next to a non-finite V element: the selected path (CTA-uniform); a refused
-            # row's V is zero-filled, so refused rows alone never need it
-            slow = 0
-            if CAUSAL or HAS_MASK:
-                masked_any = cuda.syncthreads_or(masked_any)
-                if masked_any != 0:
-                    slow = cuda.syncthreads_or(has_non_finite(skv, stage, tid))
-            if slow != 0:
-                pv_selected(skv, s, km, o, kbase, V_BASE + kbase, lane, wrow, g, t4, n_kv, live)
-            elif live:
-                pv_mma(skv, s, o, V_BASE + kbase, lane)
+            for sub in range(SUBS):  # the stage's S tiles of SB tokens (CTA-uniform: n_kv is)
+                n_sub = min(int64(SB), n_kv - sub * SB)
+                if n_sub > 0:
+                    m0, m1, d0, d1 = score_tile(skv, qa, s, o, km, stage * STAGE + sub * SB * RW,
+                                                REFUSED_BASE + stage * KB + sub * SB, kb0 + sub * SB, n_sub, refused,
+                                                m0, m1, d0, d1, lanes, work, s_scale, params, row_qo_pos, use_positions,
+                                                live)  # fmt: skip
             cuda.syncthreads()  # every warp is done with this stage before it is refilled
             stage = 1 - stage
         epilogue(skv, sm, sd, o, v8, lanes, work, geo, m0, m1, d0, d1, out_words, lse, partial_out, partial_lse,
@@ -689,10 +731,11 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         t4 = lane & 3
         # K stages [0, 2 STAGE), V stages [2 STAGE, 4 STAGE); the Q tile and the fp32 O rows are
         # staged in the same words while no KV block is live
+        # (dynamic shared memory: the launch passes cfg.dynamic_shared_bytes = 4 * SMEM_WORDS)
         if SIM:
-            skv = cuda.shared.array(SMEM_WORDS, int32)
+            skv = cuda.shared.array(0, int32)
         else:
-            skv = cuda.shared.array(SMEM_WORDS, int32, alignment=16)
+            skv = cuda.shared.array(0, int32, alignment=16)
         sm = cuda.shared.array(R, float32)
         sd = cuda.shared.array(R, float32)
         qa = cuda.local.array(QA, int32)
@@ -776,7 +819,9 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 expect=(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
                         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cp.async.cg.shared.global", MAX_NAN_PTX),  # fmt: skip
                 fastmath=fastmath_flags(),
-                perf=PerfHints(threads=cfg.threads, ctas_per_sm=2, bound="compute", issue_trips=cfg.issue_trips),
+                perf=PerfHints(threads=cfg.threads, ctas_per_sm=2, bound="compute", issue_trips=cfg.issue_trips,
+                               dynamic_shared_bytes=cfg.dynamic_shared_bytes,
+                               score_tiles=cfg.kv_block // cfg.score_block),  # fmt: skip
             )
         )
     # BatchDecode's tensor-core engine (runtime.decode): one-token plans on the 16-row shape, not
@@ -793,7 +838,9 @@ def gpu_compile_specs() -> list[CompileSpec]:
                 expect=(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32", "cp.async.cg.shared.global", MAX_NAN_PTX),
                 fastmath=fastmath_flags(),
                 perf=PerfHints(threads=cfg.threads, ctas_per_sm=decode_tensor_ctas_per_sm(cfg.threads, cfg.shared_bytes),
-                               family="decode_mma", issue_trips=cfg.issue_trips),  # fmt: skip
+                               family="decode_mma", issue_trips=cfg.issue_trips,
+                               dynamic_shared_bytes=cfg.dynamic_shared_bytes,
+                               score_tiles=cfg.kv_block // cfg.score_block),  # fmt: skip
             )
         )
     return specs

@@ -47,41 +47,67 @@ def prefill_kv_block(head_dim: int) -> int:
 @dataclass(frozen=True)
 class PrefillMmaShape:
     """Launch shape of the tensor-core prefill (kernels.prefill_mma): ``warps`` x 16 query rows per
-    pass (all warps share the KV stages), ``kv_tokens`` KV tokens per stage (2 stages of K and V)."""
+    pass (all warps share the KV stages), ``kv_tokens`` KV tokens per stage (2 stages of K and V),
+    computed as S tiles of ``score_tokens`` tokens each (0: ``prefill_mma_score_tokens``)."""
 
     warps: int
     kv_tokens: int
+    score_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.score_tokens == 0:
+            object.__setattr__(self, "score_tokens", prefill_mma_score_tokens(self.kv_tokens, 0))
 
     @property
     def rows(self) -> int:
         return 16 * self.warps
 
 
-#: static shared memory a CTA may take without cuFuncSetAttribute (numba-cuda issue #94)
+#: static shared memory a CTA may take; more is dynamic shared memory the launch opts into
+#: (cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES: kernels.launch.opt_in_shared_memory)
 STATIC_SHARED_BYTES = 48 * 1024
+#: fp32 S accumulators x head_dim one warp's S tile may hold: S (score_tokens / 2 per lane) next to
+#: O (head_dim / 2 per lane) and the Q fragments stays under the 255-register file at head_dim 128
+SCORE_TILE_ELEMENTS = 32 * 128
+
+
+def prefill_mma_score_tokens(kv_tokens: int, head_dim: int) -> int:
+    """KV tokens of one S = Q K^T tile: the largest multiple of 16 that divides ``kv_tokens`` with
+    tokens x head_dim <= SCORE_TILE_ELEMENTS (16 at least; head_dim 0: ``kv_tokens``). head_dim 64:
+    64, 128: 32, 256: 16. A 64-token stage at head_dim 128 is computed as two 32-token S tiles, so
+    the stage's copies double without adding S registers."""
+    if head_dim <= 0:
+        return kv_tokens
+    best = 16
+    for tokens in range(16, kv_tokens + 1, 16):
+        if kv_tokens % tokens == 0 and tokens * head_dim <= SCORE_TILE_ELEMENTS:
+            best = tokens
+    return min(best, kv_tokens)
 
 
 def prefill_mma_shape(head_dim: int, simulator: bool = SIMULATOR) -> PrefillMmaShape:
     """GPU: 128-row query tiles (8 warps) over 64-token KV stages up to head_dim 64; 64-row tiles
-    (4 warps) over 32-token stages up to 128; 32 rows over 16 tokens beyond. Two fp16/bf16 stages of
-    K and V take 4 x tokens x head_dim x 2 bytes of static shared memory (<= 48 KB: 64 tokens at
-    head_dim 128 would need 64 KB of dynamic shared memory, which numba-cuda cannot opt into); the
-    Q tile and the fp32 O rows are staged in the same words, so rows <= 2 x tokens. Simulator
+    (4 warps) over 64-token stages (two 32-token S tiles each) up to 128; 32 rows over 16 tokens
+    beyond. Two fp16/bf16 stages of K and V take 4 x tokens x head_dim x 2 bytes of shared memory:
+    64 KB at head_dim 128, dynamic shared memory past the 48 KB static limit (the launch opts in);
+    the Q tile and the fp32 O rows are staged in the same words, so rows <= 2 x tokens. Simulator
     (``simulator``): one warp (16 rows) over 16-token stages."""
     if simulator:
-        return PrefillMmaShape(1, 16)
+        return PrefillMmaShape(1, 16, 16)
     if head_dim <= 64:
-        return PrefillMmaShape(8, 64)
+        return PrefillMmaShape(8, 64, prefill_mma_score_tokens(64, head_dim))
     if head_dim <= 128:
-        return PrefillMmaShape(4, 32)
-    return PrefillMmaShape(2, 16)
+        return PrefillMmaShape(4, 64, prefill_mma_score_tokens(64, head_dim))
+    return PrefillMmaShape(2, 16, 16)
 
 
 def prefill_mma_short_shape(head_dim: int, simulator: bool = SIMULATOR) -> PrefillMmaShape:
     """The 16-row (one-warp) shape BatchPrefill launches for a plan of short queries only
-    (``PrefillPlan.tile_rows`` 16): the full shape's KV stages with one warp. Simulator: the same
-    one-warp shape as ``prefill_mma_shape``."""
-    return PrefillMmaShape(1, prefill_mma_shape(head_dim, simulator).kv_tokens)
+    (``PrefillPlan.tile_rows`` 16), and BatchDecode's tensor-core engine: one warp over stages of
+    one S tile of the full shape (32 tokens at head_dim 128: 32 KB of K/V stages, so 6 one-warp CTAs
+    fit an SM by shared memory). Simulator: the one-warp shape of ``prefill_mma_shape``."""
+    score = prefill_mma_shape(head_dim, simulator).score_tokens
+    return PrefillMmaShape(1, score, score)
 
 
 def prefill_mma_kv_block(head_dim: int) -> int:

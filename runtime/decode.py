@@ -227,7 +227,7 @@ class BatchDecode(AttentionBase):
         if self.tensor_cores:
             label = f"decode_mma[{s.dtype},hd{s.head_dim},g{s.group_size},{hooks.name}]"
             launch_prefill_kernel(self, prefill_mma_kernel(self.mma_config), self.mma_config.block, label, q, kv, out,
-                                  lse, self._no_positions)  # fmt: skip
+                                  lse, self._no_positions, shared_bytes=self.mma_config.dynamic_shared_bytes)  # fmt: skip
             return
         kernel = decode_pipeline_kernel(self.config)
         label = f"decode_pipeline[{s.dtype},hd{s.head_dim},g{s.group_size},{hooks.name}]"

@@ -184,9 +184,12 @@ class PrefillAttention(AttentionBase):
         """One attention launch over the fixed grid, then one partial-merge launch (no host sync)."""
         s, mma = self.settings, self.tensor_core_launch_config()
         kernel = prefill_kernel(self.config) if mma is None else prefill_mma_kernel(mma)
-        label = f"prefill[{s.dtype},hd{s.head_dim},g{s.group_size},{self.kind.split(':', 1)[1].replace(':', ',')},{self.hooks.name}]"
+        shape = "" if mma is None else f",rows{mma.rows}"  # a label per compiled kernel (compiled once each)
+        label = f"prefill[{s.dtype},hd{s.head_dim},g{s.group_size},{self.kind.split(':', 1)[1].replace(':', ',')},{self.hooks.name}{shape}]"
         block = self.config.block if mma is None else mma.block
-        launch_prefill_kernel(self, kernel, block, label, q, kv, out, lse, self._no_positions, self._positions)
+        shared_bytes = 0 if mma is None else mma.dynamic_shared_bytes
+        launch_prefill_kernel(self, kernel, block, label, q, kv, out, lse, self._no_positions, self._positions,
+                              shared_bytes)  # fmt: skip
 
 
 class BatchPrefill(PrefillAttention):

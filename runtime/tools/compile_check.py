@@ -84,7 +84,7 @@ class Record:
     spill_loads: int = -1
     stack: int = -1
     lmem: int = -1
-    smem: int = -1
+    smem: int = -1  # shared bytes a CTA takes: the linker log's static ones plus the spec's dynamic ones
     compile_s: float = 0.0
     sass_s: float = 0.0  # nvdisasm + SASS analysis (overlaps the next compile)
     expect: dict[str, bool] = field(default_factory=dict)
@@ -183,6 +183,8 @@ def compile_spec(module: str, spec: CompileSpec, cc: tuple[int, int]) -> tuple[R
     rec.compiled = True
     for key, value in parse_resources(log).items():
         setattr(rec, key, value)
+    if spec.perf is not None and rec.smem >= 0:
+        rec.smem += spec.perf.dynamic_shared_bytes
     if rec.registers < 0 or rec.spill_stores < 0:
         rec.error = "could not read registers/spills from the nvJitLink info log"
     rec.expect = {text: text in ptx for text in spec.expect}

@@ -41,22 +41,34 @@ def tensor_flop(instrs: tuple[sass.Instr, ...]) -> int:
     return sum(pm.flop_of(i.opcode) for i in instrs if pm.is_tensor(i.opcode))
 
 
-def tensor_loop(fn: sass.Function, found: list[sass.Loop], issue_trips: int = 1) -> tuple[sass.Loop, int] | None:
-    """(The KV-block loop of a tensor-core kernel, its fast-path instruction count), or None without
-    HMMA. The loop: the smallest of the loops holding the most tensor FLOP (the fragments' k-step
-    loops are unrolled, so that is the loop over KV blocks). Its fast path: ``fast_path`` through the
-    body -- an interior KV block, which branches around the masked-block code, the refused-page
-    fix-up, the non-finite V scan and the scalar P V fallback -- with each nested loop issuing
-    cp.async counted ``issue_trips`` times (PerfHints: its iterations per block), by its own fast path."""
+def tensor_loop(fn: sass.Function, found: list[sass.Loop], issue_trips: int = 1,
+                score_tiles: int = 1) -> tuple[sass.Loop, int, int] | None:  # fmt: skip
+    """(The KV-block loop of a tensor-core kernel, its fast-path instruction count, its tensor FLOP
+    per iteration), or None without HMMA. The loop: the smallest of the loops holding the most tensor
+    FLOP (the fragments' k-step loops are unrolled, so that is the loop over KV blocks). Its fast
+    path: ``fast_path`` through the body -- an interior KV block, which branches around the
+    masked-block code, the refused-page fix-up, the non-finite V scan and the scalar P V fallback --
+    with each nested loop issuing cp.async counted ``issue_trips`` times (PerfHints: its iterations
+    per block), by its own fast path. ``score_tiles`` > 1 (PerfHints: a KV stage computed as that
+    many S tiles by a nested loop): that S-tile loop holds no copies, so the loop is the stage loop
+    around it, charged the tile loop's fast path and FLOP ``score_tiles`` times (the stage's copies,
+    waits and barriers once); an S-tile loop the compiler unrolled into the stage counts as it is."""
     with_mma = [loop for loop in found if tensor_flop(loop.body)]
     if not with_mma:
         return None
     most = max(tensor_flop(loop.body) for loop in with_mma)
     loop = min((l for l in with_mma if tensor_flop(l.body) == most), key=lambda l: len(l.body))
+    flop, extra = tensor_flop(loop.body), 0
+    has_copies = any(i.opcode.startswith("LDGSTS") for i in loop.body)
+    stages = [l for l in found if l.start != loop.start and l.contains(loop) and any(i.opcode.startswith("LDGSTS") for i in l.body)]
+    if score_tiles > 1 and not has_copies and stages:
+        tile = loop
+        loop = min(stages, key=lambda l: len(l.body))
+        flop, extra = score_tiles * tensor_flop(tile.body), (score_tiles - 1) * fast_path(fn, tile)[1]
     copies = [l for l in found if loop.contains(l) and any(i.opcode.startswith("LDGSTS") for i in l.body)]
     outermost = [l for l in copies if not any(o.contains(l) for o in copies)]
     repeats = sum(fast_path(fn, l)[1] for l in outermost) * (max(issue_trips, 1) - 1)
-    return loop, fast_path(fn, loop)[1] + repeats
+    return loop, fast_path(fn, loop)[1] + repeats + extra, flop
 
 
 #: a conditional forward branch skipping fewer instructions than this is charged them when taken:
@@ -129,15 +141,15 @@ def profile(sass_text: str, cc: str, registers: int, smem: int, spec_name: str, 
             "instr_per_byte": len(loop.body) / per_warp,
             "loads_in_flight": sass.in_flight_loads(loop.body),
         }
-    tensor = tensor_loop(fn, sass.loops(fn), getattr(hints, "issue_trips", 1))
+    tensor = tensor_loop(fn, sass.loops(fn), getattr(hints, "issue_trips", 1), getattr(hints, "score_tiles", 1))
     found = math_loops(inner)
     if tensor is not None:
-        block, instrs = tensor
+        block, instrs, flop = tensor
         out["math"] = {
             "addresses": [f"0x{block.start:04x}"],
             "instructions": instrs,
-            "flop": tensor_flop(block.body),
-            "flop_per_warp_instr": tensor_flop(block.body) / instrs,
+            "flop": flop,
+            "flop_per_warp_instr": flop / instrs,
             "tensor": True,
         }
     elif found:

@@ -35,10 +35,10 @@ LSE_TOLERANCE = 1e-4
 
 class _MmaLaunch:
     """PrefillAttention.launch with the tensor-core kernel; counts its launches. ``SHAPE``: the
-    kernel's (warps, kv_tokens) and ``TILE_ROWS`` the plan's tile rows (None: the tuning table's)."""
+    kernel's (warps, kv_tokens[, score_tokens]) and ``TILE_ROWS`` the plan's tile rows (None: the tuning table's)."""
 
     mma_launches = 0
-    SHAPE: tuple[int, int] | None = None
+    SHAPE: tuple[int, ...] | None = None
     TILE_ROWS: int | None = None
 
     def make_layout(self):
@@ -47,9 +47,9 @@ class _MmaLaunch:
 
     def launch(self, q, kv, out, lse):
         s = self.settings
-        warps, kv_tokens = self.SHAPE or (0, 0)
+        warps, kv_tokens, score_tokens = (*(self.SHAPE or (0, 0)), 0)[:3]
         cfg = PrefillMmaConfig(self.kind_code, s.head_dim, s.group_size, self.PAGED, self.causal, self.hooks,
-                               warps=warps, kv_tokens=kv_tokens)  # fmt: skip
+                               warps=warps, kv_tokens=kv_tokens, score_tokens=score_tokens)  # fmt: skip
         out_words = self.output_words(out)
         lse_arg = lse.view(-1) if lse is not None else self.workspace.no_lse
         row_qo_pos, entry_kv_offset = self.positions or (self._no_positions, self._no_positions)
@@ -59,7 +59,7 @@ class _MmaLaunch:
             row_qo_pos=row_qo_pos, entry_kv_offset=entry_kv_offset, use_positions=np.int32(self.positions is not None),
             **self.page_div_values,
         )  # fmt: skip
-        launch("prefill_mma", prefill_mma_kernel(cfg), (self.num_ctas,), cfg.block, values)
+        launch("prefill_mma", prefill_mma_kernel(cfg), (self.num_ctas,), cfg.block, values, cfg.dynamic_shared_bytes)
         _MmaLaunch.mma_launches += 1
         self.launch_partial_merge(out_words, lse, prefill=True)
 
@@ -322,12 +322,81 @@ def test_copy_loop_with_several_rows_per_thread(device):
     run_paged(overrides, [(9, 150), (1, 37)], True, device, cls=shaped((1, 64), 16))
 
 
+SCORE_TILE_CASES = [
+    # one warp over 32-token stages computed as two 16-token S tiles: KV ends inside either tile of a
+    # stage and on its edges, causal diagonals in either tile, a split request's chunks
+    ("f16-hd16-g2-causal", dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype="float16"),
+        [(9, 47), (3, 16), (1, 33)], True, None),
+    ("bf16-hd32-g1-full-split", dict(num_qo_heads=1, num_kv_heads=1, head_dim=32, page_size=8, dtype="bfloat16",
+        num_ctas=5), [(5, 80), (2, 17)], False, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SCORE_TILE_CASES, ids=[c[0] for c in SCORE_TILE_CASES])
+def test_stages_of_several_score_tiles(case, device):
+    """A KV stage of several S tiles (the head_dim 128 GPU shape: 64-token stages, 32-token tiles)."""
+    _, overrides, requests, causal, split = case
+    cfg = PrefillMmaConfig(prim.F16, overrides["head_dim"], 1, True, causal, warps=1, kv_tokens=32, score_tokens=16)
+    assert (cfg.kv_block, cfg.score_block) == (32, 16)
+    run_paged(overrides, requests, causal, device, split=split, cls=shaped((1, 32, 16), 16))
+
+
+def _one_request_prefill(device, requests):
+    settings = tilegraph.Settings(num_qo_heads=1, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16",
+                                  max_batch_size=2, max_num_pages=16, max_num_tokens=16, num_ctas=1,
+                                  debug_page_table=True)  # fmt: skip
+    qo_indptr, kv_indptr, kv_indices, last = tables(requests, 4, 16, np.random.default_rng())
+    cache = make_cache(settings, device, False)
+    q = make_q(settings, int(qo_indptr[-1]), device)
+    pre = shaped((1, 32, 16), 16)(settings, causal=True, device=device)
+    return settings, (qo_indptr, kv_indptr, kv_indices, last), cache, q, pre
+
+
+def test_nan_in_v_of_a_stages_second_score_tile(device):
+    """Causal, 26 KV tokens in one 32-token stage: tile 0 (tokens 0-15) is unmasked for every row,
+    the diagonal is in tile 1, where V holds a NaN at position 20. Only rows that see it are NaN: the
+    selected path's V scan covers the tile being computed (a scan of tile 0 would miss the NaN and the
+    mma's 0 * NaN would poison rows 16-19)."""
+    requests = [(10, 26)]
+    settings, (qo_indptr, kv_indptr, kv_indices, last), cache, q, pre = _one_request_prefill(device, requests)
+    p = 20
+    cache[int(kv_indices[p // 4]), 1, p % 4] = float("nan")
+    pre.plan(qo_indptr, kv_indptr, kv_indices, last)
+    got, lse = pre.run(q, cache, return_lse=True)
+    first_nan = p - (26 - 10)  # query row at position 20
+    assert torch.isnan(got[first_nan:]).all() and not torch.isnan(got[:first_nan]).any()
+    k, v = paged_kv_of(cache, settings, kv_indptr, kv_indices, requests)(0)
+    ref_out, ref_lse = reference(q[:first_nan], settings, [(first_nan, p)], True, lambda r: (k[:p], v[:p]))
+    check(got[:first_nan], lse[:first_nan], ref_out, ref_lse, "float16", "rows before the NaN")
+
+
+def test_refused_page_in_a_stages_second_score_tile(device):
+    """A device page table whose 5th page (tokens 16-19: the second S tile of the first stage) is
+    outside the pool: those tokens are left out of the softmax (the tile's own refused flags) and the
+    step raises naming the request."""
+    from tilegraph import PageTableError
+
+    requests = [(3, 30)]
+    settings, (qo_indptr, kv_indptr, kv_indices, last), cache, q, pre = _one_request_prefill(device, requests)
+    bad = torch.as_tensor(kv_indices).clone()
+    bad[4] = settings.max_num_pages + 3
+    pre.plan(qo_indptr, kv_indptr, bad, last, page_table="device")
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
+    with pytest.raises(PageTableError, match="request 0"):
+        pre.run(q, cache, out=out)
+    k, v = paged_kv_of(cache, settings, kv_indptr, kv_indices, requests)(0)
+    keep = torch.ones(30, dtype=torch.bool)
+    keep[16:20] = False
+    ref_out, _ = reference(q, settings, [(3, 26)], True, lambda r: (k[keep], v[keep]))
+    assert relative_error(out, ref_out) < TOLERANCE["float16"]
+
+
 GPU_SHAPE_CASES = [
     # the GPU's launch shape (kernels.tuning.prefill_mma_shape(head_dim, simulator=False)) and tiles
     ("f16-hd64-g2-full", dict(num_qo_heads=2, num_kv_heads=1, head_dim=64, page_size=16, dtype="float16"),
         [(5, 70)], False),  # 8 warps x 16 rows, 64-token stages: two KV blocks, the second partial
     ("bf16-hd128-g1-causal", dict(num_qo_heads=1, num_kv_heads=1, head_dim=128, page_size=16, dtype="bfloat16"),
-        [(20, 40)], True),  # 4 warps x 16 rows, 32-token stages: a full block and the masked diagonal one
+        [(20, 40)], True),  # 4 warps x 16 rows, 64-token stages of two 32-token S tiles: a full tile, the diagonal one
 ]  # fmt: skip
 
 

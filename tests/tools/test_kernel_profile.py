@@ -46,7 +46,7 @@ def _kv_block_loop() -> str:
 
 def test_fast_path_takes_the_copies_charges_short_skips_and_skips_the_fallback() -> None:
     fn = sass.kernel_function(sass.parse(_kv_block_loop()))
-    loop, instructions = kernel_profile.tensor_loop(fn, sass.loops(fn))
+    loop, instructions, flop = kernel_profile.tensor_loop(fn, sass.loops(fn))
     assert len(loop.body) == 14 + FALLBACK
     # branch (1) + the skipped wait charged (2) + the copies (3) + HMMA, NaN test, branch (3) + the
     # compare, run or charged (2) + branch over the fallback (1) + HMMA, back edge (2)
@@ -58,6 +58,49 @@ def test_a_fallback_with_the_only_mma_is_on_the_path() -> None:
     """Most HMMA first: a branch around the only tensor-core code is never the fast path."""
     text = _kv_block_loop().replace("FFMA R20, R21, R22, R20", "HMMA.16816.F32.BF16 R20, R8, R12, R20", 1)
     fn = sass.kernel_function(sass.parse(text))
-    loop, instructions = kernel_profile.tensor_loop(fn, sass.loops(fn))
+    loop, instructions, flop = kernel_profile.tensor_loop(fn, sass.loops(fn))
     assert kernel_profile.fast_path(fn, loop) == (3, 14 + FALLBACK)
     assert instructions == 14 + FALLBACK
+
+
+def _stage_of_two_score_tiles() -> str:
+    """A KV-stage loop (copies, wait, barrier) around a nested S-tile loop (two HMMA, no copies)."""
+    lines = ["\t.section\t.text.kernel,\"ax\",@progbits", "kernel:"]
+    addr = 0
+
+    def emit(text: str) -> None:
+        nonlocal addr
+        lines.append(f"        /*{addr:04x}*/                   {text} ;")
+        addr += 0x10
+
+    emit("S2R R0, SR_TID.X")
+    lines.append(".L_x_1:")
+    emit("LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]")
+    emit("LDGDEPBAR")
+    emit("DEPBAR.LE SB0, 0x1")
+    emit("BAR.SYNC.DEFER_BLOCKING 0x0")
+    lines.append(".L_x_2:")
+    emit("HMMA.16816.F32.BF16 R4, R8, R12, R4")
+    emit("FMUL R5, R5, R6")
+    emit("HMMA.16816.F32.BF16 R16, R8, R12, R16")
+    emit("@P4 BRA `(.L_x_2)")
+    emit("BAR.SYNC.DEFER_BLOCKING 0x0")
+    emit("@P5 BRA `(.L_x_1)")
+    emit("EXIT")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_stage_of_several_score_tiles_charges_the_tile_loop_per_tile() -> None:
+    """score_tiles (PerfHints): the stage loop's copies, wait and barriers once per stage, the nested
+    S-tile loop's path and FLOP per tile; without the hint the tile loop alone is the math loop."""
+    fn = sass.kernel_function(sass.parse(_stage_of_two_score_tiles()))
+    tile, tile_instructions, tile_flop = kernel_profile.tensor_loop(fn, sass.loops(fn))
+    assert (len(tile.body), tile_instructions) == (4, 4)
+    stage, instructions, flop = kernel_profile.tensor_loop(fn, sass.loops(fn), score_tiles=2)
+    assert len(stage.body) == 10
+    assert instructions == 10 + 4  # the stage's path (one tile included) + the second tile
+    assert flop == 2 * tile_flop
+    # an unrolled tile loop (copies in the loop holding the HMMA): counted as it is
+    unrolled = _kv_block_loop()
+    fn = sass.kernel_function(sass.parse(unrolled))
+    assert kernel_profile.tensor_loop(fn, sass.loops(fn), score_tiles=2)[1:] == kernel_profile.tensor_loop(fn, sass.loops(fn))[1:]
