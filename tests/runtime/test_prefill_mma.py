@@ -396,7 +396,8 @@ GPU_SHAPE_CASES = [
     ("f16-hd64-g2-full", dict(num_qo_heads=2, num_kv_heads=1, head_dim=64, page_size=16, dtype="float16"),
         [(5, 70)], False),  # 8 warps x 16 rows, 64-token stages: two KV blocks, the second partial
     ("bf16-hd128-g1-causal", dict(num_qo_heads=1, num_kv_heads=1, head_dim=128, page_size=16, dtype="bfloat16"),
-        [(20, 40)], True),  # 4 warps x 16 rows, 64-token stages of two 32-token S tiles: a full tile, the diagonal one
+        [(20, 100)], True),  # 4 warps x 16 rows, 64-token stages of two 32-token S tiles: an interior stage,
+    # then one whose first tile holds the diagonal and whose second is partial (4 tokens)
 ]  # fmt: skip
 
 
