@@ -88,11 +88,17 @@ def decode_num_ctas(settings: Settings, device: torch.device) -> int:
     variant), so workspace_nbytes agrees."""
     if settings.num_ctas is not None or device.type != "cuda":
         return resolve_num_ctas(settings, device)
+    return default_num_ctas(device, ctas_per_sm=decode_ctas_per_sm(settings))
+
+
+def decode_ctas_per_sm(settings: Settings) -> int:
+    """CTAs per SM of BatchDecode's default GPU grid for these Settings: its engine's kernel config's
+    resident count (the pipeline: kernels.tuning.decode_ctas_per_sm, capped at 2; the tensor-core
+    engine: kernels.tuning.decode_tensor_ctas_per_sm, capped at 4)."""
     if decode_engine_of(settings) == "tensor_cores":
         mma = tensor_core_config(DTYPE_CODES[settings.dtype], settings.head_dim, settings.group_size, True, False, short=True)
-        return default_num_ctas(device, ctas_per_sm=decode_tensor_ctas_per_sm(mma.threads, mma.shared_bytes))
-    cfg = pipeline_config(DTYPE_CODES[settings.dtype], settings.head_dim, settings.group_size)
-    return default_num_ctas(device, ctas_per_sm=cfg.ctas_per_sm())
+        return decode_tensor_ctas_per_sm(mma.threads, mma.shared_bytes)
+    return pipeline_config(DTYPE_CODES[settings.dtype], settings.head_dim, settings.group_size).ctas_per_sm()
 
 
 class BatchDecode(AttentionBase):
@@ -250,5 +256,5 @@ def check_paged_kv(k: Any, v: Any, paired: bool, settings: Settings, device: tor
     return kv
 
 
-__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "decode_num_ctas", "decode_engine_of", "decode_layout",
-           "check_paged_kv"]
+__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "decode_num_ctas", "decode_ctas_per_sm", "decode_engine_of",
+           "decode_layout", "check_paged_kv"]

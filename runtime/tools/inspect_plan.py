@@ -21,7 +21,7 @@ LENGTHS_HELP = (
     "KV lengths in tokens, comma-separated; LEN or LENxCOUNT (COUNT requests of LEN tokens). "
     "'32768,512x63' is one 32k-token request and 63 of 512 tokens; 0 is an empty request"
 )
-DEFAULT_NUM_CTAS = 264  # an H100 SXM: 132 SMs x 2 resident CTAs
+H100_SMS = 132  # the grid inspect-plan assumes with no GPU here: an H100 SXM's SMs x the engine's CTAs per SM
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -50,23 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--num-ctas", type=int, default=None,
-                        help=f"persistent CTA budget (default: this GPU's SMs x 2; with no GPU {DEFAULT_NUM_CTAS}, an H100)")  # fmt: skip
+                        help=f"persistent CTA budget (default: BatchDecode's grid on this GPU; with no GPU an H100's "
+                             f"{H100_SMS} SMs x the decode engine's CTAs per SM)")  # fmt: skip
     parser.add_argument("--deterministic", action="store_true", help="plan as Settings(deterministic=True)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return parser
 
 
-def default_num_ctas() -> tuple[int, str]:
-    from tilegraph._device import SIMULATOR, default_num_ctas as device_ctas
-
+def default_num_ctas(lengths: list[int], args: argparse.Namespace) -> tuple[int, str]:
+    """BatchDecode's default grid for these Settings (its engine's CTAs per SM) on this GPU, else on an
+    H100; and where the figure comes from."""
     import torch
 
+    from tilegraph._device import SIMULATOR
+    from tilegraph.decode import decode_ctas_per_sm, decode_engine_of, decode_num_ctas
+
+    settings = settings_for(lengths, args, None)
     if not SIMULATOR and torch.cuda.is_available():
-        return device_ctas(torch.device("cuda")), torch.cuda.get_device_name()
-    return DEFAULT_NUM_CTAS, "no GPU here: an H100's 132 SMs x 2"
+        return decode_num_ctas(settings, torch.device("cuda")), torch.cuda.get_device_name()
+    per_sm = decode_ctas_per_sm(settings)
+    return H100_SMS * per_sm, f"no GPU here: an H100's {H100_SMS} SMs x {per_sm} ({decode_engine_of(settings)} engine)"
 
 
-def settings_for(lengths: list[int], args: argparse.Namespace, num_ctas: int) -> Any:
+def settings_for(lengths: list[int], args: argparse.Namespace, num_ctas: int | None) -> Any:
     from tilegraph import Settings
 
     pages = sum(-(-n // args.page_size) for n in lengths)
@@ -165,15 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else 2
-    if args.num_ctas is not None:
-        num_ctas, where = args.num_ctas, "--num-ctas"
-    else:
-        num_ctas, where = default_num_ctas()
     from pydantic import ValidationError
 
     from tilegraph.errors import TilegraphError
 
     try:
+        if args.num_ctas is not None:
+            num_ctas, where = args.num_ctas, "--num-ctas"
+        else:
+            num_ctas, where = default_num_ctas(args.lengths, args)
         report = inspect(args.lengths, args, num_ctas)
     except (ValidationError, TilegraphError) as err:
         print(f"tilegraph inspect-plan: {type(err).__name__}: {err}", file=sys.stderr)

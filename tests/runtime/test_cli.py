@@ -136,6 +136,22 @@ def test_inspect_plan_follows_the_decode_engine(tmp_path, capsys):
     assert report["workspace_bytes"] == dec.workspace_nbytes == tilegraph.workspace_nbytes(settings, "cpu")
 
 
+@pytest.mark.skipif(not tilegraph.SIMULATOR, reason="the no-GPU default grid (an H100's SMs)")
+@pytest.mark.parametrize("num_qo_heads, per_sm", [(8, 2), (16, 4)], ids=["g4-cuda-cores", "g8-tensor-cores"])
+def test_inspect_plan_default_grid_follows_the_decode_engine(num_qo_heads, per_sm, tmp_path, capsys):
+    """No --num-ctas: BatchDecode's grid, the engine's CTAs per SM (kernels.tuning) x an H100's SMs."""
+    from tilegraph.decode import decode_ctas_per_sm
+
+    out = tmp_path / "plan.json"
+    argv = ["inspect-plan", "--lengths", "300,17x5", "--num-qo-heads", str(num_qo_heads), "--num-kv-heads", "2",
+            "--head-dim", "64", "--page-size", "16", "--json", str(out)]  # fmt: skip
+    assert tilegraph_main(argv) == 0
+    assert f"132 SMs x {per_sm}" in " ".join(capsys.readouterr().out.split())
+    report = json.loads(out.read_text())
+    settings = tilegraph.Settings(**{k: v for k, v in report["settings"].items() if k != "graphs"})
+    assert report["num_ctas"] == 132 * per_sm == 132 * decode_ctas_per_sm(settings)
+
+
 def test_inspect_plan_matches_a_direct_plan(tmp_path, capsys):
     from tilegraph.planner.decode import plan_decode
     from tilegraph.planner.layout import DecodeLayout
