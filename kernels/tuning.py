@@ -278,7 +278,7 @@ class DecodeEngineChoice:
 #: SASS): 0.197 at g4, 0.133 at g1 (fp16), 0.400 at g8 (alibi+sinks), 0.479 at g16 (fp16 hd64).
 #: H200 saturates below 0.201 instr/B, H100 below 0.288. The engine's own spec
 #: (``decode_mma[bfloat16,hd128,g8,default]``: one-token plans, not causal, 4 one-warp CTAs per SM)
-#: reads 0.055 instr/B, 166 registers, 64 KB of copies in flight per SM, no spills on sm_80 or sm_90.
+#: reads 0.055 instr/B, 170 registers, 64 KB of copies in flight per SM, no spills on sm_80 or sm_90.
 #: Decision: group <= 4 stays on CUDA cores (predicted at the HBM peak on both GPUs, exact fp32 dot
 #: products, every hook); group >= 5 (float16 / bfloat16) runs on tensor cores: BatchDecode then plans
 #: its batch as one-token prefill requests (runtime.decode, Settings.decode_engine) and launches that
