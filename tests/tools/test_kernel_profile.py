@@ -7,41 +7,47 @@ from tilegraph.tools import kernel_profile, sass
 FALLBACK = 80  # instructions of a scalar fallback block (>= SKIP_MIN_INSTRUCTIONS)
 
 
+def _sass(items: list[str]) -> str:
+    """nvdisasm-style text of a kernel: ``.L_x_N:`` items are labels, the others instructions at
+    consecutive addresses."""
+    lines = ["\t.section\t.text.kernel,\"ax\",@progbits", "kernel:"]
+    addr = 0
+    for item in items:
+        if item.endswith(":"):
+            lines.append(item)
+        else:
+            lines.append(f"        /*{addr:04x}*/                   {item} ;")
+            addr += 0x10
+    return "\n".join(lines) + "\n"
+
+
 def _kv_block_loop() -> str:
     """A KV-block loop: the next block's copies behind a branch over the last block's wait; Q K^T; a
     NaN check left as a short branch; a fallback block branched around; P V; the back edge."""
-    lines = ["\t.section\t.text.kernel,\"ax\",@progbits", "kernel:"]
-    addr = 0
-
-    def emit(text: str) -> None:
-        nonlocal addr
-        lines.append(f"        /*{addr:04x}*/                   {text} ;")
-        addr += 0x10
-
-    emit("S2R R0, SR_TID.X")
-    lines.append(".L_x_1:")
-    emit("@P3 BRA `(.L_x_4)")  # not the last block: issue the next one
-    emit("DEPBAR.LE SB0, 0x0")
-    emit("BRA `(.L_x_5)")
-    lines.append(".L_x_4:")
-    emit("LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]")
-    emit("LDGDEPBAR")
-    emit("DEPBAR.LE SB0, 0x1")
-    lines.append(".L_x_5:")
-    emit("HMMA.16816.F32.BF16 R4, R8, R12, R4")
-    emit("FSETP.NAN.FTZ.AND P0, PT, R7, R7, PT")
-    emit("@P0 BRA `(.L_x_6)")  # the running max is NaN: skip the compare (rare)
-    emit("FSETP.GT.FTZ.AND P1, PT, R5, R6, PT")
-    emit("FSEL R7, R5, R6, P1")
-    lines.append(".L_x_6:")
-    emit("@!P4 BRA `(.L_x_7)")  # no masked entry next to a non-finite V: skip the fallback
-    for _ in range(FALLBACK):
-        emit("FFMA R20, R21, R22, R20")
-    lines.append(".L_x_7:")
-    emit("HMMA.16816.F32.BF16 R16, R8, R12, R16")
-    emit("@P5 BRA `(.L_x_1)")
-    emit("EXIT")
-    return "\n".join(lines) + "\n"
+    return _sass([
+        "S2R R0, SR_TID.X",
+        ".L_x_1:",
+        "@P3 BRA `(.L_x_4)",  # not the last block: issue the next one
+        "DEPBAR.LE SB0, 0x0",
+        "BRA `(.L_x_5)",
+        ".L_x_4:",
+        "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]",
+        "LDGDEPBAR",
+        "DEPBAR.LE SB0, 0x1",
+        ".L_x_5:",
+        "HMMA.16816.F32.BF16 R4, R8, R12, R4",
+        "FSETP.NAN.FTZ.AND P0, PT, R7, R7, PT",
+        "@P0 BRA `(.L_x_6)",  # the running max is NaN: skip the compare (rare)
+        "FSETP.GT.FTZ.AND P1, PT, R5, R6, PT",
+        "FSEL R7, R5, R6, P1",
+        ".L_x_6:",
+        "@!P4 BRA `(.L_x_7)",  # no masked entry next to a non-finite V: skip the fallback
+        *["FFMA R20, R21, R22, R20"] * FALLBACK,
+        ".L_x_7:",
+        "HMMA.16816.F32.BF16 R16, R8, R12, R16",
+        "@P5 BRA `(.L_x_1)",
+        "EXIT",
+    ])  # fmt: skip
 
 
 def test_fast_path_takes_the_copies_charges_short_skips_and_skips_the_fallback() -> None:
@@ -65,29 +71,22 @@ def test_a_fallback_with_the_only_mma_is_on_the_path() -> None:
 
 def _stage_of_two_score_tiles() -> str:
     """A KV-stage loop (copies, wait, barrier) around a nested S-tile loop (two HMMA, no copies)."""
-    lines = ["\t.section\t.text.kernel,\"ax\",@progbits", "kernel:"]
-    addr = 0
-
-    def emit(text: str) -> None:
-        nonlocal addr
-        lines.append(f"        /*{addr:04x}*/                   {text} ;")
-        addr += 0x10
-
-    emit("S2R R0, SR_TID.X")
-    lines.append(".L_x_1:")
-    emit("LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]")
-    emit("LDGDEPBAR")
-    emit("DEPBAR.LE SB0, 0x1")
-    emit("BAR.SYNC.DEFER_BLOCKING 0x0")
-    lines.append(".L_x_2:")
-    emit("HMMA.16816.F32.BF16 R4, R8, R12, R4")
-    emit("FMUL R5, R5, R6")
-    emit("HMMA.16816.F32.BF16 R16, R8, R12, R16")
-    emit("@P4 BRA `(.L_x_2)")
-    emit("BAR.SYNC.DEFER_BLOCKING 0x0")
-    emit("@P5 BRA `(.L_x_1)")
-    emit("EXIT")
-    return "\n".join(lines) + "\n"
+    return _sass([
+        "S2R R0, SR_TID.X",
+        ".L_x_1:",
+        "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]",
+        "LDGDEPBAR",
+        "DEPBAR.LE SB0, 0x1",
+        "BAR.SYNC.DEFER_BLOCKING 0x0",
+        ".L_x_2:",
+        "HMMA.16816.F32.BF16 R4, R8, R12, R4",
+        "FMUL R5, R5, R6",
+        "HMMA.16816.F32.BF16 R16, R8, R12, R16",
+        "@P4 BRA `(.L_x_2)",
+        "BAR.SYNC.DEFER_BLOCKING 0x0",
+        "@P5 BRA `(.L_x_1)",
+        "EXIT",
+    ])  # fmt: skip
 
 
 def test_a_stage_of_several_score_tiles_charges_the_tile_loop_per_tile() -> None:
