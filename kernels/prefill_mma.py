@@ -8,7 +8,9 @@ head_dim 64, 64 up to 128 on a GPU; 16 on the simulator. A plan tile (the tuning
 or any other size) runs as passes of R // HP tokens x HP heads; per pass:
 
     Q   rows -> registers (query hooks) -> fp16/bf16 shared tile (swizzled, in the KV stage words)
-        -> A fragments (ldmatrix) held in registers for the whole pass
+        -> A fragments (ldmatrix) held in registers for the whole pass; past head_dim 128
+        (``q_shared``) the tile keeps words of its own and each S tile re-reads its A fragments
+        (4 x head_dim / 16 registers a lane next to O's head_dim / 2 would spill: 344 bytes at 256)
     K/V blocks of KB tokens -> shared by cp.async (16 B, zero-filled past the range), 2 stages shared
         by all W warps: block j + 1 is in flight while block j is computed (one commit group each)
         (key hooks: K goes through registers instead, V still by cp.async); a row whose page id the
@@ -93,6 +95,10 @@ class PrefillMmaConfig:
     #: KV tokens per S = Q K^T tile, a multiple of 16 dividing kv_tokens (0:
     #: kernels.tuning.prefill_mma_score_tokens: 32 at head_dim 128, so S stays in registers)
     score_tokens: int = 0
+    #: Q's A fragments re-read from a shared Q tile at each S tile instead of held in registers for
+    #: the pass (None: for head_dim > 128, where Q's 4 x head_dim / 16 registers next to O's head_dim / 2
+    #: would spill)
+    q_in_shared: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in (prim.F16, prim.BF16):
@@ -134,6 +140,11 @@ class PrefillMmaConfig:
         return self.shape.kv_tokens
 
     @property
+    def q_shared(self) -> bool:
+        """Whether the pass's Q tile stays in shared memory (its own words) for the S tiles to read."""
+        return self.head_dim > 128 if self.q_in_shared is None else self.q_in_shared
+
+    @property
     def score_block(self) -> int:
         """KV tokens of one S tile (a stage holds kv_block // score_block of them)."""
         return self.shape.score_tokens
@@ -169,10 +180,12 @@ class PrefillMmaConfig:
 
     @property
     def dynamic_shared_bytes(self) -> int:
-        """Dynamic shared memory of a launch: K and V, two stages each, and the refused-row flags of
-        the two stages (paged). Past STATIC_SHARED_BYTES the launch opts in (kernels.launch)."""
+        """Dynamic shared memory of a launch: K and V, two stages each, the refused-row flags of the
+        two stages (paged) and, with ``q_shared``, the Q tile. Past STATIC_SHARED_BYTES the launch
+        opts in (kernels.launch)."""
         flags = 2 * 4 * self.kv_block if self.paged else 0
-        return 4 * self.kv_block * self.head_dim * 2 + flags
+        q_tile = self.rows * self.head_dim * 2 if self.q_shared else 0
+        return 4 * self.kv_block * self.head_dim * 2 + flags + q_tile
 
     @property
     def shared_bytes(self) -> int:
@@ -210,8 +223,12 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     V_BASE = 2 * STAGE
     REFUSED_BASE = 4 * STAGE  # paged: per stage, KB words flagging rows whose page id the guard refused
     # K and V, two stages each (Q (R * RW) and fp32 O (R * HEAD_DIM) fit: R <= 2 KB), the refused flags
+    Q_SHARED = cfg.q_shared
+    # the Q tile: its own words after the flags (Q_SHARED), else staged in the KV stage words while
+    # its fragments are loaded into registers
+    Q_BASE = 4 * STAGE + (2 * KB if PAGED else 0) if Q_SHARED else 0
     SMEM_WORDS = cfg.dynamic_shared_bytes // 4
-    assert SMEM_WORDS == 4 * STAGE + (2 * KB if PAGED else 0)
+    assert SMEM_WORDS == 4 * STAGE + (2 * KB if PAGED else 0) + (R * RW if Q_SHARED else 0)
     QA, SA, OA = KS * 4, NB * 4, DB * 4  # fragment registers per lane: Q (A), S (C), O (C)
     WORDS8 = 4
     HALF_EXP = 0x7C00 if KIND == prim.F16 else 0x7F80
@@ -337,8 +354,8 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
     @cuda.jit(device=True, inline="always")
     def stage_q(skv, v8, pair8, tid, request, kv_head, n_tok, tok0, head0, row0, qo_pos0, q_words,
                 q_stride_n, q_stride_h, params, row_qo_pos, use_positions):  # fmt: skip
-        """The pass's R query rows (query hooks in fp32) -> fp16/bf16 swizzled tile at word 0; zeros
-        for rows past the pass."""
+        """The pass's R query rows (query hooks in fp32) -> fp16/bf16 swizzled tile at word Q_BASE;
+        zeros for rows past the pass."""
         for item in range(tid, R * CH, NT):
             r = item // CH
             chunk = item - r * CH
@@ -355,7 +372,7 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                     load_row8(q_words, q_row + ((chunk * 8 + HEAD_DIM // 2) % HEAD_DIM // 8) * WORDS8, KIND, pair8)
                     q_pair_hook(v8, pair8, chunk * 8, HEAD_DIM, request, qo_head, qo_pos, params)
                 q_hook(v8, chunk * 8, request, qo_head, qo_pos, params)
-            w = swz(r, chunk)
+            w = Q_BASE + swz(r, chunk)
             for k in range(4):
                 skv[w + k] = pack2(v8[2 * k], v8[2 * k + 1])
 
@@ -367,6 +384,39 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
             f = ldsm(skv, swz(a_row, 2 * ks + (lane >> 4)))
             for k in range(4):
                 qa[ks * 4 + k] = f[k]
+
+    @cuda.jit(device=True, inline="always")
+    def scores_q_shared(skv, qa, s, kbase, lane, wrow):
+        """S = Q K^T with Q's A fragments read from the shared Q tile per k-step pair (``q_shared``):
+        two ldmatrix for A, then per n-block one for B and two mma. ``qa`` is indexed by k-step as in
+        ``scores`` (so the loops unroll, as there), but each pair is live only for its own mma."""
+        a_row = wrow + (lane & 7) + 8 * ((lane >> 3) & 1)
+        for e in range(SA):
+            s[e] = float32(0.0)
+        for j in range(KS // 2):
+            f = ldsm(skv, Q_BASE + swz(a_row, 4 * j + (lane >> 4)))
+            for k in range(4):
+                qa[8 * j + k] = f[k]
+            f = ldsm(skv, Q_BASE + swz(a_row, 4 * j + 2 + (lane >> 4)))
+            for k in range(4):
+                qa[8 * j + 4 + k] = f[k]
+            for nb in range(NB):
+                f = ldsm(skv, kbase + swz(nb * 8 + (lane & 7), 4 * j + (lane >> 3)))
+                r = mma(qa[8 * j], qa[8 * j + 1], qa[8 * j + 2], qa[8 * j + 3], f[0], f[1],
+                        s[nb * 4], s[nb * 4 + 1], s[nb * 4 + 2], s[nb * 4 + 3])  # fmt: skip
+                r = mma(qa[8 * j + 4], qa[8 * j + 5], qa[8 * j + 6], qa[8 * j + 7], f[2], f[3], r[0], r[1], r[2], r[3])
+                for k in range(4):
+                    s[nb * 4 + k] = r[k]
+        if KS % 2:
+            f = ldsm(skv, Q_BASE + swz(a_row, 2 * (KS - 1) + (lane >> 4)))
+            for k in range(4):
+                qa[4 * (KS - 1) + k] = f[k]
+            for nb in range(NB):
+                f = ldsm(skv, kbase + swz(nb * 8 + (lane & 7), 2 * (KS - 1) + ((lane >> 3) & 1)))
+                r = mma(qa[4 * (KS - 1)], qa[4 * (KS - 1) + 1], qa[4 * (KS - 1) + 2], qa[4 * (KS - 1) + 3], f[0], f[1],
+                        s[nb * 4], s[nb * 4 + 1], s[nb * 4 + 2], s[nb * 4 + 3])  # fmt: skip
+                for k in range(4):
+                    s[nb * 4 + k] = r[k]
 
     @cuda.jit(device=True, inline="always")
     def scores(skv, qa, s, kbase, lane):
@@ -635,7 +685,10 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
         request, kv_head, n_tok, tok0, head0, kv_start, kv_stop, slot, slot_stride, qo_pos0, row0, kv_off = work
         masked_any = 0
         if live:
-            scores(skv, qa, s, kbase, lane)
+            if Q_SHARED:
+                scores_q_shared(skv, qa, s, kbase, lane, wrow)
+            else:
+                scores(skv, qa, s, kbase, lane)
             masked_any, mx0, mx1 = mask_scores(s, km, g, t4, wrow, s_scale, n_tok, tok0, head0, n_kv, kb0, request,
                                                kv_head, qo_pos0, row0, kv_off, params, row_qo_pos, use_positions)  # fmt: skip
             if PAGED and refused != 0:
@@ -671,9 +724,9 @@ def make_prefill_mma_kernel(cfg: PrefillMmaConfig) -> Callable[..., Any]:
                 q_stride_n, q_stride_h, params, row_qo_pos, use_positions)  # fmt: skip
         cuda.syncthreads()
         live = wrow < n_tok * HP  # warp-uniform: a warp past the pass's rows skips the math
-        if live:
+        if live and not Q_SHARED:
             q_fragments(skv, qa, lane, wrow)
-        cuda.syncthreads()  # the Q words are free: block 0 lands on them
+        cuda.syncthreads()  # the Q words are free (or, Q_SHARED, not in the stages): block 0 lands on them
         refused_now = 0  # this thread flagged a refused row in the block being computed / the next one
         refused_next = 0
         if kv_start < kv_stop:
@@ -792,8 +845,8 @@ def prefill_mma_kernel(cfg: PrefillMmaConfig) -> Any:
 
 
 def gpu_compile_specs() -> list[CompileSpec]:
-    """The benchmark shape (bf16 hd128 g4 paged causal), fp16 hd64 ragged full, a hooked variant and RoPE;
-    then the decode engine's shapes (family decode_mma)."""
+    """The benchmark shape (bf16 hd128 g4 paged causal), fp16 hd64 ragged full, a hooked variant, RoPE
+    and head_dim 256; then the decode engine's shapes (family decode_mma)."""
     from .compile_spec import PREFILL_CHECK_HOOKS as CHECK_HOOKS
     from .compile_spec import CompileSpec, PerfHints, prefill_variant_cases
 
@@ -804,6 +857,7 @@ def gpu_compile_specs() -> list[CompileSpec]:
         (prim.F16, 64, 1, False, False, DEFAULT_HOOKS, False),
         (prim.F16, 64, 8, True, True, CHECK_HOOKS, False),
         (prim.BF16, 64, 4, True, True, rope, False),  # q and k transformed (k loaded by the threads)
+        (prim.BF16, 256, 2, True, True, DEFAULT_HOOKS, False),  # head_dim 256 (Gemma): the Q tile in shared memory
     ]
     specs = []
     for kind, head_dim, group, paged, causal, hooks, short in cases:

@@ -35,10 +35,11 @@ LSE_TOLERANCE = 1e-4
 
 class _MmaLaunch:
     """PrefillAttention.launch with the tensor-core kernel; counts its launches. ``SHAPE``: the
-    kernel's (warps, kv_tokens[, score_tokens]) and ``TILE_ROWS`` the plan's tile rows (None: the tuning table's)."""
+    kernel's (warps, kv_tokens[, score_tokens]), ``Q_SHARED`` its q_in_shared and ``TILE_ROWS`` the plan's tile rows (None: the tuning table's)."""
 
     mma_launches = 0
     SHAPE: tuple[int, ...] | None = None
+    Q_SHARED: bool | None = None  # PrefillMmaConfig.q_in_shared
     TILE_ROWS: int | None = None
 
     def make_layout(self):
@@ -49,7 +50,8 @@ class _MmaLaunch:
         s = self.settings
         warps, kv_tokens, score_tokens = (*(self.SHAPE or (0, 0)), 0)[:3]
         cfg = PrefillMmaConfig(self.kind_code, s.head_dim, s.group_size, self.PAGED, self.causal, self.hooks,
-                               warps=warps, kv_tokens=kv_tokens, score_tokens=score_tokens)  # fmt: skip
+                               warps=warps, kv_tokens=kv_tokens, score_tokens=score_tokens,
+                               q_in_shared=self.Q_SHARED)  # fmt: skip
         out_words = self.output_words(out)
         lse_arg = lse.view(-1) if lse is not None else self.workspace.no_lse
         row_qo_pos, entry_kv_offset = self.positions or (self._no_positions, self._no_positions)
@@ -389,6 +391,33 @@ def test_refused_page_in_a_stages_second_score_tile(device):
     keep[16:20] = False
     ref_out, _ = reference(q, settings, [(3, 26)], True, lambda r: (k[keep], v[keep]))
     assert relative_error(out, ref_out) < TOLERANCE["float16"]
+
+
+Q_SHARED_CASES = [
+    # Q's fragments re-read from the shared Q tile per S tile (the head_dim > 128 default, forced here)
+    ("f16-hd32-g2-causal-stages", dict(num_qo_heads=4, num_kv_heads=2, head_dim=32, page_size=4, dtype="float16"),
+        [(6, 40), (1, 23)], True, (1, 32, 16)),
+    ("bf16-hd48-g1-full", dict(num_qo_heads=1, num_kv_heads=1, head_dim=48, page_size=8, dtype="bfloat16"),
+        [(5, 37)], False, None),  # 3 k-steps: the odd one
+    ("f16-hd16-g20-two-passes", dict(num_qo_heads=20, num_kv_heads=1, head_dim=16, page_size=4, dtype="float16"),
+        [(2, 11)], True, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", Q_SHARED_CASES, ids=[c[0] for c in Q_SHARED_CASES])
+def test_q_tile_kept_in_shared_memory(case, device):
+    _, overrides, requests, causal, shape = case
+    cls = type("MmaQShared", (shaped(shape, None) if shape else MmaPrefill,), {"Q_SHARED": True})
+    run_paged(overrides, requests, causal, device, cls=cls)
+
+
+def test_head_dim_256_keeps_q_in_shared_memory(device):
+    """head_dim 256 (Gemma): Q in registers (64 a lane) next to O (128) would spill, so the Q tile stays
+    in shared memory by default; causal, GQA 2, across KV stages and a split."""
+    assert PrefillMmaConfig(prim.BF16, 256, 2, True, True).q_shared
+    assert not PrefillMmaConfig(prim.BF16, 128, 2, True, True).q_shared
+    overrides = dict(num_qo_heads=4, num_kv_heads=2, head_dim=256, page_size=16, dtype="bfloat16", num_ctas=3)
+    run_paged(overrides, [(3, 40), (1, 17)], True, device, split=True)
 
 
 GPU_SHAPE_CASES = [
