@@ -223,7 +223,7 @@ def longest_first(kv_len):
 
 
 @njit(cache=True, nogil=True)
-def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk):
+def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
     """(lower bound on the makespan, tiles) of ANY schedule of ``chunk``-token chunks.
 
     The tiles as a stream, costliest class first: the full chunks, then each request's last or only
@@ -232,7 +232,9 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk):
     stream, c: its smallest cost); and big-and-small: the first ``big`` tiles (the full chunks, or
     the longest request's) each cost at least cb, the next s at least cs -- under a makespan below
     cb + cs no CTA holding a big tile holds another of them, so the s tiles share the other
-    num_ctas - big CTAs, ceil(s / (num_ctas - big)) on one."""
+    num_ctas - big CTAs, ceil(s / (num_ctas - big)) on one. With a ``probe`` above all three, a
+    fourth test (``_might_fit``) may show that no schedule keeps every load below ``probe``: then the
+    bound is ``probe`` (the planner probes with its own makespan, to skip an anchor that cannot win)."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     total = full_tiles = np.int64(0)
     for i in range(kv_len.shape[0]):
@@ -264,7 +266,37 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk):
         if big < num_ctas:
             shared = ((counted - big - 1) // (num_ctas - big) + 1) * small_cost
             bound = max(bound, min(big_cost + small_cost, shared))
+    if probe > bound and not _might_fit(big, big_cost, counted - big, small_cost, num_ctas, probe - 1):
+        bound = probe
     return bound, counted
+
+
+#: _might_fit examines CTAs holding up to this many big tiles (beyond it, it does not decide)
+MOST_BIG_PER_CTA = 64
+
+
+@njit(cache=True, nogil=True)
+def _might_fit(big, big_cost, small, small_cost, num_ctas, makespan):
+    """False when no schedule of ``big`` tiles costing at least ``big_cost`` and ``small`` tiles
+    costing at least ``small_cost`` (<= big_cost) keeps every CTA's load <= ``makespan``.
+
+    A CTA holding j big tiles holds at most h(j) = j + (makespan - j * big_cost) // small_cost tiles,
+    h(0) - h(j) = loss(j) >= 0 of them fewer than an empty-handed one. The CTAs together hold at most
+    num_ctas * h(0) minus the least total loss of spreading ``big`` tiles, which is at least
+    big * min_j loss(j) / j (j from 1 to makespan // big_cost)."""
+    if small == 0 or small_cost >= NO_BOUND or big == 0:
+        return True  # the other bounds cover these
+    most_big = makespan // big_cost
+    if most_big == 0:
+        return False
+    if most_big > MOST_BIG_PER_CTA:
+        return True
+    holds = makespan // small_cost
+    least_loss = np.int64(NO_BOUND)
+    for j in range(1, most_big + 1):
+        loss = holds - (j + (makespan - j * big_cost) // small_cost)
+        least_loss = min(least_loss, (big * loss + j - 1) // j)
+    return num_ctas * holds - least_loss >= big + small
 
 
 @njit(cache=True, nogil=True)

@@ -6,8 +6,10 @@ largest CTA load. Non-deterministic layouts keep the best of three schedules:
   * our packing, planned first;
   * the two anchors' (anchors.py: FlashInfer's decode and persistent chunkings, longest request
     first onto the least-loaded CTA), each kept when its makespan is lower -- so the plan is never
-    worse than either. An anchor is not scheduled at all when its ``makespan_lower_bound`` is not
-    below the best makespan so far (it cannot win).
+    worse than either. An anchor is not scheduled at all when its ``makespan_lower_bound``, probed
+    with the packing's makespan, is not below the best makespan so far (it cannot win). The
+    packing's tiles are kept as runs (one request, consecutive kv_heads, one CTA) and written only
+    when no anchor beats it.
 
 Our packing: a greedy pass at a CTA capacity ``M`` fills CTA 0, 1, ... in turn with (1) the rest
 of the pair split at the end of the previous CTA (or a piece of it filling this one), (2) whole
@@ -31,6 +33,7 @@ back as a code and an index and are raised here, before a plan exists.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -67,16 +70,17 @@ NO_MAKESPAN = 1 << 62
 
 
 @njit(cache=True, nogil=True)
-def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off):
+def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, runs, buf, off):
     """One greedy pass at CTA capacity ``capacity`` over whole (request, kv_head) pairs, ``order``:
     requests by kv_len ascending (see the module docstring). Returns (fits, num_tiles, num_merges,
-    num_slots, makespan, next capacity to try); writes tiles and merges only when ``emit``."""
+    num_slots, makespan, next capacity to try, runs used); only when ``emit`` writes merges and the
+    CTA index into the plan and its tiles as runs (``_write_runs``)."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     loss = overhead + 2  # most a CTA leaves unused: the bound behind the lazy split and early exit
     # plain offsets, no array views: the loops stay free of reference counting
-    o_indptr, o_request, o_head, o_start = off[S_CTA_TILE_INDPTR], off[S_REQUEST], off[S_KV_HEAD], off[S_START]
-    o_end, o_slot, o_cta = off[S_END], off[S_SLOT], off[S_CTA]
+    o_indptr = off[S_CTA_TILE_INDPTR]
     o_m_indptr, o_m_request, o_m_head = off[S_MERGE_INDPTR], off[S_MERGE_REQUEST], off[S_MERGE_KV_HEAD]
+    num_runs = 0
     left[:] = num_kv_heads  # per sorted position, kv_heads [taken, taken + left) are free
     taken[:] = 0
     lo, hi = 0, order.shape[0] - 1  # sorted positions: lo = fewest tokens
@@ -94,19 +98,17 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
             break
         if remaining > (num_ctas - cta) * capacity:  # cannot fit any more
             lost = cta * capacity - (total - remaining) + (overhead if cur_rem >= 0 else 0)
-            return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, cta, lost, total, num_ctas)
+            return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, cta, lost, total, num_ctas), num_runs
         if not emit and cur_rem < 0 and remaining <= (num_ctas - cta) * (capacity - loss):
-            return True, num_tiles, num_merges, num_slots, makespan, capacity  # the rest surely fits
+            return True, num_tiles, num_merges, num_slots, makespan, capacity, num_runs  # the rest surely fits
         space = capacity
         # 1. the next piece of a split pair: all of it, or a piece filling the CTA
         if cur_rem >= 0:
             if num_tiles + 1 > tile_cap:
-                return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
+                return False, num_tiles, num_merges, num_slots, makespan, capacity + 1, num_runs
             piece = min(cur_rem, space - overhead)
             if emit:
-                t = num_tiles
-                buf[o_request + t], buf[o_head + t], buf[o_cta + t] = cur_request, cur_head, cta
-                buf[o_start + t], buf[o_end + t], buf[o_slot + t] = cur_pos, cur_pos + piece, num_slots
+                num_runs = _add_run(runs, num_runs, cur_request, cur_head, 1, cta, cur_pos, cur_pos + piece, num_slots)
             num_tiles += 1
             num_slots += 1
             cur_pos += piece
@@ -131,12 +133,10 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                 if k * cost > space:
                     k = 1 if 2 * cost > space else space // cost
                 if num_tiles + k > tile_cap:
-                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
+                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1, num_runs
                 if emit:
                     first = taken[p] if from_long else taken[p] + left[p] - k
-                    for t in range(num_tiles, num_tiles + k):
-                        buf[o_request + t], buf[o_head + t], buf[o_cta + t] = request, first + t - num_tiles, cta
-                        buf[o_start + t], buf[o_end + t], buf[o_slot + t] = 0, tokens, -1
+                    num_runs = _add_run(runs, num_runs, request, first, k, cta, 0, tokens, -1)
                 if from_long:
                     taken[p] += k
                 left[p] -= k
@@ -156,14 +156,12 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
             piece = min(space - overhead, tokens - 1)
             if piece >= 1:
                 if num_tiles + 1 > tile_cap or num_merges + 1 > merge_cap:
-                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
+                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1, num_runs
                 cur_request, cur_head = request, taken[hi]
                 if emit:
-                    t = num_tiles
                     buf[o_m_request + num_merges], buf[o_m_head + num_merges] = cur_request, cur_head
                     buf[o_m_indptr + num_merges] = num_slots
-                    buf[o_request + t], buf[o_head + t], buf[o_cta + t] = cur_request, cur_head, cta
-                    buf[o_start + t], buf[o_end + t], buf[o_slot + t] = 0, piece, num_slots
+                    num_runs = _add_run(runs, num_runs, cur_request, cur_head, 1, cta, 0, piece, num_slots)
                 num_tiles += 1
                 num_slots += 1
                 cur_pos, cur_rem = piece, tokens - piece
@@ -177,9 +175,43 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
         if emit:
             buf[o_indptr + cta + 1] = num_tiles
     if cur_rem < 0 and lo > hi:
-        return True, num_tiles, num_merges, num_slots, makespan, capacity
+        return True, num_tiles, num_merges, num_slots, makespan, capacity, num_runs
     lost = num_ctas * capacity - (total - remaining) + (overhead if cur_rem >= 0 else 0)
-    return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, lost, total, num_ctas)
+    return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, lost, total, num_ctas), num_runs
+
+
+# a run of tiles: one request, kv_heads head .. head + count - 1, one CTA, the same tokens and slot
+RUN_REQUEST, RUN_HEAD, RUN_COUNT, RUN_CTA, RUN_START, RUN_END, RUN_SLOT = range(7)
+# the core's work rows (``_scratch``): the runs' seven, then a CTA per tile for each anchor, then
+# ``_emit_assigned``'s tiles, TILE_WORDS int32 words each
+X_ASSIGNMENT, X_SPARE, X_EMIT = 7, 8, 9
+TILE_WORDS = 8  # six used: request, kv_head, cta, token start, token end, slot
+EMIT_ROWS = TILE_WORDS // 2
+SCRATCH_ROWS = X_EMIT + EMIT_ROWS
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_run(runs, num_runs, request, head, count, cta, start, end, slot):
+    runs[RUN_REQUEST, num_runs], runs[RUN_HEAD, num_runs], runs[RUN_COUNT, num_runs] = request, head, count
+    runs[RUN_CTA, num_runs], runs[RUN_START, num_runs], runs[RUN_END, num_runs] = cta, start, end
+    runs[RUN_SLOT, num_runs] = slot
+    return num_runs + 1
+
+
+@njit(cache=True, nogil=True)
+def _write_runs(runs, num_runs, buf, off):
+    """The tile_* sections from ``runs``, tile after tile (unsigned indices: no negative-index wrap
+    in the loop; one pass measured 2x faster than a pass per section)."""
+    request_at, head_at, cta_at = np.uint64(off[S_REQUEST]), np.uint64(off[S_KV_HEAD]), np.uint64(off[S_CTA])
+    start_at, end_at, slot_at = np.uint64(off[S_START]), np.uint64(off[S_END]), np.uint64(off[S_SLOT])
+    t = np.uint64(0)
+    for r in range(num_runs):
+        request, head, cta = runs[RUN_REQUEST, r], np.uint64(runs[RUN_HEAD, r]), runs[RUN_CTA, r]
+        start, end, slot = runs[RUN_START, r], runs[RUN_END, r], runs[RUN_SLOT, r]
+        for j in range(np.uint64(runs[RUN_COUNT, r])):
+            buf[request_at + t], buf[head_at + t], buf[cta_at + t] = request, head + j, cta
+            buf[start_at + t], buf[end_at + t], buf[slot_at + t] = start, end, slot
+            t += np.uint64(1)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -192,13 +224,15 @@ def _suggest(capacity, ctas_done, lost, total, num_ctas):
 
 
 @njit(cache=True, nogil=True)
-def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, buf, off):
+def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, runs, buf, off):
     """Smallest capacity (within 1/REFINE_RATIO) at which ``_pack`` fits, if any is below ``below``.
-    A fitting capacity is written to the plan. Returns (found, num_tiles, num_merges, num_slots, makespan).
+    A fitting capacity's merges and CTA index are written to the plan, its tiles to ``runs`` (for
+    ``_write_runs``, once no anchor beats it). Returns (found, num_tiles, num_merges, num_slots,
+    makespan, runs used).
 
     lo is a lower bound, hi always fits (a CTA leaves at most TILE_OVERHEAD_TOKENS + 2 unused).
     After a failed pass try its estimate, after a fitting one bisect; a pass that would end the
-    search if it fits writes the plan as it goes."""
+    search if it fits records the plan as it goes."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     batch = order.shape[0]
     left = np.empty(batch, np.int64)
@@ -216,26 +250,27 @@ def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, tot
     while lo <= limit:
         capacity = min(max(capacity, lo), limit)
         final = capacity == hi or (capacity - lo) * REFINE_RATIO <= capacity
-        fits, num_tiles, num_merges, num_slots, makespan, suggested = _pack(
-            capacity, final, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off
+        fits, num_tiles, num_merges, num_slots, makespan, suggested, num_runs = _pack(
+            capacity, final, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, runs, buf, off
         )
         if fits and final:
-            return True, num_tiles, num_merges, num_slots, makespan
+            return True, num_tiles, num_merges, num_slots, makespan, num_runs
         if fits:
             hi = limit = capacity
             capacity = (lo + hi) // 2
         else:
             lo = capacity + 1
             capacity = suggested
-    return False, 0, 0, 0, 0
+    return False, 0, 0, 0, 0, 0
 
 
 @njit(cache=True, nogil=True)
-def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, buf, off):
+def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, work, buf, off):
     """Write a schedule given as a CTA per tile (tiles in ``groups`` order; chunks of ``chunk``
     tokens): tiles grouped by CTA in placement order, slots of split pairs as
     ``base[request] + kv_head * chunks + chunk_index``, one merge entry per split pair in request
-    order. Returns (num_tiles, num_merges, num_slots)."""
+    order. ``work``: EMIT_ROWS contiguous int64 rows of at least num_tiles words. Returns
+    (num_tiles, num_merges, num_slots)."""
     g_request, g_chunk0, g_chunks, g_tokens, g_count, request_chunks = groups
     batch = kv_len.shape[0]
     o_indptr, o_request, o_head, o_start = off[S_CTA_TILE_INDPTR], off[S_REQUEST], off[S_KV_HEAD], off[S_START]
@@ -256,7 +291,9 @@ def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, bu
             buf[o_m_request + num_merges], buf[o_m_head + num_merges] = request, head
             buf[o_m_indptr + num_merges + 1] = num_slots
             num_merges += 1
-    # tiles grouped by CTA: counts, prefix sums, then each tile at its CTA's cursor
+    # tiles grouped by CTA: counts, prefix sums, then each tile's six words at its CTA's cursor in
+    # ``work`` (one cache line a tile: a scatter into the six sections missed the cache on every
+    # store), copied into the sections in order
     cursor = np.zeros(num_ctas + 1, np.int64)
     for t in range(num_tiles):
         cursor[assignment[t] + 1] += 1
@@ -264,25 +301,32 @@ def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, bu
         cursor[cta + 1] += cursor[cta]
     for cta in range(num_ctas + 1):
         buf[o_indptr + cta] = cursor[cta]
+    words = work.reshape(-1).view(np.int32)
     t = 0
     for g in range(g_request.shape[0]):
         request, tokens = g_request[g], g_tokens[g]
         chunks = request_chunks[request]
-        base = slot_base[request] if chunks > 1 else -1
         index, head = g_chunk0[g], 0
         for _ in range(g_count[g]):
             cta = assignment[t]
-            slot = cursor[cta]
+            at = np.uint64(cursor[cta]) * np.uint64(TILE_WORDS)
             cursor[cta] += 1
             start = index * chunk if chunks > 1 else 0
-            buf[o_request + slot], buf[o_head + slot], buf[o_cta + slot] = request, head, cta
-            buf[o_start + slot], buf[o_end + slot] = start, start + tokens
-            buf[o_slot + slot] = -1 if base < 0 else base + head * chunks + index
+            words[at], words[at + 1], words[at + 2] = request, head, cta
+            words[at + 3], words[at + 4] = start, start + tokens
+            words[at + 5] = -1 if chunks == 1 else slot_base[request] + head * chunks + index
             head += 1
             if head == num_kv_heads:
                 head = 0
                 index += 1
             t += 1
+    request_at, head_at, cta_at = np.uint64(o_request), np.uint64(o_head), np.uint64(o_cta)
+    start_at, end_at, slot_at = np.uint64(o_start), np.uint64(o_end), np.uint64(o_slot)
+    at = np.uint64(0)
+    for p in range(np.uint64(num_tiles)):  # unsigned: no negative-index wrap (measured 2x)
+        buf[request_at + p], buf[head_at + p], buf[cta_at + p] = words[at], words[at + 1], words[at + 2]
+        buf[start_at + p], buf[end_at + p], buf[slot_at + p] = words[at + 3], words[at + 4], words[at + 5]
+        at += np.uint64(TILE_WORDS)
     return num_tiles, num_merges, num_slots
 
 
@@ -296,35 +340,36 @@ def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, assignment):
 
 
 @njit(cache=True, nogil=True)
-def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, params, buf, result):
+def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, params, buf, scratch, result):
     """Validate, copy, schedule and write the header. ``result`` gets the R_* words."""
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
-        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, result)
+        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, scratch, result)
 
 
 @njit(cache=True, nogil=True)
-def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, serial, params, buf, result):
+def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, serial, params, buf, scratch, result):
     """As _plan_core for page ids that stay on the device: lengths checked, nothing copied."""
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_page_lengths(kv_indptr, kv_last_page_len, num_indices, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
-        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, result)
+        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, scratch, result)
 
 
 @njit(cache=True, nogil=True)
-def _plan_core_blocks(seq_lens, row_stride, max_blocks, span, num_pages, serial, params, buf, result):
+def _plan_core_blocks(seq_lens, row_stride, max_blocks, span, num_pages, serial, params, buf, scratch, result):
     """As _plan_core for a device block table: per-request lengths checked, nothing copied."""
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_block_lengths(seq_lens, row_stride, max_blocks, span, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
-        _schedule(seq_lens.shape[0], num_pages, serial, params, buf, result)
+        _schedule(seq_lens.shape[0], num_pages, serial, params, buf, scratch, result)
 
 
 @njit(cache=True, nogil=True)
-def _schedule(batch, num_pages, serial, params, buf, result):
-    """Schedule the batch whose kv_len is in ``buf`` and write the header (the R_* words in ``result``)."""
+def _schedule(batch, num_pages, serial, params, buf, scratch, result):
+    """Schedule the batch whose kv_len is in ``buf`` and write the header (the R_* words in ``result``).
+    ``scratch``: SCRATCH_ROWS x tile capacity int64 work rows (contents ignored)."""
     off = params[P_OFFSETS:]
     page_size, num_kv_heads, num_ctas = params[P_PAGE_SIZE], params[P_KV_HEADS], params[P_NUM_CTAS]
     tile_cap, merge_cap = params[P_TILE_CAP], params[P_MERGE_CAP]
@@ -334,7 +379,7 @@ def _schedule(batch, num_pages, serial, params, buf, result):
     for i in range(batch):
         kv_tokens += kv_len[i]
     order = longest_first(kv_len)
-    assignment = np.empty(tile_cap, np.int64)
+    assignment = scratch[X_ASSIGNMENT]
     if params[P_CHUNK] > 0:  # deterministic: fixed chunks, longest tiles first
         groups = chunk_groups(kv_len, order, num_kv_heads, params[P_CHUNK])
         by_tokens = np.argsort(-groups[3], kind="mergesort")
@@ -344,13 +389,14 @@ def _schedule(batch, num_pages, serial, params, buf, result):
             result[R_ERROR], result[R_VALUE] = E_CAPACITY, tiles
             return
         makespan = lpt_assign(groups[3], groups[4], num_ctas, assignment[:tiles])
-        num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, buf, off)
+        num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, scratch[X_EMIT:], buf, off)
     else:
         # our packing, then each anchor's schedule (longest first on the least-loaded CTA) unless its
         # lower bound shows it cannot beat the packing; an anchor that does beat it is written instead
         total = num_kv_heads * (kv_tokens + batch * overhead)
-        found, num_tiles, num_merges, num_slots, makespan = _search_pack(
-            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, NO_MAKESPAN, buf, off
+        runs = scratch[:X_ASSIGNMENT]  # a run holds at least one tile
+        found, num_tiles, num_merges, num_slots, makespan, num_runs = _search_pack(
+            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, NO_MAKESPAN, runs, buf, off
         )
         best = makespan if found else NO_MAKESPAN
         longest = np.int64(kv_len[order[0]]) if batch else np.int64(0)
@@ -358,10 +404,10 @@ def _schedule(batch, num_pages, serial, params, buf, result):
         chunk_b = persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
         chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
         chunk_b = 0 if chunk_b >= longest else chunk_b
-        bound_a, tiles_a = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_a)
+        bound_a, tiles_a = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_a, best)
         bound_b, tiles_b = bound_a, tiles_a  # the same chunks: the same schedule, bounded once
         if chunk_b != chunk_a:
-            bound_b, tiles_b = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b)
+            bound_b, tiles_b = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b, best)
         if bound_b < bound_a:  # the more promising first: the other may then be skipped
             chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
         anchor_chunk = np.int64(-1)
@@ -370,7 +416,7 @@ def _schedule(batch, num_pages, serial, params, buf, result):
             if makespan_a < best:
                 best, anchor_chunk = makespan_a, chunk_a
         if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
-            spare = np.empty(tile_cap, np.int64)
+            spare = scratch[X_SPARE]
             makespan_b, groups_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
             if makespan_b < best:
                 best, anchor_chunk, groups, assignment = makespan_b, chunk_b, groups_b, spare
@@ -379,7 +425,9 @@ def _schedule(batch, num_pages, serial, params, buf, result):
             return
         if anchor_chunk >= 0:
             makespan = best
-            num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, buf, off)
+            num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, scratch[X_EMIT:], buf, off)
+        else:
+            _write_runs(runs, num_runs, buf, off)
     if num_tiles > tile_cap or num_merges > merge_cap or num_slots > params[P_SLOT_CAP]:
         result[R_ERROR], result[R_VALUE] = E_CAPACITY, num_tiles
         return
@@ -470,12 +518,31 @@ def check_csr_batch(layout: DecodeLayout, indptr: np.ndarray, batch: int, num_pa
         raise InputError(f"num_pages must be >= 0, got {num_pages}")
 
 
+_scratch_rows = threading.local()  # per thread: {layout: rows}
+_MOST_SCRATCH_LAYOUTS = 8
+
+
+def _scratch(layout: DecodeLayout) -> np.ndarray:
+    """This thread's SCRATCH_ROWS x tile capacity int64 work rows for ``layout``'s plans, kept
+    between calls: fresh megabytes on every plan came back from the allocator as page faults (at
+    B=4096, ~330 a plan, more than the rest of the plan took)."""
+    rows_by_layout = getattr(_scratch_rows, "by_layout", None)
+    if rows_by_layout is None:
+        rows_by_layout = _scratch_rows.by_layout = {}
+    rows = rows_by_layout.get(layout)
+    if rows is None:
+        if len(rows_by_layout) >= _MOST_SCRATCH_LAYOUTS:
+            rows_by_layout.clear()
+        rows = rows_by_layout[layout] = np.empty((SCRATCH_ROWS, layout.tile_capacity), dtype=np.int64)
+    return rows
+
+
 def _run_core(layout: DecodeLayout, core: Any, args: tuple[Any, ...], num_pages: int, serial: int, batch: int,
               device_table: str | None) -> Plan:  # fmt: skip
     params, words = _layout_params(layout)
     buffer = np.empty(words, dtype=np.int32)
     result = np.empty(R_WORDS, dtype=np.int64)
-    core(*args, num_pages, serial, params, buffer, result)
+    core(*args, num_pages, serial, params, buffer, _scratch(layout), result)
     error, _, _, num_tiles, num_merges, num_slots, makespan, max_page, kv_tokens = result.tolist()
     if error:
         raise_plan_error(result, layout, num_pages, batch)

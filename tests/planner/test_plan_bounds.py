@@ -1,0 +1,128 @@
+"""The planner's shortcuts are exact: the probed lower bound (it lets a plan skip an anchor) never
+exceeds any schedule's makespan, and the per-thread scratch rows carry nothing from one plan to
+the next."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from tilegraph.planner.anchors import _might_fit, anchors, chunk_groups, longest_first, makespan_lower_bound
+from tilegraph.planner.decode import plan_decode_block_table
+from tilegraph.planner.layout import DecodeLayout
+from tilegraph.planner.plan import TILE_OVERHEAD_TOKENS
+
+
+def optimal_makespan(costs: list[int], num_ctas: int) -> int:
+    """The least makespan over every assignment of ``costs`` to ``num_ctas`` CTAs (tiny inputs)."""
+    best = sum(costs)
+    for assignment in itertools.product(range(num_ctas), repeat=len(costs)):
+        loads = [0] * num_ctas
+        for cost, cta in zip(costs, assignment):
+            loads[cta] += cost
+        best = min(best, max(loads))
+    return best
+
+
+def tile_costs(kv_len: np.ndarray, num_kv_heads: int, chunk: int) -> list[int]:
+    groups = chunk_groups(kv_len, longest_first(kv_len), num_kv_heads, chunk)
+    return [int(tokens) + TILE_OVERHEAD_TOKENS for tokens, count in zip(groups[3], groups[4]) for _ in range(count)]
+
+
+@settings(deadline=None, max_examples=150)
+@given(kv_len=st.lists(st.integers(0, 400), min_size=1, max_size=4), num_kv_heads=st.integers(1, 2),
+       num_ctas=st.integers(1, 3), chunk=st.sampled_from([0, 64, 150]), slack=st.integers(-40, 400))  # fmt: skip
+def test_probed_bound_never_exceeds_the_optimal_makespan(kv_len, num_kv_heads, num_ctas, chunk, slack):
+    """Whatever the probe, the bound is one: no schedule of the chunked tiles does better (a bound
+    raised to a probe above the optimum would skip an anchor that wins)."""
+    lengths = np.array(kv_len, dtype=np.int64)
+    costs = tile_costs(lengths, num_kv_heads, chunk)
+    assume(len(costs) <= 7)  # keep the brute force small
+    optimum = optimal_makespan(costs, num_ctas)
+    for probe in (optimum + slack, optimum, optimum + 1):
+        bound, tiles = makespan_lower_bound(lengths, longest_first(lengths), num_kv_heads, num_ctas, chunk, probe)
+        assert tiles == len(costs)
+        assert bound <= optimum, (probe, optimum)
+
+
+def fits_by_brute_force(big: int, big_cost: int, small: int, small_cost: int, num_ctas: int, makespan: int) -> bool:
+    """Whether ``big`` tiles of big_cost and ``small`` of small_cost fit ``num_ctas`` CTAs of ``makespan``."""
+    for per_cta in itertools.product(range(big + 1), repeat=num_ctas):
+        if sum(per_cta) != big or any(j * big_cost > makespan for j in per_cta):
+            continue
+        if sum((makespan - j * big_cost) // small_cost for j in per_cta) >= small:
+            return True
+    return False
+
+
+@settings(deadline=None, max_examples=300)
+@given(big=st.integers(1, 6), small=st.integers(1, 12), small_cost=st.integers(1, 9), extra=st.integers(0, 20),
+       num_ctas=st.integers(1, 4), makespan=st.integers(1, 60))  # fmt: skip
+def test_might_fit_only_says_no_when_nothing_fits(big, small, small_cost, extra, num_ctas, makespan):
+    big_cost = small_cost + extra
+    if not _might_fit(big, big_cost, small, small_cost, num_ctas, makespan):
+        assert not fits_by_brute_force(big, big_cost, small, small_cost, num_ctas, makespan)
+
+
+def test_might_fit_decides_a_case_the_other_bounds_miss():
+    """4 CTAs of 10, 3 tiles of 6 and 7 of 3: 39 units fit the even spread (40), 3 tiles a CTA the
+    pigeonhole (9 <= 10), and 10 >= 6 + 3 lets a big and a small share; yet a CTA with a big tile
+    holds one small, so 3 bigs leave room for 3 + 3 smalls, not 7."""
+    assert not fits_by_brute_force(3, 6, 7, 3, 4, 10)
+    assert not _might_fit(3, 6, 7, 3, 4, 10)
+    assert fits_by_brute_force(3, 6, 6, 3, 4, 10) and _might_fit(3, 6, 6, 3, 4, 10)
+
+
+def test_the_probe_lets_a_skewed_batch_skip_the_anchor():
+    """One 32k request among 4095 of 512: the packing's makespan is one the anchor cannot beat, but
+    only the probed counting test shows it (without a probe the bound is below it)."""
+    kv_len = np.array([32768] + [512] * 4095, dtype=np.int64)
+    layout = DecodeLayout(num_ctas=264, max_batch_size=4096, max_page_refs=kv_len.sum() // 16 + 4096,
+                          page_size=16, num_kv_heads=8, group_size=4, head_dim=128, deterministic=False)  # fmt: skip
+    plan = plan_decode_block_table(layout, kv_len.astype(np.int32), 4096, 4096, 4096 * 4096, 1 << 20)
+    order = longest_first(kv_len)
+    plain, _ = makespan_lower_bound(kv_len, order, 8, 264, 0)
+    probed, _ = makespan_lower_bound(kv_len, order, 8, 264, 0, plan.makespan)
+    assert plain < plan.makespan <= probed
+    for anchor in anchors(kv_len, 16, 8, 264):
+        assert plan.makespan <= anchor.makespan
+
+
+def live(plan) -> list[list[int]]:
+    n = plan.num_tiles
+    return [plan.cta_tile_indptr.tolist(), plan.request[:n].tolist(), plan.kv_head[:n].tolist(),
+            plan.token_start[:n].tolist(), plan.token_end[:n].tolist(), plan.slot[:n].tolist(), plan.cta[:n].tolist()]  # fmt: skip
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_scratch_rows_carry_nothing_between_plans(deterministic):
+    """Plans reuse this thread's scratch rows: a batch plans the same after another batch, and in
+    other threads planning at the same time."""
+    rng = np.random.default_rng(5)
+    layout = DecodeLayout(num_ctas=40, max_batch_size=300, max_page_refs=2000 * 300, page_size=16, num_kv_heads=4,
+                          group_size=2, head_dim=64, deterministic=deterministic)  # fmt: skip
+    batches = [rng.integers(0, 4000, size=int(rng.integers(1, 300))).astype(np.int32) for _ in range(6)]
+    batches.append(np.array([30000] + [40] * 200, dtype=np.int32))
+
+    def plan(kv_len):
+        return live(plan_decode_block_table(layout, kv_len, 2000, 2000, 2000 * 300, 1 << 20))
+
+    first = [plan(kv_len) for kv_len in batches]
+    assert [plan(kv_len) for kv_len in reversed(batches)] == first[::-1]
+    results: dict[int, list] = {}
+
+    def worker(index: int) -> None:
+        results[index] = [plan(kv_len) for kv_len in batches[index:] + batches[:index]]
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in range(3):
+        assert results[index] == first[index:] + first[:index]
