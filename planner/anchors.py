@@ -249,6 +249,10 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
         bound = max(bound, ((full_tiles - 1) // num_ctas + 1) * cheapest)
     big, big_cost, small_cost = full_tiles, cheapest, NO_BOUND
     counted = full_tiles
+    # ceil(counted / num_ctas) and ceil((counted - big) / (num_ctas - big)) kept as quotient and
+    # remainder of counted - 1 (resp. counted - big - 1), stepped without a division per request
+    most, over = (counted - 1) // num_ctas, (counted - 1) % num_ctas
+    rest_share = rest_most = rest_over = np.int64(0)  # set at the first small tile
     for i in order:
         length = np.int64(kv_len[i])
         split = chunk > 0 and length > chunk
@@ -256,16 +260,27 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
         if split and last == 0:
             continue  # full chunks only
         counted += num_kv_heads
+        over += num_kv_heads
+        while over >= num_ctas:
+            over -= num_ctas
+            most += 1
         cost = last + overhead
         cheapest = min(cheapest, cost)
-        bound = max(bound, ((counted - 1) // num_ctas + 1) * cheapest)
+        bound = max(bound, (most + 1) * cheapest)
         if big == 0:  # no full chunks: the longest request's tiles are the big ones
             big, big_cost = counted, cost
             continue
         small_cost = min(small_cost, cost)
         if big < num_ctas:
-            shared = ((counted - big - 1) // (num_ctas - big) + 1) * small_cost
-            bound = max(bound, min(big_cost + small_cost, shared))
+            if rest_share == 0:
+                rest_share = num_ctas - big
+                rest_most, rest_over = (counted - big - 1) // rest_share, (counted - big - 1) % rest_share
+            else:
+                rest_over += num_kv_heads
+                while rest_over >= rest_share:
+                    rest_over -= rest_share
+                    rest_most += 1
+            bound = max(bound, min(big_cost + small_cost, (rest_most + 1) * small_cost))
     if probe > bound and not _might_fit(big, big_cost, counted - big, small_cost, num_ctas, probe - 1):
         bound = probe
     return bound, counted

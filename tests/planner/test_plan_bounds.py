@@ -50,6 +50,38 @@ def test_probed_bound_never_exceeds_the_optimal_makespan(kv_len, num_kv_heads, n
         assert bound <= optimum, (probe, optimum)
 
 
+def reference_bound(kv_len: list[int], num_kv_heads: int, num_ctas: int, chunk: int) -> int:
+    """makespan_lower_bound's three bounds as its docstring states them, with plain divisions."""
+    costs = []  # the tile stream: full chunks first, then each request's last or only tile, longest first
+    for length in kv_len:
+        if chunk and length > chunk:
+            costs += [chunk + TILE_OVERHEAD_TOKENS] * (length // chunk * num_kv_heads)
+    for length in sorted(kv_len, reverse=True):
+        last = length % chunk if chunk and length > chunk else length
+        if not (chunk and length > chunk and last == 0):
+            costs += [last + TILE_OVERHEAD_TOKENS] * num_kv_heads
+    bound = -(-sum(costs) // num_ctas)
+    full = sum(length // chunk for length in kv_len if chunk and length > chunk) * num_kv_heads
+    big = full or min(num_kv_heads, len(costs))  # the full chunks, else the longest request's tiles
+    for n in range(1, len(costs) + 1):
+        if n % num_kv_heads == 0 or n == full:
+            bound = max(bound, -(-n // num_ctas) * min(costs[:n]))
+        if n > big and big < num_ctas and (n - full) % num_kv_heads == 0:
+            big_cost, small_cost = min(costs[:big]), min(costs[big:n])
+            bound = max(bound, min(big_cost + small_cost, -(-(n - big) // (num_ctas - big)) * small_cost))
+    return bound
+
+
+@settings(deadline=None, max_examples=300)
+@given(kv_len=st.lists(st.integers(0, 3000), min_size=1, max_size=40), num_kv_heads=st.integers(1, 8),
+       num_ctas=st.integers(1, 100), chunk=st.sampled_from([0, 16, 100, 1000]))  # fmt: skip
+def test_bound_matches_its_plain_statement(kv_len, num_kv_heads, num_ctas, chunk):
+    """The stepped quotients (no division per request) give the bound the docstring states."""
+    lengths = np.array(kv_len, dtype=np.int64)
+    bound, tiles = makespan_lower_bound(lengths, longest_first(lengths), num_kv_heads, num_ctas, chunk)
+    assert bound == reference_bound(kv_len, num_kv_heads, num_ctas, chunk)
+
+
 def fits_by_brute_force(big: int, big_cost: int, small: int, small_cost: int, num_ctas: int, makespan: int) -> bool:
     """Whether ``big`` tiles of big_cost and ``small`` of small_cost fit ``num_ctas`` CTAs of ``makespan``."""
     for per_cta in itertools.product(range(big + 1), repeat=num_ctas):
