@@ -302,24 +302,25 @@ def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, wo
     for cta in range(num_ctas + 1):
         buf[o_indptr + cta] = cursor[cta]
     words = work.reshape(-1).view(np.int32)
-    t = 0
+    t = np.uint64(0)  # unsigned indices: no negative-index wrap (measured ~25% here)
     for g in range(g_request.shape[0]):
         request, tokens = g_request[g], g_tokens[g]
         chunks = request_chunks[request]
         index, head = g_chunk0[g], 0
+        base = slot_base[request] if chunks > 1 else -1
         for _ in range(g_count[g]):
-            cta = assignment[t]
+            cta = np.uint64(assignment[t])
             at = np.uint64(cursor[cta]) * np.uint64(TILE_WORDS)
             cursor[cta] += 1
             start = index * chunk if chunks > 1 else 0
-            words[at], words[at + 1], words[at + 2] = request, head, cta
-            words[at + 3], words[at + 4] = start, start + tokens
-            words[at + 5] = -1 if chunks == 1 else slot_base[request] + head * chunks + index
+            words[at], words[at + np.uint64(1)], words[at + np.uint64(2)] = request, head, cta
+            words[at + np.uint64(3)], words[at + np.uint64(4)] = start, start + tokens
+            words[at + np.uint64(5)] = -1 if chunks == 1 else base + head * chunks + index
             head += 1
             if head == num_kv_heads:
                 head = 0
                 index += 1
-            t += 1
+            t += np.uint64(1)
     request_at, head_at, cta_at = np.uint64(o_request), np.uint64(o_head), np.uint64(o_cta)
     start_at, end_at, slot_at = np.uint64(o_start), np.uint64(o_end), np.uint64(o_slot)
     at = np.uint64(0)
