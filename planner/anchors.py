@@ -209,17 +209,33 @@ def longest_first(kv_len):
         bits += 1
     digits = np.int64(1) << bits
     shift = np.int64(0)
+    digit = np.empty(batch, np.int64)
     while (spread >> shift) != 0:
+        # counts in two histograms (even and odd positions: equal digits do not chain one counter),
+        # then a scatter that keeps the current digit's position in a register while digits repeat
         start = np.zeros(digits + 1, np.int64)
-        for i in range(batch):
-            start[((keys[order[i]] >> shift) & (digits - 1)) + 1] += 1
+        other = np.zeros(digits + 1, np.int64)
+        for i in range(0, batch - 1, 2):
+            d0 = (keys[order[i]] >> shift) & (digits - 1)
+            d1 = (keys[order[i + 1]] >> shift) & (digits - 1)
+            digit[i], digit[i + 1] = d0, d1
+            start[d0 + 1] += 1
+            other[d1 + 1] += 1
+        if batch % 2:
+            d0 = (keys[order[batch - 1]] >> shift) & (digits - 1)
+            digit[batch - 1] = d0
+            start[d0 + 1] += 1
         for d in range(digits):
-            start[d + 1] += start[d]
+            start[d + 1] += start[d] + other[d + 1]
+        last, at = np.int64(-1), np.int64(0)
         for i in range(batch):
-            request = order[i]
-            d = (keys[request] >> shift) & (digits - 1)
-            moved[start[d]] = request
-            start[d] += 1
+            d = digit[i]
+            if d != last:
+                if last >= 0:
+                    start[last] = at
+                last, at = d, start[d]
+            moved[at] = order[i]
+            at += 1
         order, moved = moved, order
         shift += bits
     return order
