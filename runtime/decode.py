@@ -17,14 +17,17 @@ tuning table, kernels.tuning.DECODE_ENGINES): "cuda_cores" runs the pipelined CU
 (kernels.decode_pipeline) on decode plans (``tilegraph.Plan``); "tensor_cores" (float16 / bfloat16;
 auto for GQA groups >= 5) plans the batch as one-token prefill requests (planner.decode_prefill,
 a ``PrefillPlan``) and runs the tensor-core prefill kernel's one-warp shape, the group's heads as the
-rows of its mma tiles. Inputs, outputs, errors and the graph protocol are the same.
+rows of its mma tiles. Inputs, outputs, errors and the graph protocol are the same; an engine's
+three planners are one ``ENGINE_PLANNERS`` entry, picked once at construction (``dec.planners``).
 
 Every error a caller can cause is raised before any kernel launches and nothing is written.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,6 +57,27 @@ from .settings import Settings
 from .compiling import compile_with_progress
 from .prefill_launch import launch_prefill_kernel
 from .variant import ParamContext, Variant
+
+
+@dataclass(frozen=True)
+class DecodePlanners:
+    """One engine's planners, each taking planner.decode's positional arguments: ``host``
+    (layout, kv_indptr, kv_indices, kv_last_page_len, num_pages, serial), ``device`` (layout,
+    kv_indptr, kv_last_page_len, num_indices, num_pages, serial), ``block_table`` (layout, seq_lens,
+    row_stride, max_blocks, span, num_pages, serial)."""
+
+    host: Callable[..., Plan | PrefillPlan]
+    device: Callable[..., Plan | PrefillPlan]
+    block_table: Callable[..., Plan | PrefillPlan]
+
+
+#: each engine's planners: decode plans, or the batch as one-token prefill requests
+ENGINE_PLANNERS = {
+    "cuda_cores": DecodePlanners(plan_decode, plan_decode_device, plan_decode_block_table),
+    "tensor_cores": DecodePlanners(partial(plan_decode_prefill, allow_split=True),
+                                   partial(plan_decode_prefill_device, allow_split=True),
+                                   partial(plan_decode_prefill_block_table, allow_split=True)),  # fmt: skip
+}
 
 
 def workspace_nbytes(settings: Settings, device: str | torch.device | None = None) -> int:
@@ -121,6 +145,7 @@ class BatchDecode(AttentionBase):
         #: "cuda_cores" (kernels.decode_pipeline on decode plans) or "tensor_cores" (the tensor-core
         #: prefill's one-warp shape on one-token prefill plans)
         self.engine = decode_engine_of(settings)
+        self.planners = ENGINE_PLANNERS[self.engine]
         super().__init__(settings, device, hooks, variant)
         self.config = pipeline_config(self.kind_code, settings.head_dim, settings.group_size, self.hooks)
         self.mma_config = None
@@ -161,16 +186,9 @@ class BatchDecode(AttentionBase):
         flat, pages, serial = None, self.settings.max_num_pages, next_plan_serial()
         if page_table == "device":
             flat, _, _ = device_page_ids(kv_indices, "kv_indices", self.device, block_table=False)
-            if self.tensor_cores:
-                plan = plan_decode_prefill_device(self.layout, kv_indptr, kv_last_page_len, flat.numel(), pages, serial,
-                                                  allow_split=True)  # fmt: skip
-            else:
-                plan = plan_decode_device(self.layout, kv_indptr, kv_last_page_len, num_indices=flat.numel(),
-                                          num_pages=pages, serial=serial)  # fmt: skip
-        elif self.tensor_cores:
-            plan = plan_decode_prefill(self.layout, kv_indptr, kv_indices, kv_last_page_len, pages, serial, allow_split=True)
+            plan = self.planners.device(self.layout, kv_indptr, kv_last_page_len, flat.numel(), pages, serial)
         else:
-            plan = plan_decode(self.layout, kv_indptr, kv_indices, kv_last_page_len, num_pages=pages, serial=serial)
+            plan = self.planners.host(self.layout, kv_indptr, kv_indices, kv_last_page_len, pages, serial)
         return self.stage_decode_plan(plan, padded_batch_size, page_table, kv_indices, flat)
 
     @plan_range
@@ -184,12 +202,7 @@ class BatchDecode(AttentionBase):
         self.refuse_while_capturing()
         flat, row_stride, max_blocks = device_page_ids(block_table, "block_table", self.device, block_table=True)
         pages, serial = self.settings.max_num_pages, next_plan_serial()
-        if self.tensor_cores:
-            plan = plan_decode_prefill_block_table(self.layout, seq_lens, row_stride, max_blocks, flat.numel(), pages,
-                                                   serial, allow_split=True)  # fmt: skip
-        else:
-            plan = plan_decode_block_table(self.layout, seq_lens, row_stride, max_blocks, flat.numel(), num_pages=pages,
-                                           serial=serial)  # fmt: skip
+        plan = self.planners.block_table(self.layout, seq_lens, row_stride, max_blocks, flat.numel(), pages, serial)
         return self.stage_decode_plan(plan, padded_batch_size, "block_table", block_table, flat)
 
     def stage_decode_plan(self, plan: Plan | PrefillPlan, padded_batch_size: int | None, page_table: str, source: Any,
@@ -256,5 +269,5 @@ def check_paged_kv(k: Any, v: Any, paired: bool, settings: Settings, device: tor
     return kv
 
 
-__all__ = ["BatchDecode", "workspace_nbytes", "resolve_num_ctas", "decode_num_ctas", "decode_ctas_per_sm", "decode_engine_of",
+__all__ = ["BatchDecode", "DecodePlanners", "ENGINE_PLANNERS", "workspace_nbytes", "resolve_num_ctas", "decode_num_ctas", "decode_ctas_per_sm", "decode_engine_of",
            "decode_layout", "check_paged_kv"]
