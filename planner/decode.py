@@ -291,9 +291,8 @@ def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, wo
             buf[o_m_request + num_merges], buf[o_m_head + num_merges] = request, head
             buf[o_m_indptr + num_merges + 1] = num_slots
             num_merges += 1
-    # tiles grouped by CTA: counts, prefix sums, then each tile's six words at its CTA's cursor in
-    # ``work`` (one cache line a tile: a scatter into the six sections missed the cache on every
-    # store), copied into the sections in order
+    # tiles grouped by CTA: counts, prefix sums, then each tile's six words together at its CTA's
+    # cursor in ``work``, copied into the six sections in order
     cursor = np.zeros(num_ctas + 1, np.int64)
     for t in range(num_tiles):
         cursor[assignment[t] + 1] += 1
