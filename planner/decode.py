@@ -200,17 +200,23 @@ def _add_run(runs, num_runs, request, head, count, cta, start, end, slot):
 
 @njit(cache=True, nogil=True)
 def _write_runs(runs, num_runs, buf, off):
-    """The tile_* sections from ``runs``, tile after tile (unsigned indices: no negative-index wrap
-    in the loop; one pass measured 2x faster than a pass per section)."""
+    """The tile_* sections from ``runs``, tile after tile: one pass (measured 2x faster than a pass
+    per section), unsigned indices (no negative-index wrap), and a ``while`` over each run's tiles,
+    which LLVM leaves scalar -- its vectorized ``for`` loop, runtime alias checks and all, took 1.8x
+    as long at B=4096 on the 2-core VM."""
     request_at, head_at, cta_at = np.uint64(off[S_REQUEST]), np.uint64(off[S_KV_HEAD]), np.uint64(off[S_CTA])
     start_at, end_at, slot_at = np.uint64(off[S_START]), np.uint64(off[S_END]), np.uint64(off[S_SLOT])
+    run_request, run_head, run_count, run_cta = runs[RUN_REQUEST], runs[RUN_HEAD], runs[RUN_COUNT], runs[RUN_CTA]
+    run_start, run_end, run_slot = runs[RUN_START], runs[RUN_END], runs[RUN_SLOT]
     t = np.uint64(0)
-    for r in range(num_runs):
-        request, head, cta = runs[RUN_REQUEST, r], np.uint64(runs[RUN_HEAD, r]), runs[RUN_CTA, r]
-        start, end, slot = runs[RUN_START, r], runs[RUN_END, r], runs[RUN_SLOT, r]
-        for j in range(np.uint64(runs[RUN_COUNT, r])):
-            buf[request_at + t], buf[head_at + t], buf[cta_at + t] = request, head + j, cta
+    for r in range(np.uint64(num_runs)):
+        request, head, cta = np.int32(run_request[r]), np.int32(run_head[r]), np.int32(run_cta[r])
+        start, end, slot = np.int32(run_start[r]), np.int32(run_end[r]), np.int32(run_slot[r])
+        stop = t + np.uint64(run_count[r])
+        while t < stop:
+            buf[request_at + t], buf[head_at + t], buf[cta_at + t] = request, head, cta
             buf[start_at + t], buf[end_at + t], buf[slot_at + t] = start, end, slot
+            head += np.int32(1)
             t += np.uint64(1)
 
 
