@@ -74,10 +74,50 @@ def chunk_groups(kv_len, request_order, num_kv_heads, chunk):
 
 
 @njit(cache=True, nogil=True)
-def lpt_assign(g_tokens, g_count, num_ctas, assignment):
+def lpt_assign(g_tokens, g_chunks, num_kv_heads, num_ctas, assignment):
     """Place tiles, group by group in order, each on the least-loaded CTA; return the makespan.
+    Group g is ``g_chunks[g] * num_kv_heads`` tiles of ``g_tokens[g]`` tokens (chunk_groups).
 
-    Writes each tile's CTA into ``assignment`` (tiles in placement order) unless it is empty. Loads
+    Writes each tile's CTA into ``assignment`` (tiles in placement order) unless it is empty.
+
+    CTAs move in blocks: with b = gcd(num_kv_heads, num_ctas), the CTAs b*s .. b*s + b - 1 always
+    carry equal loads. (True at the start; a group of n = b*u equal tiles goes to the n smallest
+    slots of the CTAs' load progressions, and where every load comes b times, so does every slot
+    value, so the n smallest take whole blocks' worth.) So the schedule is the one of num_ctas / b
+    block-CTAs and groups of n / b tiles, each block tile standing for b real tiles on the block's
+    b CTAs in turn: b times less work."""
+    makespan, block = lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, assignment)
+    expand_blocks(assignment, block)
+    return makespan
+
+
+@njit(cache=True, nogil=True)
+def lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, units):
+    """``lpt_assign`` at block level: returns (makespan, b) and writes each block tile's block-CTA
+    into ``units[: tiles // b]`` (unless ``units`` is empty); ``expand_blocks`` makes it per tile."""
+    block, other = np.int64(num_ctas), np.int64(num_kv_heads)
+    while other:
+        block, other = other, block % other
+    block = max(block, np.int64(1))
+    record = units[: units.shape[0] // block]
+    return _lpt_blocks(g_tokens, g_chunks, num_kv_heads // block, num_ctas // block, record), block
+
+
+@njit(cache=True, nogil=True)
+def expand_blocks(assignment, block):
+    """Block tile u on block-CTA s (``assignment[u]``, u < len // block) -> tiles u*block + i on
+    CTAs s*block + i, in place (last unit first: u * block >= u)."""
+    if block == 1:
+        return
+    for u in range(assignment.shape[0] // block - 1, -1, -1):
+        first = assignment[u] * block
+        for i in range(block - 1, -1, -1):
+            assignment[u * block + i] = first + i
+
+
+@njit(cache=True, nogil=True)
+def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
+    """``lpt_assign`` on (block-)CTAs, group g being ``g_chunks[g] * tiles_per_chunk`` tiles. Loads
     live in a bucket queue: every load lies within one tile cost of the smallest, so a circular
     array of buckets (one per load value) with a bitmap of non-empty ones finds the least-loaded
     CTA in O(1). Equal tiles are placed in batches: all CTAs loaded at most ``least + cost`` are
@@ -108,7 +148,7 @@ def lpt_assign(g_tokens, g_count, num_ctas, assignment):
     one, six, full = np.uint64(1), np.uint64(6), np.uint64(0xFFFFFFFFFFFFFFFF)
     for g in range(g_tokens.shape[0]):
         cost = g_tokens[g] + overhead
-        todo = g_count[g]
+        todo = g_chunks[g] * tiles_per_chunk
         while todo > 0:
             want = min(todo, num_ctas)
             batch = 0
@@ -340,7 +380,7 @@ def _anchor_makespan(kv_len, num_kv_heads, num_ctas, chunk):
     groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
     tiles = np.int64(groups[4].sum())
     bound, _ = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk)
-    return lpt_assign(groups[3], groups[4], num_ctas, np.empty(0, np.int64)), tiles, bound
+    return lpt_assign(groups[3], groups[2], num_kv_heads, num_ctas, np.empty(0, np.int64)), tiles, bound
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ from .validation import validate_block_lengths, validate_page_lengths
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
-from .anchors import chunk_groups, decode_chunk_tokens, longest_first, lpt_assign, makespan_lower_bound, persistent_chunk_tokens
+from .anchors import chunk_groups, decode_chunk_tokens, expand_blocks, longest_first, lpt_assign, lpt_blocks, makespan_lower_bound
+from .anchors import persistent_chunk_tokens
 from .plan import TILE_OVERHEAD_TOKENS, Plan
 
 # layout parameters passed to the njit core (one int64 array per layout)
@@ -337,12 +338,14 @@ def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, wo
 
 
 @njit(cache=True, nogil=True)
-def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, assignment):
+def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, units):
     """Tiles of ``chunk``-token chunks placed longest request first on the least-loaded CTA (the
-    anchors' schedules). Returns (makespan, groups); ``assignment`` gets each tile's CTA."""
+    anchors' schedules). Returns (makespan, groups, block); ``units`` gets the block-level
+    assignment (``lpt_blocks``), made per tile by ``expand_blocks`` if the schedule is kept."""
     groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
     tiles = groups[4].sum()
-    return lpt_assign(groups[3], groups[4], num_ctas, assignment[:tiles]), groups
+    makespan, block = lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, units[:tiles])
+    return makespan, groups, block
 
 
 @njit(cache=True, nogil=True)
@@ -394,7 +397,7 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         if tiles > tile_cap:
             result[R_ERROR], result[R_VALUE] = E_CAPACITY, tiles
             return
-        makespan = lpt_assign(groups[3], groups[4], num_ctas, assignment[:tiles])
+        makespan = lpt_assign(groups[3], groups[2], num_kv_heads, num_ctas, assignment[:tiles])
         num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, scratch[X_EMIT:], buf, off)
     else:
         # our packing, then each anchor's schedule (longest first on the least-loaded CTA) unless its
@@ -418,19 +421,20 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
             chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
         anchor_chunk = np.int64(-1)
         if tiles_a <= tile_cap and bound_a < best:
-            makespan_a, groups = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
+            makespan_a, groups, block = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
             if makespan_a < best:
                 best, anchor_chunk = makespan_a, chunk_a
         if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
             spare = scratch[X_SPARE]
-            makespan_b, groups_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
+            makespan_b, groups_b, block_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
             if makespan_b < best:
-                best, anchor_chunk, groups, assignment = makespan_b, chunk_b, groups_b, spare
+                best, anchor_chunk, groups, assignment, block = makespan_b, chunk_b, groups_b, spare, block_b
         if best == NO_MAKESPAN:
             result[R_ERROR] = E_CAPACITY
             return
         if anchor_chunk >= 0:
             makespan = best
+            expand_blocks(assignment[: groups[4].sum()], block)
             num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, scratch[X_EMIT:], buf, off)
         else:
             _write_runs(runs, num_runs, buf, off)

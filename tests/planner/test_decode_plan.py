@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tilegraph.planner.anchors import anchors, flashinfer_decode
+from tilegraph.planner.anchors import anchors, chunk_groups, flashinfer_decode, longest_first, lpt_assign
 from tilegraph.planner.decode import plan_decode
 from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import TILE_OVERHEAD_TOKENS, Plan, ideal_makespan
@@ -226,6 +226,29 @@ def test_anchors_match_a_plain_reference(kv_len, page_size, kv_heads, num_ctas):
     chunk = page_size * max(1, -(-share // page_size))
     assert persistent.makespan == reference_anchor(kv_len, kv_heads, num_ctas, chunk)
     assert persistent.chunk_tokens == (chunk if any(n > chunk for n in kv_len) else None)
+
+
+@settings(deadline=None, max_examples=150)
+@given(kv_len=lengths_strategy, kv_heads=st.integers(1, 8), num_ctas=st.integers(1, 300), chunk=st.sampled_from([0, 64, 700]))
+def test_lpt_assignment_is_least_loaded_tile_by_tile(kv_len, kv_heads, num_ctas, chunk):
+    """lpt_assign plans block-CTAs (gcd(kv_heads, num_ctas) CTAs in lockstep) and expands them: replayed
+    tile by tile, every tile lands on a CTA that is least loaded at that moment, and the loads' maximum is
+    the makespan it returns and the plain heap's. Fails if a block's tiles are expanded onto the wrong
+    CTAs or the block-level loads are not the real ones."""
+    lengths = np.array(kv_len, dtype=np.int64)
+    groups = chunk_groups(lengths, longest_first(lengths), kv_heads, chunk)
+    g_tokens, g_count = groups[3], groups[4]
+    assignment = np.full(int(g_count.sum()), -7, dtype=np.int64)
+    makespan = lpt_assign(g_tokens, groups[2], kv_heads, num_ctas, assignment)
+    loads = np.zeros(num_ctas, dtype=np.int64)
+    tile = 0
+    for tokens, count in zip(g_tokens.tolist(), g_count.tolist()):
+        for _ in range(count):
+            cta = int(assignment[tile])
+            assert 0 <= cta < num_ctas and loads[cta] == loads.min(), (tile, cta)
+            loads[cta] += tokens + TILE_OVERHEAD_TOKENS
+            tile += 1
+    assert makespan == (int(loads.max()) if tile else 0) == reference_anchor(kv_len, kv_heads, num_ctas, chunk)
 
 
 @settings(deadline=None, max_examples=200)
