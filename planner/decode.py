@@ -7,9 +7,10 @@ largest CTA load. Non-deterministic layouts keep the best of three schedules:
   * the two anchors' (anchors.py: FlashInfer's decode and persistent chunkings, longest request
     first onto the least-loaded CTA), each kept when its makespan is lower -- so the plan is never
     worse than either. An anchor is not scheduled at all when its ``makespan_lower_bound``, probed
-    with the packing's makespan, is not below the best makespan so far (it cannot win). The
-    packing's tiles are kept as runs (one request, consecutive kv_heads, one CTA) and written only
-    when no anchor beats it.
+    with the packing's makespan, is not below the best makespan so far (it cannot win). The bounds
+    come first: a packing pass at a capacity no anchor can get below writes its tiles straight
+    into the plan; otherwise they are kept as runs (one request, consecutive kv_heads, one CTA) and
+    written only when no anchor beats it.
 
 Our packing: a greedy pass at a CTA capacity ``M`` fills CTA 0, 1, ... in turn with (1) the rest
 of the pair split at the end of the previous CTA (or a piece of it filling this one), (2) whole
@@ -48,8 +49,8 @@ from .validation import validate_block_lengths, validate_page_lengths
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
-from .anchors import chunk_groups, decode_chunk_tokens, expand_blocks, longest_first, lpt_assign, lpt_blocks, makespan_lower_bound
-from .anchors import persistent_chunk_tokens
+from .anchors import bound_terms, chunk_groups, decode_chunk_tokens, expand_blocks, longest_first, lpt_assign, lpt_blocks
+from .anchors import persistent_chunk_tokens, probe_bound
 from .plan import TILE_OVERHEAD_TOKENS, Plan
 
 # layout parameters passed to the njit core (one int64 array per layout)
@@ -67,6 +68,17 @@ S_KV_INDPTR, S_KV_INDICES, S_KV_LEN = _S["kv_indptr"], _S["kv_indices"], _S["kv_
 REFINE_RATIO = 256
 NO_MAKESPAN = 1 << 62
 
+# what a packing pass writes: nothing (a trial), its tiles as runs, or its tiles into the plan
+EMIT_NONE, EMIT_RUNS, EMIT_TILES = 0, 1, 2
+# a run of tiles: one request, kv_heads head .. head + count - 1, one CTA, the same tokens and slot
+RUN_REQUEST, RUN_HEAD, RUN_COUNT, RUN_CTA, RUN_START, RUN_END, RUN_SLOT = range(7)
+# the core's work rows (``_scratch``): the runs' seven, then a CTA per tile for each anchor, then
+# ``_emit_assigned``'s tiles, TILE_WORDS int32 words each
+X_ASSIGNMENT, X_SPARE, X_EMIT = 7, 8, 9
+TILE_WORDS = 8  # six used: request, kv_head, cta, token start, token end, slot
+EMIT_ROWS = TILE_WORDS // 2
+SCRATCH_ROWS = X_EMIT + EMIT_ROWS
+
 # ---- njit core ---------------------------------------------------------------------------------------
 
 
@@ -74,13 +86,15 @@ NO_MAKESPAN = 1 << 62
 def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, runs, buf, off):
     """One greedy pass at CTA capacity ``capacity`` over whole (request, kv_head) pairs, ``order``:
     requests by kv_len ascending (see the module docstring). Returns (fits, num_tiles, num_merges,
-    num_slots, makespan, next capacity to try, runs used); only when ``emit`` writes merges and the
-    CTA index into the plan and its tiles as runs (``_write_runs``)."""
+    num_slots, makespan, next capacity to try, runs used). ``emit``: EMIT_NONE, or write merges and
+    the CTA index into the plan and the tiles as runs (EMIT_RUNS, for ``_write_runs``) or straight
+    into the plan (EMIT_TILES)."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     loss = overhead + 2  # most a CTA leaves unused: the bound behind the lazy split and early exit
     # plain offsets, no array views: the loops stay free of reference counting
     o_indptr = off[S_CTA_TILE_INDPTR]
     o_m_indptr, o_m_request, o_m_head = off[S_MERGE_INDPTR], off[S_MERGE_REQUEST], off[S_MERGE_KV_HEAD]
+    tile_at = _tile_offsets(off)
     num_runs = 0
     left[:] = num_kv_heads  # per sorted position, kv_heads [taken, taken + left) are free
     taken[:] = 0
@@ -109,7 +123,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                 return False, num_tiles, num_merges, num_slots, makespan, capacity + 1, num_runs
             piece = min(cur_rem, space - overhead)
             if emit:
-                num_runs = _add_run(runs, num_runs, cur_request, cur_head, 1, cta, cur_pos, cur_pos + piece, num_slots)
+                num_runs = _add_run(emit, runs, num_runs, buf, tile_at, num_tiles, cur_request, cur_head, 1, cta, cur_pos, cur_pos + piece, num_slots)
             num_tiles += 1
             num_slots += 1
             cur_pos += piece
@@ -137,7 +151,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                     return False, num_tiles, num_merges, num_slots, makespan, capacity + 1, num_runs
                 if emit:
                     first = taken[p] if from_long else taken[p] + left[p] - k
-                    num_runs = _add_run(runs, num_runs, request, first, k, cta, 0, tokens, -1)
+                    num_runs = _add_run(emit, runs, num_runs, buf, tile_at, num_tiles, request, first, k, cta, 0, tokens, -1)
                 if from_long:
                     taken[p] += k
                 left[p] -= k
@@ -162,7 +176,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                 if emit:
                     buf[o_m_request + num_merges], buf[o_m_head + num_merges] = cur_request, cur_head
                     buf[o_m_indptr + num_merges] = num_slots
-                    num_runs = _add_run(runs, num_runs, cur_request, cur_head, 1, cta, 0, piece, num_slots)
+                    num_runs = _add_run(emit, runs, num_runs, buf, tile_at, num_tiles, cur_request, cur_head, 1, cta, 0, piece, num_slots)
                 num_tiles += 1
                 num_slots += 1
                 cur_pos, cur_rem = piece, tokens - piece
@@ -181,22 +195,35 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
     return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, lost, total, num_ctas), num_runs
 
 
-# a run of tiles: one request, kv_heads head .. head + count - 1, one CTA, the same tokens and slot
-RUN_REQUEST, RUN_HEAD, RUN_COUNT, RUN_CTA, RUN_START, RUN_END, RUN_SLOT = range(7)
-# the core's work rows (``_scratch``): the runs' seven, then a CTA per tile for each anchor, then
-# ``_emit_assigned``'s tiles, TILE_WORDS int32 words each
-X_ASSIGNMENT, X_SPARE, X_EMIT = 7, 8, 9
-TILE_WORDS = 8  # six used: request, kv_head, cta, token start, token end, slot
-EMIT_ROWS = TILE_WORDS // 2
-SCRATCH_ROWS = X_EMIT + EMIT_ROWS
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _add_run(runs, num_runs, request, head, count, cta, start, end, slot):
-    runs[RUN_REQUEST, num_runs], runs[RUN_HEAD, num_runs], runs[RUN_COUNT, num_runs] = request, head, count
-    runs[RUN_CTA, num_runs], runs[RUN_START, num_runs], runs[RUN_END, num_runs] = cta, start, end
-    runs[RUN_SLOT, num_runs] = slot
-    return num_runs + 1
+def _add_run(emit, runs, num_runs, buf, at, first_tile, request, head, count, cta, start, end, slot):
+    """Tiles first_tile .. first_tile + count - 1: one request, kv_heads head .., one CTA, the same
+    tokens and slot -- a run in ``runs`` (EMIT_RUNS) or the plan's tile words (EMIT_TILES; ``at``:
+    the tile sections' offsets, ``_tile_offsets``)."""
+    if emit == EMIT_RUNS:
+        runs[RUN_REQUEST, num_runs], runs[RUN_HEAD, num_runs], runs[RUN_COUNT, num_runs] = request, head, count
+        runs[RUN_CTA, num_runs], runs[RUN_START, num_runs], runs[RUN_END, num_runs] = cta, start, end
+        runs[RUN_SLOT, num_runs] = slot
+        return num_runs + 1
+    t, stop = np.uint64(first_tile), np.uint64(first_tile + count)
+    request_at, head_at, cta_at, start_at, end_at, slot_at = at
+    request, head, cta = np.int32(request), np.int32(head), np.int32(cta)
+    start, end, slot = np.int32(start), np.int32(end), np.int32(slot)
+    while t < stop:  # a while: LLVM leaves it scalar (see _write_runs)
+        buf[request_at + t], buf[head_at + t], buf[cta_at + t] = request, head, cta
+        buf[start_at + t], buf[end_at + t], buf[slot_at + t] = start, end, slot
+        head += np.int32(1)
+        t += np.uint64(1)
+    return num_runs
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tile_offsets(off):
+    """The six tile sections' offsets in the plan, unsigned (no negative-index wrap in the stores)."""
+    return (np.uint64(off[S_REQUEST]), np.uint64(off[S_KV_HEAD]), np.uint64(off[S_CTA]),
+            np.uint64(off[S_START]), np.uint64(off[S_END]), np.uint64(off[S_SLOT]))  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
@@ -205,8 +232,7 @@ def _write_runs(runs, num_runs, buf, off):
     per section), unsigned indices (no negative-index wrap), and a ``while`` over each run's tiles,
     which LLVM leaves scalar -- its vectorized ``for`` loop, runtime alias checks and all, took 1.8x
     as long at B=4096 on the 2-core VM."""
-    request_at, head_at, cta_at = np.uint64(off[S_REQUEST]), np.uint64(off[S_KV_HEAD]), np.uint64(off[S_CTA])
-    start_at, end_at, slot_at = np.uint64(off[S_START]), np.uint64(off[S_END]), np.uint64(off[S_SLOT])
+    request_at, head_at, cta_at, start_at, end_at, slot_at = _tile_offsets(off)
     run_request, run_head, run_count, run_cta = runs[RUN_REQUEST], runs[RUN_HEAD], runs[RUN_COUNT], runs[RUN_CTA]
     run_start, run_end, run_slot = runs[RUN_START], runs[RUN_END], runs[RUN_SLOT]
     t = np.uint64(0)
@@ -231,11 +257,23 @@ def _suggest(capacity, ctas_done, lost, total, num_ctas):
 
 
 @njit(cache=True, nogil=True)
-def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, runs, buf, off):
+def _anchors_below(anchor_terms, tile_cap, num_ctas, makespan):
+    """Whether an anchor schedule (its ``bound_terms`` in ``anchor_terms``, both) might have a
+    makespan below ``makespan``: False when each has more tiles than the plan holds or a bound,
+    probed with ``makespan``, of at least ``makespan``."""
+    for terms in anchor_terms:
+        if terms[1] <= tile_cap and probe_bound(terms, num_ctas, makespan) < makespan:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, anchor_terms, runs, buf, off):
     """Smallest capacity (within 1/REFINE_RATIO) at which ``_pack`` fits, if any is below ``below``.
-    A fitting capacity's merges and CTA index are written to the plan, its tiles to ``runs`` (for
-    ``_write_runs``, once no anchor beats it). Returns (found, num_tiles, num_merges, num_slots,
-    makespan, runs used).
+    A fitting capacity's merges and CTA index are written to the plan, its tiles straight into the
+    plan when no anchor can get below the capacity (``_anchors_below``; ``anchor_terms``: both
+    anchors' ``bound_terms``), else to ``runs`` (for ``_write_runs``, once no anchor beats it).
+    Returns (found, num_tiles, num_merges, num_slots, makespan, runs used, tiles written).
 
     lo is a lower bound, hi always fits (a CTA leaves at most TILE_OVERHEAD_TOKENS + 2 unused).
     After a failed pass try its estimate, after a fitting one bisect; a pass that would end the
@@ -257,18 +295,21 @@ def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, tot
     while lo <= limit:
         capacity = min(max(capacity, lo), limit)
         final = capacity == hi or (capacity - lo) * REFINE_RATIO <= capacity
+        emit = EMIT_NONE
+        if final:
+            emit = EMIT_RUNS if _anchors_below(anchor_terms, tile_cap, num_ctas, capacity) else EMIT_TILES
         fits, num_tiles, num_merges, num_slots, makespan, suggested, num_runs = _pack(
-            capacity, final, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, runs, buf, off
+            capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, runs, buf, off
         )
         if fits and final:
-            return True, num_tiles, num_merges, num_slots, makespan, num_runs
+            return True, num_tiles, num_merges, num_slots, makespan, num_runs, emit == EMIT_TILES
         if fits:
             hi = limit = capacity
             capacity = (lo + hi) // 2
         else:
             lo = capacity + 1
             capacity = suggested
-    return False, 0, 0, 0, 0, 0
+    return False, 0, 0, 0, 0, 0, False
 
 
 @njit(cache=True, nogil=True)
@@ -400,44 +441,49 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         makespan = lpt_assign(groups[3], groups[2], num_kv_heads, num_ctas, assignment[:tiles])
         num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, scratch[X_EMIT:], buf, off)
     else:
-        # our packing, then each anchor's schedule (longest first on the least-loaded CTA) unless its
-        # lower bound shows it cannot beat the packing; an anchor that does beat it is written instead
+        # the anchors' lower bounds first: a packing at a capacity no anchor can get below writes its
+        # tiles straight into the plan; otherwise it keeps them as runs, each anchor whose bound
+        # (probed with the packing's makespan) is below the best so far is scheduled, and the
+        # packing's runs are written only if none beats it
         total = num_kv_heads * (kv_tokens + batch * overhead)
-        runs = scratch[:X_ASSIGNMENT]  # a run holds at least one tile
-        found, num_tiles, num_merges, num_slots, makespan, num_runs = _search_pack(
-            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, NO_MAKESPAN, runs, buf, off
-        )
-        best = makespan if found else NO_MAKESPAN
         longest = np.int64(kv_len[order[0]]) if batch else np.int64(0)
         chunk_a = decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
         chunk_b = persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
         chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
         chunk_b = 0 if chunk_b >= longest else chunk_b
-        bound_a, tiles_a = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_a, best)
-        bound_b, tiles_b = bound_a, tiles_a  # the same chunks: the same schedule, bounded once
+        terms_a = bound_terms(kv_len, order, num_kv_heads, num_ctas, chunk_a)
+        terms_b = terms_a  # the same chunks: the same schedule, bounded once
         if chunk_b != chunk_a:
-            bound_b, tiles_b = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b, best)
-        if bound_b < bound_a:  # the more promising first: the other may then be skipped
-            chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
-        anchor_chunk = np.int64(-1)
-        if tiles_a <= tile_cap and bound_a < best:
-            makespan_a, groups, block = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
-            if makespan_a < best:
-                best, anchor_chunk = makespan_a, chunk_a
-        if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
-            spare = scratch[X_SPARE]
-            makespan_b, groups_b, block_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
-            if makespan_b < best:
-                best, anchor_chunk, groups, assignment, block = makespan_b, chunk_b, groups_b, spare, block_b
-        if best == NO_MAKESPAN:
-            result[R_ERROR] = E_CAPACITY
-            return
-        if anchor_chunk >= 0:
-            makespan = best
-            expand_blocks(assignment[: groups[4].sum()], block)
-            num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, scratch[X_EMIT:], buf, off)
-        else:
-            _write_runs(runs, num_runs, buf, off)
+            terms_b = bound_terms(kv_len, order, num_kv_heads, num_ctas, chunk_b)
+        runs = scratch[:X_ASSIGNMENT]  # a run holds at least one tile
+        found, num_tiles, num_merges, num_slots, makespan, num_runs, written = _search_pack(
+            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, NO_MAKESPAN, (terms_a, terms_b), runs, buf, off
+        )
+        if not written:
+            best = makespan if found else NO_MAKESPAN
+            bound_a, tiles_a = probe_bound(terms_a, num_ctas, best), terms_a[1]
+            bound_b, tiles_b = probe_bound(terms_b, num_ctas, best), terms_b[1]
+            if bound_b < bound_a:  # the more promising first: the other may then be skipped
+                chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
+            anchor_chunk = np.int64(-1)
+            if tiles_a <= tile_cap and bound_a < best:
+                makespan_a, groups, block = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
+                if makespan_a < best:
+                    best, anchor_chunk = makespan_a, chunk_a
+            if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
+                spare = scratch[X_SPARE]
+                makespan_b, groups_b, block_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
+                if makespan_b < best:
+                    best, anchor_chunk, groups, assignment, block = makespan_b, chunk_b, groups_b, spare, block_b
+            if best == NO_MAKESPAN:
+                result[R_ERROR] = E_CAPACITY
+                return
+            if anchor_chunk >= 0:
+                makespan = best
+                expand_blocks(assignment[: groups[4].sum()], block)
+                num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, scratch[X_EMIT:], buf, off)
+            else:
+                _write_runs(runs, num_runs, buf, off)
     if num_tiles > tile_cap or num_merges > merge_cap or num_slots > params[P_SLOT_CAP]:
         result[R_ERROR], result[R_VALUE] = E_CAPACITY, num_tiles
         return
