@@ -7,10 +7,8 @@ largest CTA load. Non-deterministic layouts keep the best of three schedules:
   * the two anchors' (anchors.py: FlashInfer's decode and persistent chunkings, longest request
     first onto the least-loaded CTA), each kept when its makespan is lower -- so the plan is never
     worse than either. An anchor is not scheduled at all when its ``makespan_lower_bound``, probed
-    with the packing's makespan, is not below the best makespan so far (it cannot win). The bounds
-    come first: a packing pass at a capacity no anchor can get below writes its tiles straight
-    into the plan; otherwise they are kept as runs (one request, consecutive kv_heads, one CTA) and
-    written only when no anchor beats it.
+    with the packing's makespan, is not below the best makespan so far (it cannot win). The
+    packing writes its tiles into the plan as it goes; an anchor that wins writes over them.
 
 Our packing: a greedy pass at a CTA capacity ``M`` fills CTA 0, 1, ... in turn with (1) the rest
 of the pair split at the end of the previous CTA (or a piece of it filling this one), (2) whole
@@ -36,7 +34,7 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -49,8 +47,7 @@ from .validation import validate_block_lengths, validate_page_lengths
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
-from .anchors import bound_terms, chunk_groups, decode_chunk_tokens, expand_blocks, longest_first, lpt_assign, lpt_blocks
-from .anchors import persistent_chunk_tokens, probe_bound
+from .anchors import chunk_groups, decode_chunk_tokens, longest_first, lpt_blocks, makespan_lower_bound, persistent_chunk_tokens
 from .plan import TILE_OVERHEAD_TOKENS, Plan
 
 # layout parameters passed to the njit core (one int64 array per layout)
@@ -68,34 +65,27 @@ S_KV_INDPTR, S_KV_INDICES, S_KV_LEN = _S["kv_indptr"], _S["kv_indices"], _S["kv_
 REFINE_RATIO = 256
 NO_MAKESPAN = 1 << 62
 
-# what a packing pass writes: nothing (a trial), its tiles as runs, or its tiles into the plan
-EMIT_NONE, EMIT_RUNS, EMIT_TILES = 0, 1, 2
-# a run of tiles: one request, kv_heads head .. head + count - 1, one CTA, the same tokens and slot
-RUN_REQUEST, RUN_HEAD, RUN_COUNT, RUN_CTA, RUN_START, RUN_END, RUN_SLOT = range(7)
-# the core's work rows (``_scratch``): the runs' seven, then a CTA per tile for each anchor, then
-# ``_emit_assigned``'s tiles, TILE_WORDS int32 words each
-X_ASSIGNMENT, X_SPARE, X_EMIT = 7, 8, 9
-TILE_WORDS = 8  # six used: request, kv_head, cta, token start, token end, slot
-EMIT_ROWS = TILE_WORDS // 2
+# the core's work rows (``_scratch``): a block-CTA per block tile for each anchor, then
+# ``_emit_blocks``'s six words per block tile
+X_ASSIGNMENT, X_SPARE, X_EMIT = 0, 1, 2
+EMIT_ROWS = 6
 SCRATCH_ROWS = X_EMIT + EMIT_ROWS
 
 # ---- njit core ---------------------------------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, runs, buf, off):
+def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off):
     """One greedy pass at CTA capacity ``capacity`` over whole (request, kv_head) pairs, ``order``:
     requests by kv_len ascending (see the module docstring). Returns (fits, num_tiles, num_merges,
-    num_slots, makespan, next capacity to try, runs used). ``emit``: EMIT_NONE, or write merges and
-    the CTA index into the plan and the tiles as runs (EMIT_RUNS, for ``_write_runs``) or straight
-    into the plan (EMIT_TILES)."""
+    num_slots, makespan, next capacity to try); only when ``emit`` writes tiles, merges and the CTA
+    index into the plan."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     loss = overhead + 2  # most a CTA leaves unused: the bound behind the lazy split and early exit
     # plain offsets, no array views: the loops stay free of reference counting
     o_indptr = off[S_CTA_TILE_INDPTR]
     o_m_indptr, o_m_request, o_m_head = off[S_MERGE_INDPTR], off[S_MERGE_REQUEST], off[S_MERGE_KV_HEAD]
     tile_at = _tile_offsets(off)
-    num_runs = 0
     left[:] = num_kv_heads  # per sorted position, kv_heads [taken, taken + left) are free
     taken[:] = 0
     lo, hi = 0, order.shape[0] - 1  # sorted positions: lo = fewest tokens
@@ -113,17 +103,17 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
             break
         if remaining > (num_ctas - cta) * capacity:  # cannot fit any more
             lost = cta * capacity - (total - remaining) + (overhead if cur_rem >= 0 else 0)
-            return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, cta, lost, total, num_ctas), num_runs
+            return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, cta, lost, total, num_ctas)
         if not emit and cur_rem < 0 and remaining <= (num_ctas - cta) * (capacity - loss):
-            return True, num_tiles, num_merges, num_slots, makespan, capacity, num_runs  # the rest surely fits
+            return True, num_tiles, num_merges, num_slots, makespan, capacity  # the rest surely fits
         space = capacity
         # 1. the next piece of a split pair: all of it, or a piece filling the CTA
         if cur_rem >= 0:
             if num_tiles + 1 > tile_cap:
-                return False, num_tiles, num_merges, num_slots, makespan, capacity + 1, num_runs
+                return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
             piece = min(cur_rem, space - overhead)
             if emit:
-                num_runs = _add_run(emit, runs, num_runs, buf, tile_at, num_tiles, cur_request, cur_head, 1, cta, cur_pos, cur_pos + piece, num_slots)
+                _put_tiles(buf, tile_at, num_tiles, cur_request, cur_head, 1, cta, cur_pos, cur_pos + piece, num_slots)
             num_tiles += 1
             num_slots += 1
             cur_pos += piece
@@ -148,10 +138,10 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                 if k * cost > space:
                     k = 1 if 2 * cost > space else space // cost
                 if num_tiles + k > tile_cap:
-                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1, num_runs
+                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
                 if emit:
                     first = taken[p] if from_long else taken[p] + left[p] - k
-                    num_runs = _add_run(emit, runs, num_runs, buf, tile_at, num_tiles, request, first, k, cta, 0, tokens, -1)
+                    _put_tiles(buf, tile_at, num_tiles, request, first, k, cta, 0, tokens, -1)
                 if from_long:
                     taken[p] += k
                 left[p] -= k
@@ -171,12 +161,12 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
             piece = min(space - overhead, tokens - 1)
             if piece >= 1:
                 if num_tiles + 1 > tile_cap or num_merges + 1 > merge_cap:
-                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1, num_runs
+                    return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
                 cur_request, cur_head = request, taken[hi]
                 if emit:
                     buf[o_m_request + num_merges], buf[o_m_head + num_merges] = cur_request, cur_head
                     buf[o_m_indptr + num_merges] = num_slots
-                    num_runs = _add_run(emit, runs, num_runs, buf, tile_at, num_tiles, cur_request, cur_head, 1, cta, 0, piece, num_slots)
+                    _put_tiles(buf, tile_at, num_tiles, cur_request, cur_head, 1, cta, 0, piece, num_slots)
                 num_tiles += 1
                 num_slots += 1
                 cur_pos, cur_rem = piece, tokens - piece
@@ -190,33 +180,28 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
         if emit:
             buf[o_indptr + cta + 1] = num_tiles
     if cur_rem < 0 and lo > hi:
-        return True, num_tiles, num_merges, num_slots, makespan, capacity, num_runs
+        return True, num_tiles, num_merges, num_slots, makespan, capacity
     lost = num_ctas * capacity - (total - remaining) + (overhead if cur_rem >= 0 else 0)
-    return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, lost, total, num_ctas), num_runs
+    return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, lost, total, num_ctas)
 
 
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _add_run(emit, runs, num_runs, buf, at, first_tile, request, head, count, cta, start, end, slot):
-    """Tiles first_tile .. first_tile + count - 1: one request, kv_heads head .., one CTA, the same
-    tokens and slot -- a run in ``runs`` (EMIT_RUNS) or the plan's tile words (EMIT_TILES; ``at``:
-    the tile sections' offsets, ``_tile_offsets``)."""
-    if emit == EMIT_RUNS:
-        runs[RUN_REQUEST, num_runs], runs[RUN_HEAD, num_runs], runs[RUN_COUNT, num_runs] = request, head, count
-        runs[RUN_CTA, num_runs], runs[RUN_START, num_runs], runs[RUN_END, num_runs] = cta, start, end
-        runs[RUN_SLOT, num_runs] = slot
-        return num_runs + 1
+def _put_tiles(buf, at, first_tile, request, head, count, cta, start, end, slot):
+    """The plan's words of tiles first_tile .. first_tile + count - 1: one request, kv_heads head ..,
+    one CTA, the same tokens and slot (``at``: the tile sections' offsets, ``_tile_offsets``). A
+    ``while``, which LLVM leaves scalar: its vectorized ``for`` loop, runtime alias checks and all,
+    took 1.8x as long at B=4096 on the 2-core VM."""
     t, stop = np.uint64(first_tile), np.uint64(first_tile + count)
     request_at, head_at, cta_at, start_at, end_at, slot_at = at
     request, head, cta = np.int32(request), np.int32(head), np.int32(cta)
     start, end, slot = np.int32(start), np.int32(end), np.int32(slot)
-    while t < stop:  # a while: LLVM leaves it scalar (see _write_runs)
+    while t < stop:
         buf[request_at + t], buf[head_at + t], buf[cta_at + t] = request, head, cta
         buf[start_at + t], buf[end_at + t], buf[slot_at + t] = start, end, slot
         head += np.int32(1)
         t += np.uint64(1)
-    return num_runs
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -224,27 +209,6 @@ def _tile_offsets(off):
     """The six tile sections' offsets in the plan, unsigned (no negative-index wrap in the stores)."""
     return (np.uint64(off[S_REQUEST]), np.uint64(off[S_KV_HEAD]), np.uint64(off[S_CTA]),
             np.uint64(off[S_START]), np.uint64(off[S_END]), np.uint64(off[S_SLOT]))  # fmt: skip
-
-
-@njit(cache=True, nogil=True)
-def _write_runs(runs, num_runs, buf, off):
-    """The tile_* sections from ``runs``, tile after tile: one pass (measured 2x faster than a pass
-    per section), unsigned indices (no negative-index wrap), and a ``while`` over each run's tiles,
-    which LLVM leaves scalar -- its vectorized ``for`` loop, runtime alias checks and all, took 1.8x
-    as long at B=4096 on the 2-core VM."""
-    request_at, head_at, cta_at, start_at, end_at, slot_at = _tile_offsets(off)
-    run_request, run_head, run_count, run_cta = runs[RUN_REQUEST], runs[RUN_HEAD], runs[RUN_COUNT], runs[RUN_CTA]
-    run_start, run_end, run_slot = runs[RUN_START], runs[RUN_END], runs[RUN_SLOT]
-    t = np.uint64(0)
-    for r in range(np.uint64(num_runs)):
-        request, head, cta = np.int32(run_request[r]), np.int32(run_head[r]), np.int32(run_cta[r])
-        start, end, slot = np.int32(run_start[r]), np.int32(run_end[r]), np.int32(run_slot[r])
-        stop = t + np.uint64(run_count[r])
-        while t < stop:
-            buf[request_at + t], buf[head_at + t], buf[cta_at + t] = request, head, cta
-            buf[start_at + t], buf[end_at + t], buf[slot_at + t] = start, end, slot
-            head += np.int32(1)
-            t += np.uint64(1)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -257,23 +221,10 @@ def _suggest(capacity, ctas_done, lost, total, num_ctas):
 
 
 @njit(cache=True, nogil=True)
-def _anchors_below(anchor_terms, tile_cap, num_ctas, makespan):
-    """Whether an anchor schedule (its ``bound_terms`` in ``anchor_terms``, both) might have a
-    makespan below ``makespan``: False when each has more tiles than the plan holds or a bound,
-    probed with ``makespan``, of at least ``makespan``."""
-    for terms in anchor_terms:
-        if terms[1] <= tile_cap and probe_bound(terms, num_ctas, makespan) < makespan:
-            return True
-    return False
-
-
-@njit(cache=True, nogil=True)
-def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, anchor_terms, runs, buf, off):
-    """Smallest capacity (within 1/REFINE_RATIO) at which ``_pack`` fits, if any is below ``below``.
-    A fitting capacity's merges and CTA index are written to the plan, its tiles straight into the
-    plan when no anchor can get below the capacity (``_anchors_below``; ``anchor_terms``: both
-    anchors' ``bound_terms``), else to ``runs`` (for ``_write_runs``, once no anchor beats it).
-    Returns (found, num_tiles, num_merges, num_slots, makespan, runs used, tiles written).
+def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, buf, off):
+    """Smallest capacity (within 1/REFINE_RATIO) at which ``_pack`` fits, if any is below ``below``;
+    its plan is written (an anchor that beats it overwrites it). Returns (found, num_tiles,
+    num_merges, num_slots, makespan).
 
     lo is a lower bound, hi always fits (a CTA leaves at most TILE_OVERHEAD_TOKENS + 2 unused).
     After a failed pass try its estimate, after a fitting one bisect; a pass that would end the
@@ -295,34 +246,30 @@ def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, tot
     while lo <= limit:
         capacity = min(max(capacity, lo), limit)
         final = capacity == hi or (capacity - lo) * REFINE_RATIO <= capacity
-        emit = EMIT_NONE
-        if final:
-            emit = EMIT_RUNS if _anchors_below(anchor_terms, tile_cap, num_ctas, capacity) else EMIT_TILES
-        fits, num_tiles, num_merges, num_slots, makespan, suggested, num_runs = _pack(
-            capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, runs, buf, off
+        fits, num_tiles, num_merges, num_slots, makespan, suggested = _pack(
+            capacity, final, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off
         )
         if fits and final:
-            return True, num_tiles, num_merges, num_slots, makespan, num_runs, emit == EMIT_TILES
+            return True, num_tiles, num_merges, num_slots, makespan
         if fits:
             hi = limit = capacity
             capacity = (lo + hi) // 2
         else:
             lo = capacity + 1
             capacity = suggested
-    return False, 0, 0, 0, 0, 0, False
+    return False, 0, 0, 0, 0
 
 
 @njit(cache=True, nogil=True)
-def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, work, buf, off):
-    """Write a schedule given as a CTA per tile (tiles in ``groups`` order; chunks of ``chunk``
-    tokens): tiles grouped by CTA in placement order, slots of split pairs as
-    ``base[request] + kv_head * chunks + chunk_index``, one merge entry per split pair in request
-    order. ``work``: EMIT_ROWS contiguous int64 rows of at least num_tiles words. Returns
-    (num_tiles, num_merges, num_slots)."""
+def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, work, buf, off):
+    """Write an anchor schedule kept at block level (``lpt_blocks``): block tile u on block-CTA
+    ``units[u]`` stands for ``block`` tiles -- kv_heads h .. h + block - 1 of one chunk -- on CTAs
+    units[u] * block + i. Tiles grouped by CTA in placement order (a CTA's tiles: its block's units
+    in order), slots of split pairs as ``base[request] + kv_head * chunks + chunk_index``, one
+    merge entry per split pair in request order. ``work``: EMIT_ROWS int64 rows of at least
+    num_tiles / block words. Returns (num_tiles, num_merges, num_slots)."""
     g_request, g_chunk0, g_chunks, g_tokens, g_count, request_chunks = groups
     batch = kv_len.shape[0]
-    o_indptr, o_request, o_head, o_start = off[S_CTA_TILE_INDPTR], off[S_REQUEST], off[S_KV_HEAD], off[S_START]
-    o_end, o_slot, o_cta = off[S_END], off[S_SLOT], off[S_CTA]
     o_m_indptr, o_m_request, o_m_head = off[S_MERGE_INDPTR], off[S_MERGE_REQUEST], off[S_MERGE_KV_HEAD]
     num_tiles = np.int64(g_count.sum())
     # merges and slot bases, in request order
@@ -339,42 +286,54 @@ def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, wo
             buf[o_m_request + num_merges], buf[o_m_head + num_merges] = request, head
             buf[o_m_indptr + num_merges + 1] = num_slots
             num_merges += 1
-    # tiles grouped by CTA: counts, prefix sums, then each tile's six words together at its CTA's
-    # cursor in ``work``, copied into the six sections in order
-    cursor = np.zeros(num_ctas + 1, np.int64)
-    for t in range(num_tiles):
-        cursor[assignment[t] + 1] += 1
-    for cta in range(num_ctas):
-        cursor[cta + 1] += cursor[cta]
-    for cta in range(num_ctas + 1):
-        buf[o_indptr + cta] = cursor[cta]
-    words = work.reshape(-1).view(np.int32)
-    t = np.uint64(0)  # unsigned indices: no negative-index wrap (measured ~25% here)
+    # block tiles grouped by block-CTA (a counting sort keeps placement order)
+    num_blocks = num_ctas // block
+    num_units = num_tiles // block
+    first = np.zeros(num_blocks + 1, np.int64)
+    for k in range(num_units):
+        first[units[k] + 1] += 1
+    for s in range(num_blocks):
+        first[s + 1] += first[s]
+    cursor = first[:num_blocks].copy()
+    # each block tile's words at its place in that order: request, first kv_head, token range, and
+    # slot = slot0 + kv_head * stride (split pairs; else -1 + kv_head * 0)
+    w_request, w_head, w_start, w_end, w_slot0, w_stride = work[0], work[1], work[2], work[3], work[4], work[5]
+    units_per_chunk = num_kv_heads // block
+    u = np.uint64(0)
     for g in range(g_request.shape[0]):
-        request, tokens = g_request[g], g_tokens[g]
+        request, tokens, index = g_request[g], g_tokens[g], g_chunk0[g]
         chunks = request_chunks[request]
-        index, head = g_chunk0[g], 0
-        base = slot_base[request] if chunks > 1 else -1
-        for _ in range(g_count[g]):
-            cta = np.uint64(assignment[t])
-            at = np.uint64(cursor[cta]) * np.uint64(TILE_WORDS)
-            cursor[cta] += 1
-            start = index * chunk if chunks > 1 else 0
-            words[at], words[at + np.uint64(1)], words[at + np.uint64(2)] = request, head, cta
-            words[at + np.uint64(3)], words[at + np.uint64(4)] = start, start + tokens
-            words[at + np.uint64(5)] = -1 if chunks == 1 else base + head * chunks + index
-            head += 1
-            if head == num_kv_heads:
-                head = 0
-                index += 1
-            t += np.uint64(1)
-    request_at, head_at, cta_at = np.uint64(o_request), np.uint64(o_head), np.uint64(o_cta)
-    start_at, end_at, slot_at = np.uint64(o_start), np.uint64(o_end), np.uint64(o_slot)
-    at = np.uint64(0)
-    for p in range(np.uint64(num_tiles)):  # unsigned: no negative-index wrap (measured 2x)
-        buf[request_at + p], buf[head_at + p], buf[cta_at + p] = words[at], words[at + 1], words[at + 2]
-        buf[start_at + p], buf[end_at + p], buf[slot_at + p] = words[at + 3], words[at + 4], words[at + 5]
-        at += np.uint64(TILE_WORDS)
+        split = chunks > 1
+        for _ in range(g_chunks[g]):
+            head = np.int64(0)
+            start = index * chunk if split else 0
+            for _ in range(units_per_chunk):
+                s = units[u]
+                at = cursor[s]
+                cursor[s] += 1
+                w_request[at], w_head[at], w_start[at], w_end[at] = request, head, start, start + tokens
+                w_slot0[at], w_stride[at] = (slot_base[request] + index, chunks) if split else (-1, 0)
+                head += block
+                u += np.uint64(1)
+            index += 1
+    # every CTA's tiles in turn: CTA s * block + i runs kv_head h + i of each of block s's units
+    request_at, head_at, cta_at, start_at, end_at, slot_at = _tile_offsets(off)
+    o_indptr = off[S_CTA_TILE_INDPTR]
+    buf[o_indptr] = 0
+    t = np.uint64(0)
+    for s in range(num_blocks):
+        begin, end = np.uint64(first[s]), np.uint64(first[s + 1])
+        for i in range(block):
+            cta = np.int32(s * block + i)
+            k = begin
+            while k < end:
+                head = w_head[k] + i
+                buf[request_at + t], buf[head_at + t], buf[cta_at + t] = np.int32(w_request[k]), np.int32(head), cta
+                buf[start_at + t], buf[end_at + t] = np.int32(w_start[k]), np.int32(w_end[k])
+                buf[slot_at + t] = np.int32(w_slot0[k] + head * w_stride[k])
+                t += np.uint64(1)
+                k += np.uint64(1)
+            buf[o_indptr + s * block + i + 1] = np.int64(t)
     return num_tiles, num_merges, num_slots
 
 
@@ -382,7 +341,7 @@ def _emit_assigned(kv_len, num_kv_heads, num_ctas, chunk, groups, assignment, wo
 def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, units):
     """Tiles of ``chunk``-token chunks placed longest request first on the least-loaded CTA (the
     anchors' schedules). Returns (makespan, groups, block); ``units`` gets the block-level
-    assignment (``lpt_blocks``), made per tile by ``expand_blocks`` if the schedule is kept."""
+    assignment (``lpt_blocks``), which ``_emit_blocks`` writes if the schedule is kept."""
     groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
     tiles = groups[4].sum()
     makespan, block = lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, units[:tiles])
@@ -438,52 +397,44 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         if tiles > tile_cap:
             result[R_ERROR], result[R_VALUE] = E_CAPACITY, tiles
             return
-        makespan = lpt_assign(groups[3], groups[2], num_kv_heads, num_ctas, assignment[:tiles])
-        num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, scratch[X_EMIT:], buf, off)
+        makespan, block = lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, assignment[:tiles])
+        num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, block, scratch[X_EMIT:], buf, off)
     else:
-        # the anchors' lower bounds first: a packing at a capacity no anchor can get below writes its
-        # tiles straight into the plan; otherwise it keeps them as runs, each anchor whose bound
-        # (probed with the packing's makespan) is below the best so far is scheduled, and the
-        # packing's runs are written only if none beats it
+        # our packing (written into the plan), then each anchor's schedule (longest first on the
+        # least-loaded CTA) unless its lower bound shows it cannot beat the packing; an anchor that
+        # does beat it is written over it
         total = num_kv_heads * (kv_tokens + batch * overhead)
+        found, num_tiles, num_merges, num_slots, makespan = _search_pack(
+            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, NO_MAKESPAN, buf, off
+        )
+        best = makespan if found else NO_MAKESPAN
         longest = np.int64(kv_len[order[0]]) if batch else np.int64(0)
         chunk_a = decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
         chunk_b = persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
         chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
         chunk_b = 0 if chunk_b >= longest else chunk_b
-        terms_a = bound_terms(kv_len, order, num_kv_heads, num_ctas, chunk_a)
-        terms_b = terms_a  # the same chunks: the same schedule, bounded once
+        bound_a, tiles_a = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_a, best)
+        bound_b, tiles_b = bound_a, tiles_a  # the same chunks: the same schedule, bounded once
         if chunk_b != chunk_a:
-            terms_b = bound_terms(kv_len, order, num_kv_heads, num_ctas, chunk_b)
-        runs = scratch[:X_ASSIGNMENT]  # a run holds at least one tile
-        found, num_tiles, num_merges, num_slots, makespan, num_runs, written = _search_pack(
-            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, NO_MAKESPAN, (terms_a, terms_b), runs, buf, off
-        )
-        if not written:
-            best = makespan if found else NO_MAKESPAN
-            bound_a, tiles_a = probe_bound(terms_a, num_ctas, best), terms_a[1]
-            bound_b, tiles_b = probe_bound(terms_b, num_ctas, best), terms_b[1]
-            if bound_b < bound_a:  # the more promising first: the other may then be skipped
-                chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
-            anchor_chunk = np.int64(-1)
-            if tiles_a <= tile_cap and bound_a < best:
-                makespan_a, groups, block = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
-                if makespan_a < best:
-                    best, anchor_chunk = makespan_a, chunk_a
-            if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
-                spare = scratch[X_SPARE]
-                makespan_b, groups_b, block_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
-                if makespan_b < best:
-                    best, anchor_chunk, groups, assignment, block = makespan_b, chunk_b, groups_b, spare, block_b
-            if best == NO_MAKESPAN:
-                result[R_ERROR] = E_CAPACITY
-                return
-            if anchor_chunk >= 0:
-                makespan = best
-                expand_blocks(assignment[: groups[4].sum()], block)
-                num_tiles, num_merges, num_slots = _emit_assigned(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, scratch[X_EMIT:], buf, off)
-            else:
-                _write_runs(runs, num_runs, buf, off)
+            bound_b, tiles_b = makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b, best)
+        if bound_b < bound_a:  # the more promising first: the other may then be skipped
+            chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
+        anchor_chunk = np.int64(-1)
+        if tiles_a <= tile_cap and bound_a < best:
+            makespan_a, groups, block = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
+            if makespan_a < best:
+                best, anchor_chunk = makespan_a, chunk_a
+        if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
+            spare = scratch[X_SPARE]
+            makespan_b, groups_b, block_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
+            if makespan_b < best:
+                best, anchor_chunk, groups, assignment, block = makespan_b, chunk_b, groups_b, spare, block_b
+        if best == NO_MAKESPAN:
+            result[R_ERROR] = E_CAPACITY
+            return
+        if anchor_chunk >= 0:
+            makespan = best
+            num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, block, scratch[X_EMIT:], buf, off)
     if num_tiles > tile_cap or num_merges > merge_cap or num_slots > params[P_SLOT_CAP]:
         result[R_ERROR], result[R_VALUE] = E_CAPACITY, num_tiles
         return
@@ -574,31 +525,40 @@ def check_csr_batch(layout: DecodeLayout, indptr: np.ndarray, batch: int, num_pa
         raise InputError(f"num_pages must be >= 0, got {num_pages}")
 
 
-_scratch_rows = threading.local()  # per thread: {layout: rows}
-_MOST_SCRATCH_LAYOUTS = 8
+_per_thread = threading.local()  # {layout: CoreInputs}
+_MOST_LAYOUTS = 8
 
 
-def _scratch(layout: DecodeLayout) -> np.ndarray:
-    """This thread's SCRATCH_ROWS x tile capacity int64 work rows for ``layout``'s plans, kept
-    between calls: fresh megabytes on every plan came back from the allocator as page faults (at
-    B=4096, ~330 a plan, more than the rest of the plan took)."""
-    rows_by_layout = getattr(_scratch_rows, "by_layout", None)
-    if rows_by_layout is None:
-        rows_by_layout = _scratch_rows.by_layout = {}
-    rows = rows_by_layout.get(layout)
-    if rows is None:
-        if len(rows_by_layout) >= _MOST_SCRATCH_LAYOUTS:
-            rows_by_layout.clear()
-        rows = rows_by_layout[layout] = np.empty((SCRATCH_ROWS, layout.tile_capacity), dtype=np.int64)
-    return rows
+class CoreInputs(NamedTuple):
+    """What the njit core takes for one layout's plans besides the batch, kept per thread."""
+
+    params: np.ndarray  # the layout's parameter words (_layout_params)
+    plan_words: int
+    scratch: np.ndarray  # SCRATCH_ROWS x tile capacity int64 work rows; contents ignored
+    result: np.ndarray  # the R_* words the core returns
+
+
+def _core_inputs(layout: DecodeLayout) -> CoreInputs:
+    """This thread's ``CoreInputs`` for ``layout``: fresh megabytes of scratch on every plan came back
+    from the allocator as page faults (at B=4096, ~330 a plan, more than the rest of the plan took)."""
+    by_layout = getattr(_per_thread, "by_layout", None)
+    if by_layout is None:
+        by_layout = _per_thread.by_layout = {}
+    inputs = by_layout.get(layout)
+    if inputs is None:
+        if len(by_layout) >= _MOST_LAYOUTS:
+            by_layout.clear()
+        params, words = _layout_params(layout)
+        scratch = np.empty((SCRATCH_ROWS, layout.tile_capacity), dtype=np.int64)
+        inputs = by_layout[layout] = CoreInputs(params, words, scratch, np.empty(R_WORDS, dtype=np.int64))
+    return inputs
 
 
 def _run_core(layout: DecodeLayout, core: Any, args: tuple[Any, ...], num_pages: int, serial: int, batch: int,
               device_table: str | None) -> Plan:  # fmt: skip
-    params, words = _layout_params(layout)
+    params, words, scratch, result = _core_inputs(layout)
     buffer = np.empty(words, dtype=np.int32)
-    result = np.empty(R_WORDS, dtype=np.int64)
-    core(*args, num_pages, serial, params, buffer, _scratch(layout), result)
+    core(*args, num_pages, serial, params, buffer, scratch, result)
     error, _, _, num_tiles, num_merges, num_slots, makespan, max_page, kv_tokens = result.tolist()
     if error:
         raise_plan_error(result, layout, num_pages, batch)

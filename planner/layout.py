@@ -25,7 +25,8 @@ float32 and ``partial_lse[slot_capacity, group]`` float32 (natural log) -- sized
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 from tilegraph.settings import Settings
 
@@ -103,6 +104,13 @@ class DecodeLayout(SectionedLayout):
     group_size: int
     head_dim: int
     deterministic: bool
+
+    def __hash__(self) -> int:  # every plan looks its layout up (the planner's per-layout inputs): hash once
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, field.name) for field in fields(self)))
 
     @classmethod
     def from_settings(cls, settings: Settings, num_ctas: int) -> "DecodeLayout":

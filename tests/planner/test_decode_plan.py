@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tilegraph.planner.anchors import anchors, chunk_groups, flashinfer_decode, longest_first, lpt_assign
+from tilegraph.planner import decode
 from tilegraph.planner.decode import plan_decode
 from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import TILE_OVERHEAD_TOKENS, Plan, ideal_makespan
@@ -197,6 +198,37 @@ def test_torch_and_numpy_inputs_give_the_same_plan():
     again = plan_decode(layout, *(torch.from_numpy(a) for a in table), num_pages=NUM_PAGES, serial=7)
     assert live_words(again) == live_words(plan) and again.makespan == plan.makespan
     assert "5 requests" in repr(plan) and plan.section("header")[4] == 7
+
+
+def packing_makespan(kv_len: list[int], layout: DecodeLayout) -> int:
+    """The planner's own packing alone (before it compares the anchors)."""
+    lengths = np.array(kv_len, dtype=np.int64)
+    params, words = decode._layout_params(layout)
+    total = layout.num_kv_heads * (int(lengths.sum()) + len(kv_len) * TILE_OVERHEAD_TOKENS)
+    found, *_, makespan = decode._search_pack(
+        lengths, longest_first(lengths)[::-1].copy(), layout.num_kv_heads, layout.num_ctas, layout.tile_capacity,
+        layout.merge_capacity, total, decode.NO_MAKESPAN, np.empty(words, np.int32), params[decode.P_OFFSETS:])  # fmt: skip
+    assert found
+    return makespan
+
+
+@pytest.mark.parametrize("num_ctas, kv_heads", [(264, 8), (132, 8), (100, 3), (60, 4)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_plans_written_from_block_level_schedules_are_whole(num_ctas, kv_heads, deterministic):
+    """Anchor and deterministic schedules are planned on blocks of gcd(kv_heads, num_ctas) CTAs and
+    written block by block (8, 4, 1 and 4 CTAs here): on ShareGPT-like batches, some of which an
+    anchor wins, every plan covers each token once, groups its tiles by CTA and has the loads its
+    makespan says."""
+    rng = np.random.default_rng(1)
+    anchor_won = 0
+    for _ in range(8):
+        kv_len = np.clip(np.rint(rng.lognormal(np.log(700), 1.0, 256)), 16, 32768).astype(int).tolist()
+        layout = make_layout(num_ctas, 256, sum(-(-n // 16) for n in kv_len), 16, kv_heads, deterministic)
+        plan, table = plan_for(kv_len, layout)
+        check_plan(plan, kv_len, table)
+        if not deterministic:
+            anchor_won += plan.makespan < packing_makespan(kv_len, layout)
+    assert anchor_won or deterministic
 
 
 def reference_anchor(kv_len: list[int], kv_heads: int, num_ctas: int, chunk: int) -> int:

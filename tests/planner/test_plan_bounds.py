@@ -13,7 +13,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tilegraph.planner.anchors import _might_fit, anchors, chunk_groups, longest_first, makespan_lower_bound
-from tilegraph.planner import decode
 from tilegraph.planner.decode import plan_decode_block_table
 from tilegraph.planner.layout import DecodeLayout
 from tilegraph.planner.plan import TILE_OVERHEAD_TOKENS
@@ -170,34 +169,3 @@ def test_longest_first_is_a_stable_sort(kv_len):
     expected = np.argsort(-lengths.astype(np.int64), kind="stable")
     assert longest_first(lengths).tolist() == expected.tolist()
 
-
-@settings(deadline=None, max_examples=60)
-@given(kv_len=st.lists(st.integers(0, 5000), min_size=1, max_size=200), num_kv_heads=st.integers(1, 8),
-       num_ctas=st.integers(1, 80))  # fmt: skip
-def test_the_packing_writes_the_same_tiles_straight_or_as_runs(kv_len, num_kv_heads, num_ctas):
-    """A packing pass writes its tiles into the plan when no anchor can get below its capacity, else
-    as runs that _write_runs expands once no anchor wins: both give the same plan words."""
-    lengths = np.array(kv_len, dtype=np.int64)
-    layout = DecodeLayout(num_ctas=num_ctas, max_batch_size=len(kv_len), max_page_refs=max(int(lengths.sum()), 1),
-                          page_size=16, num_kv_heads=num_kv_heads, group_size=2, head_dim=64, deterministic=False)  # fmt: skip
-    params, words = decode._layout_params(layout)
-    off = params[decode.P_OFFSETS:]
-    order = longest_first(lengths)[::-1].copy()
-    total = num_kv_heads * (int(lengths.sum()) + len(kv_len) * TILE_OVERHEAD_TOKENS)
-    no_anchor = (0, layout.tile_capacity + 1, 0, 0, 0)  # more tiles than the plan holds: cannot run
-    any_anchor = (0, 0, 0, 0, 0)  # bound 0: might beat anything
-    plans = []
-    for terms, straight in (((no_anchor, no_anchor), True), ((any_anchor, no_anchor), False)):
-        buf = np.full(words, -99, dtype=np.int32)
-        runs = np.empty((7, layout.tile_capacity), dtype=np.int64)
-        found, num_tiles, num_merges, _, _, num_runs, written = decode._search_pack(
-            lengths, order, num_kv_heads, num_ctas, layout.tile_capacity, layout.merge_capacity, total,
-            decode.NO_MAKESPAN, terms, runs, buf, off)  # fmt: skip
-        assert found and written == straight
-        if not written:
-            decode._write_runs(runs, num_runs, buf, off)
-        sections = layout.offsets()
-        plans.append([buf[start : start + num_tiles].tolist() for name, (start, _) in sections.items() if name.startswith("tile_")]
-                     + [buf[slice(*sections["cta_tile_indptr"])].tolist(), buf[sections["merge_request"][0]:][:num_merges].tolist()])  # fmt: skip
-    assert plans[0] == plans[1]
-    assert all(-99 not in words for words in plans[0])
