@@ -231,26 +231,38 @@ RADIX_BITS = 11  # the request sort's widest digit (a batch of B uses about log2
 @njit(cache=True, nogil=True)
 def longest_first(kv_len):
     """Request indices by kv_len, longest first, ties by index: a stable LSD radix sort of
-    ``longest - kv_len``, digits of about log2(batch) bits (4 to RADIX_BITS), as many passes as the
-    spread of lengths needs (none for equal lengths)."""
+    ``longest - kv_len`` over the bits that differ between keys (none for equal lengths; 6 for a
+    32k request among 512s), in as few passes of at most about log2(batch) bits (4 to RADIX_BITS)
+    as they need."""
     batch = kv_len.shape[0]
     longest = np.int64(0)
     for i in range(batch):
         longest = max(longest, np.int64(kv_len[i]))
     keys = np.empty(batch, np.int64)
     spread = np.int64(0)
+    common = np.int64(-1)
     for i in range(batch):
         keys[i] = longest - np.int64(kv_len[i])
         spread |= keys[i]
+        common &= keys[i]
     order = np.arange(batch)
     moved = np.empty(batch, np.int64)
-    bits = np.int64(4)
-    while bits < RADIX_BITS and (np.int64(1) << bits) < batch:
-        bits += 1
-    digits = np.int64(1) << bits
+    varying = spread ^ common if batch > 0 else np.int64(0)  # bits that differ: the others cannot order keys
+    widest = np.int64(4)
+    while widest < RADIX_BITS and (np.int64(1) << widest) < batch:
+        widest += 1
     shift = np.int64(0)
+    while varying != 0 and (varying >> shift) & 1 == 0:
+        shift += 1
+    span = np.int64(0)
+    while (varying >> (shift + span)) != 0:
+        span += 1
+    passes = (span + widest - 1) // widest
+    bits = (span + passes - 1) // passes if passes > 0 else widest
+    digits = np.int64(1) << bits
+    end = shift + span
     digit = np.empty(batch, np.int64)
-    while (spread >> shift) != 0:
+    while shift < end:
         # counts in two histograms (even and odd positions: equal digits do not chain one counter),
         # then a scatter that keeps the current digit's position in a register while digits repeat
         start = np.zeros(digits + 1, np.int64)

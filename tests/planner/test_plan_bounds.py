@@ -161,10 +161,15 @@ def test_scratch_rows_carry_nothing_between_plans(deterministic):
 
 
 @settings(deadline=None, max_examples=200)
-@given(kv_len=st.one_of(st.lists(st.integers(0, 70000), max_size=300), st.lists(st.sampled_from([0, 5, 512, 32768]), max_size=3000)))
+@given(kv_len=st.one_of(
+    st.lists(st.integers(0, 70000), max_size=300),
+    st.lists(st.sampled_from([0, 5, 512, 32768]), max_size=3000),
+    st.lists(st.integers(0, 3000).map(lambda n: 64 * n + 4096 * 7 + 5), max_size=600),  # shared low and high bits
+))
 def test_longest_first_is_a_stable_sort(kv_len):
-    """The radix sort (two histograms, a scatter that keeps runs of equal digits in a register):
-    longest first, ties by index, for odd and even batches and runs of equal lengths."""
+    """The radix sort (only the bits that differ between keys, two histograms, a scatter that keeps
+    runs of equal digits in a register): longest first, ties by index, for odd and even batches,
+    runs of equal lengths and lengths that share their low bits."""
     lengths = np.array(kv_len, dtype=np.int32)
     expected = np.argsort(-lengths.astype(np.int64), kind="stable")
     assert longest_first(lengths).tolist() == expected.tolist()
