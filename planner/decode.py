@@ -136,7 +136,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                     break
                 k = left[p]
                 if k * cost > space:
-                    k = 1 if 2 * cost > space else space // cost
+                    k = np.int64(space / cost)  # exact: k < left[p] and both < 2**53 (no 64-bit idiv)
                 if num_tiles + k > tile_cap:
                     return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
                 if emit:
