@@ -123,7 +123,7 @@ def validate_block_lengths(seq_lens, row_stride, max_blocks, span, page_size, ma
         if tokens < 0:
             result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_SEQ_LEN, i, tokens
             return False
-        pages = (tokens + page_size - 1) // page_size
+        pages = np.int64((tokens + page_size - 1) / page_size)  # exact below 2**52 tokens; no 64-bit idiv
         if pages > max_blocks:
             result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_BLOCKS, i, pages
             return False
