@@ -55,7 +55,7 @@ P_PAGE_SIZE, P_KV_HEADS, P_NUM_CTAS, P_MAX_PAGE_REFS, P_CHUNK, P_TILE_CAP, P_MER
 P_OFFSETS = 8  # then one start offset per section, in layout order
 # section indices (the njit core reads sections by index), looked up by name in the layout's table
 _S = {name: index for index, name in enumerate(DECODE_SECTIONS)}
-S_HEADER, S_CTA_TILE_INDPTR, S_CTA = _S["header"], _S["cta_tile_indptr"], _S["tile_cta"]
+S_HEADER, S_CTA_TILE_INDPTR = _S["header"], _S["cta_tile_indptr"]
 S_REQUEST, S_KV_HEAD, S_SLOT = _S["tile_request"], _S["tile_kv_head"], _S["tile_slot"]
 S_START, S_END = _S["tile_token_start"], _S["tile_token_end"]
 S_MERGE_INDPTR, S_MERGE_REQUEST, S_MERGE_KV_HEAD = _S["merge_slot_indptr"], _S["merge_request"], _S["merge_kv_head"]
@@ -113,7 +113,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                 return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
             piece = min(cur_rem, space - overhead)
             if emit:
-                _put_tiles(buf, tile_at, num_tiles, cur_request, cur_head, 1, cta, cur_pos, cur_pos + piece, num_slots)
+                _put_tiles(buf, tile_at, num_tiles, cur_request, cur_head, 1, cur_pos, cur_pos + piece, num_slots)
             num_tiles += 1
             num_slots += 1
             cur_pos += piece
@@ -141,7 +141,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                     return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
                 if emit:
                     first = taken[p] if from_long else taken[p] + left[p] - k
-                    _put_tiles(buf, tile_at, num_tiles, request, first, k, cta, 0, tokens, -1)
+                    _put_tiles(buf, tile_at, num_tiles, request, first, k, 0, tokens, -1)
                 if from_long:
                     taken[p] += k
                 left[p] -= k
@@ -166,7 +166,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                 if emit:
                     buf[o_m_request + num_merges], buf[o_m_head + num_merges] = cur_request, cur_head
                     buf[o_m_indptr + num_merges] = num_slots
-                    _put_tiles(buf, tile_at, num_tiles, cur_request, cur_head, 1, cta, 0, piece, num_slots)
+                    _put_tiles(buf, tile_at, num_tiles, cur_request, cur_head, 1, 0, piece, num_slots)
                 num_tiles += 1
                 num_slots += 1
                 cur_pos, cur_rem = piece, tokens - piece
@@ -188,17 +188,17 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _put_tiles(buf, at, first_tile, request, head, count, cta, start, end, slot):
+def _put_tiles(buf, at, first_tile, request, head, count, start, end, slot):
     """The plan's words of tiles first_tile .. first_tile + count - 1: one request, kv_heads head ..,
-    one CTA, the same tokens and slot (``at``: the tile sections' offsets, ``_tile_offsets``). A
+    the same tokens and slot (``at``: the tile sections' offsets, ``_tile_offsets``). A
     ``while``, which LLVM leaves scalar: its vectorized ``for`` loop, runtime alias checks and all,
     took 1.8x as long at B=4096 on the 2-core VM."""
     t, stop = np.uint64(first_tile), np.uint64(first_tile + count)
-    request_at, head_at, cta_at, start_at, end_at, slot_at = at
-    request, head, cta = np.int32(request), np.int32(head), np.int32(cta)
+    request_at, head_at, start_at, end_at, slot_at = at
+    request, head = np.int32(request), np.int32(head)
     start, end, slot = np.int32(start), np.int32(end), np.int32(slot)
     while t < stop:
-        buf[request_at + t], buf[head_at + t], buf[cta_at + t] = request, head, cta
+        buf[request_at + t], buf[head_at + t] = request, head
         buf[start_at + t], buf[end_at + t], buf[slot_at + t] = start, end, slot
         head += np.int32(1)
         t += np.uint64(1)
@@ -206,9 +206,9 @@ def _put_tiles(buf, at, first_tile, request, head, count, cta, start, end, slot)
 
 @njit(cache=True, nogil=True, inline="always")
 def _tile_offsets(off):
-    """The six tile sections' offsets in the plan, unsigned (no negative-index wrap in the stores)."""
-    return (np.uint64(off[S_REQUEST]), np.uint64(off[S_KV_HEAD]), np.uint64(off[S_CTA]),
-            np.uint64(off[S_START]), np.uint64(off[S_END]), np.uint64(off[S_SLOT]))  # fmt: skip
+    """The five tile sections' offsets in the plan, unsigned (no negative-index wrap in the stores)."""
+    return (np.uint64(off[S_REQUEST]), np.uint64(off[S_KV_HEAD]), np.uint64(off[S_START]), np.uint64(off[S_END]),
+            np.uint64(off[S_SLOT]))  # fmt: skip
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -317,18 +317,17 @@ def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, wo
                 u += np.uint64(1)
             index += 1
     # every CTA's tiles in turn: CTA s * block + i runs kv_head h + i of each of block s's units
-    request_at, head_at, cta_at, start_at, end_at, slot_at = _tile_offsets(off)
+    request_at, head_at, start_at, end_at, slot_at = _tile_offsets(off)
     o_indptr = off[S_CTA_TILE_INDPTR]
     buf[o_indptr] = 0
     t = np.uint64(0)
     for s in range(num_blocks):
         begin, end = np.uint64(first[s]), np.uint64(first[s + 1])
         for i in range(block):
-            cta = np.int32(s * block + i)
             k = begin
             while k < end:
                 head = w_head[k] + i
-                buf[request_at + t], buf[head_at + t], buf[cta_at + t] = np.int32(w_request[k]), np.int32(head), cta
+                buf[request_at + t], buf[head_at + t] = np.int32(w_request[k]), np.int32(head)
                 buf[start_at + t], buf[end_at + t] = np.int32(w_start[k]), np.int32(w_end[k])
                 buf[slot_at + t] = np.int32(w_slot0[k] + head * w_stride[k])
                 t += np.uint64(1)

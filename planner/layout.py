@@ -11,7 +11,7 @@ One plan is one flat int32 buffer (so it reaches the device in ONE copy). Its se
     tile_token_start  [tile_capacity]     token range [start, end) of the request's KV (end may equal start:
     tile_token_end    [tile_capacity]     a request with kv_len 0 still gets one tile, which writes zeros / -inf)
     tile_slot         [tile_capacity]     -1: the tile writes the final output; s >= 0: partial slot s
-    tile_cta          [tile_capacity]     the CTA that runs the tile (inspection; kernels use the indptr)
+                                          (which CTA runs a tile follows from the indptr: ``Plan.cta``)
     merge_slot_indptr [merge_capacity+1]  merge m combines partial slots merge_slot_indptr[m] : [m+1], in order
     merge_request     [merge_capacity]
     merge_kv_head     [merge_capacity]
@@ -48,7 +48,6 @@ DECODE_SECTIONS = (
     "tile_token_start",
     "tile_token_end",
     "tile_slot",
-    "tile_cta",
     "merge_slot_indptr",
     "merge_request",
     "merge_kv_head",

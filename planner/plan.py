@@ -135,7 +135,16 @@ class Plan:
     token_start = cached_property(lambda self: self.section("tile_token_start"))
     token_end = cached_property(lambda self: self.section("tile_token_end"))
     slot = cached_property(lambda self: self.section("tile_slot"))
-    cta = cached_property(lambda self: self.section("tile_cta"))
+    @cached_property
+    def cta(self) -> np.ndarray:
+        """The CTA that runs each tile, at full capacity (read-only): derived from ``cta_tile_indptr``,
+        which is all the kernels read (the plan buffer does not carry it)."""
+        out = np.zeros(self.layout.tile_capacity, dtype=np.int32)
+        counts = np.diff(self.cta_tile_indptr.astype(np.int64))
+        out[: self.num_tiles] = np.repeat(np.arange(self.num_ctas, dtype=np.int32), counts)
+        out.flags.writeable = False
+        return out
+
     cta_tile_indptr = cached_property(lambda self: self.section("cta_tile_indptr"))
     merge_slot_indptr = cached_property(lambda self: self.section("merge_slot_indptr"))
     merge_request = cached_property(lambda self: self.section("merge_request"))

@@ -19,7 +19,7 @@ from tilegraph.planner.prefill_layout import PrefillLayout
 PS, POOL = 4, 4096
 SETTINGS = tilegraph.Settings(num_qo_heads=8, num_kv_heads=2, head_dim=16, page_size=PS, max_batch_size=16,
                               max_num_pages=POOL, max_num_tokens=128)  # fmt: skip
-TILE_FIELDS = ("tile_request", "tile_kv_head", "tile_token_start", "tile_token_end", "tile_slot", "tile_cta")
+TILE_FIELDS = ("tile_request", "tile_kv_head", "tile_token_start", "tile_token_end", "tile_slot")
 
 
 def csr(kv_lens, rng):
