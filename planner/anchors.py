@@ -120,12 +120,15 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
     """``lpt_assign`` on (block-)CTAs, group g being ``g_chunks[g] * tiles_per_chunk`` tiles. Loads
     live in a bucket queue: every load lies within one tile cost of the smallest, so a circular
     array of buckets (one per load value) with a bitmap of non-empty ones finds the least-loaded
-    CTA in O(1). Equal tiles are placed in batches: all CTAs loaded at most ``least + cost`` are
-    exactly the ones tile after tile would pick (a placed tile lands at or above that), so they are
-    taken first and given their tiles after (ties between equal loads do not change any load)."""
+    CTA in O(1). Tiles are placed in batches: the least-loaded CTAs in load order, the j-th taking
+    the stream's next tile while its load is at most the first one's plus that tile's cost and
+    costs do not rise -- then tile after tile would pick it too (every CTA given a tile before it
+    is then loaded at least that much; ties between equal loads do not change any load) -- and
+    given their tiles after."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    num_groups = g_tokens.shape[0]
     largest = overhead
-    for g in range(g_tokens.shape[0]):
+    for g in range(num_groups):
         largest = max(largest, g_tokens[g] + overhead)
     width = np.int64(64)
     while width <= largest:
@@ -134,7 +137,7 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
     nonempty = np.zeros(words, np.uint64)
     bucket_head = np.empty(width, np.int64)  # read only where ``nonempty`` says so
     next_cta = np.empty(num_ctas, np.int64)
-    for cta in range(num_ctas):  # all at load 0
+    for cta in range(num_ctas):
         next_cta[cta] = cta + 1 if cta + 1 < num_ctas else -1
     bucket_head[0] = 0
     nonempty[0] = np.uint64(1)
@@ -146,48 +149,60 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
     tile = np.uint64(0)
     # unsigned indices throughout: no negative-index wrap on the hot loads and stores (~15%)
     one, six, full = np.uint64(1), np.uint64(6), np.uint64(0xFFFFFFFFFFFFFFFF)
-    for g in range(g_tokens.shape[0]):
-        cost = g_tokens[g] + overhead
-        todo = g_chunks[g] * tiles_per_chunk
-        while todo > 0:
-            want = min(todo, num_ctas)
-            batch = 0
-            ceiling = np.int64(0)
-            while batch < want:  # take the least-loaded CTAs, up to ``ceiling`` = the least load + cost
-                bucket = np.uint64(least) & mask
-                word_index = bucket >> six
-                word = nonempty[word_index] & (full << (bucket & np.uint64(63)))
-                while word == 0:
-                    word_index = (word_index + one) & (words - one)
-                    word = nonempty[word_index]
-                found = (word_index << six) + _lowest_bit(word)
-                load = least + np.int64((found - bucket) & mask)
-                if batch == 0:
-                    ceiling = load + cost
-                elif load > ceiling:
-                    break
-                least = load
-                cta = bucket_head[found]
-                while batch < want and cta >= 0:
-                    taken_cta[batch], taken_load[batch] = np.uint64(cta), load
-                    batch += 1
-                    cta = next_cta[np.uint64(cta)]
-                bucket_head[found] = cta
-                if cta < 0:
-                    nonempty[word_index] &= ~(one << (found & np.uint64(63)))
-            for b in range(batch):  # give each its tile
-                cta = taken_cta[b]
-                load = taken_load[b] + cost
-                makespan = max(makespan, load)
-                target = np.uint64(load) & mask
-                bit = one << (target & np.uint64(63))
-                next_cta[cta] = bucket_head[target] if nonempty[target >> six] & bit else -1
-                nonempty[target >> six] |= bit
-                bucket_head[target] = np.int64(cta)
-                if record:
-                    assignment[tile] = np.int64(cta)
-                tile += one
-            todo -= batch
+    g = 0
+    todo = g_chunks[0] * tiles_per_chunk if num_groups > 0 else np.int64(0)
+    cost = g_tokens[0] + overhead if num_groups > 0 else overhead
+    while g < num_groups:
+        # a batch: take the least-loaded CTAs while the next tile may go to them, then place
+        batch = 0
+        base = np.int64(0)
+        rising = False
+        while batch < num_ctas and g < num_groups:
+            bucket = np.uint64(least) & mask
+            word_index = bucket >> six
+            word = nonempty[word_index] & (full << (bucket & np.uint64(63)))
+            while word == 0:
+                word_index = (word_index + one) & (words - one)
+                word = nonempty[word_index]
+            found = (word_index << six) + _lowest_bit(word)
+            load = least + np.int64((found - bucket) & mask)
+            if batch == 0:
+                base = load
+            elif load > base + cost:
+                break
+            least = load
+            cta = bucket_head[found]
+            while cta >= 0 and batch < num_ctas and load <= base + cost:
+                taken_cta[batch], taken_load[batch] = np.uint64(cta), load + cost
+                batch += 1
+                cta = next_cta[np.uint64(cta)]
+                todo -= 1
+                if todo == 0:
+                    g += 1
+                    if g == num_groups:
+                        break
+                    rising = g_tokens[g] + overhead > cost  # the argument needs costs that do not rise
+                    cost = g_tokens[g] + overhead
+                    todo = g_chunks[g] * tiles_per_chunk
+                    if rising:
+                        break
+            bucket_head[found] = cta
+            if cta < 0:
+                nonempty[word_index] &= ~(one << (found & np.uint64(63)))
+            if rising or (cta >= 0 and batch < num_ctas and g < num_groups):
+                break  # a rising cost, or the bucket's next CTA is too loaded for the next tile
+        for b in range(batch):
+            cta = taken_cta[b]
+            load = taken_load[b]
+            makespan = max(makespan, load)
+            target = np.uint64(load) & mask
+            bit = one << (target & np.uint64(63))
+            next_cta[cta] = bucket_head[target] if nonempty[target >> six] & bit else -1
+            nonempty[target >> six] |= bit
+            bucket_head[target] = np.int64(cta)
+            if record:
+                assignment[tile] = np.int64(cta)
+            tile += one
     return makespan
 
 
