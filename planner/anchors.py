@@ -137,7 +137,7 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
     nonempty = np.zeros(words, np.uint64)
     bucket_head = np.empty(width, np.int64)  # read only where ``nonempty`` says so
     next_cta = np.empty(num_ctas, np.int64)
-    for cta in range(num_ctas):
+    for cta in range(num_ctas):  # all at load 0
         next_cta[cta] = cta + 1 if cta + 1 < num_ctas else -1
     bucket_head[0] = 0
     nonempty[0] = np.uint64(1)
@@ -321,14 +321,6 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
     num_ctas - big CTAs, ceil(s / (num_ctas - big)) on one. With a ``probe`` above all three, a
     fourth test (``_might_fit``) may show that no schedule keeps every load below ``probe``: then the
     bound is ``probe`` (the planner probes with its own makespan, to skip an anchor that cannot win)."""
-    terms = bound_terms(kv_len, order, num_kv_heads, num_ctas, chunk)
-    return probe_bound(terms, num_ctas, probe), terms[1]
-
-
-@njit(cache=True, nogil=True)
-def bound_terms(kv_len, order, num_kv_heads, num_ctas, chunk):
-    """makespan_lower_bound before its probe: (bound, tiles, big tiles, their least cost, the other
-    tiles' least cost), for ``probe_bound``."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     total = full_tiles = np.int64(0)
     for i in range(kv_len.shape[0]):
@@ -375,17 +367,9 @@ def bound_terms(kv_len, order, num_kv_heads, num_ctas, chunk):
                     rest_over -= rest_share
                     rest_most += 1
             bound = max(bound, min(big_cost + small_cost, (rest_most + 1) * small_cost))
-    return bound, counted, big, big_cost, small_cost
-
-
-@njit(cache=True, nogil=True)
-def probe_bound(terms, num_ctas, probe):
-    """The bound of ``bound_terms``, raised to ``probe`` when ``_might_fit`` shows that no schedule
-    keeps every load below ``probe``."""
-    bound, counted, big, big_cost, small_cost = terms
     if probe > bound and not _might_fit(big, big_cost, counted - big, small_cost, num_ctas, probe - 1):
-        return probe
-    return bound
+        bound = probe
+    return bound, counted
 
 
 #: _might_fit examines CTAs holding up to this many big tiles (beyond it, it does not decide)

@@ -185,8 +185,6 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
     return False, num_tiles, num_merges, num_slots, makespan, _suggest(capacity, num_ctas, lost, total, num_ctas)
 
 
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _put_tiles(buf, at, first_tile, request, head, count, start, end, slot):
     """The plan's words of tiles first_tile .. first_tile + count - 1: one request, kv_heads head ..,

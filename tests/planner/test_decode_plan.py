@@ -68,7 +68,7 @@ def check_plan(plan: Plan, kv_len: list[int], table: tuple[np.ndarray, ...]) -> 
     # tiles grouped by CTA: CTAs without work have empty ranges, every live tile belongs to one CTA
     indptr = plan.cta_tile_indptr.astype(np.int64)
     assert indptr[0] == 0 and indptr[-1] == n and (np.diff(indptr) >= 0).all()
-    assert (plan.cta[:n] == np.repeat(np.arange(layout.num_ctas), np.diff(indptr))).all()
+    assert all((plan.cta[indptr[c] : indptr[c + 1]] == c).all() for c in range(layout.num_ctas))  # Plan.cta, derived
     # exact coverage: every (request, kv_head, token) once; kv_len 0: exactly one empty tile
     pairs = tiles_of(plan)
     assert set(pairs) == {(r, h) for r in range(batch) for h in range(heads)}
