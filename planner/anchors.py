@@ -321,6 +321,8 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
     num_ctas - big CTAs, ceil(s / (num_ctas - big)) on one. With a ``probe`` above all three, a
     fourth test (``_might_fit``) may show that no schedule keeps every load below ``probe``: then the
     bound is ``probe`` (the planner probes with its own makespan, to skip an anchor that cannot win)."""
+    if chunk <= 0:
+        return _unsplit_lower_bound(kv_len, order, num_kv_heads, num_ctas, probe)
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     total = full_tiles = np.int64(0)
     for i in range(kv_len.shape[0]):
@@ -368,6 +370,59 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
                     rest_most += 1
             bound = max(bound, min(big_cost + small_cost, (rest_most + 1) * small_cost))
     if probe > bound and not _might_fit(big, big_cost, counted - big, small_cost, num_ctas, probe - 1):
+        bound = probe
+    return bound, counted
+
+
+@njit(cache=True, nogil=True)
+def _unsplit_lower_bound(kv_len, order, num_kv_heads, num_ctas, probe):
+    """``makespan_lower_bound`` of unsplit requests, without a step per request: request i in
+    ``order`` brings num_kv_heads tiles of cost c(i), which never rises, so each bound's ceil term
+    is largest at the first request of each of its values (the pigeonhole's ``most`` levels, the
+    big-and-small's ``rest`` levels). About B * num_kv_heads / num_ctas levels, not B requests."""
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    batch = order.shape[0]
+    total = np.int64(0)
+    for i in range(batch):
+        total += kv_len[i]
+    total += batch * overhead
+    bound = (num_kv_heads * total + num_ctas - 1) // num_ctas
+    if batch == 0:
+        return bound, np.int64(0)
+    heads = np.int64(num_kv_heads)
+    # pigeonhole: after request i, heads * (i + 1) tiles cost >= c(i), so (most + 1) * c(i) with
+    # most = (heads * (i + 1) - 1) // num_ctas; level L's first request is (L * num_ctas + heads) //
+    # heads - 1, stepped as quotient and remainder (no division per level)
+    step, carry = num_ctas // heads, num_ctas % heads
+    level, first, rem = np.int64(0), np.int64(1), np.int64(0)
+    while first <= batch:
+        bound = max(bound, (level + 1) * (np.int64(kv_len[order[first - 1]]) + overhead))
+        level += 1
+        first += step
+        rem += carry
+        if rem >= heads:
+            rem -= heads
+            first += 1
+    # big-and-small: the longest request's tiles are the big ones; after request i >= 1, heads * i
+    # small tiles cost >= c(i) and share the other num_ctas - heads CTAs: min(c(0) + c(i), (rest + 1)
+    # * c(i)) with rest = (heads * i - 1) // share; level R's first request is (R * share + heads) // heads
+    big_cost = np.int64(kv_len[order[0]]) + overhead
+    small_cost = np.int64(kv_len[order[batch - 1]]) + overhead if batch > 1 else NO_BOUND
+    share = num_ctas - heads
+    if share > 0:
+        step, carry = share // heads, share % heads
+        level, first, rem = np.int64(0), np.int64(1), np.int64(0)
+        while first < batch:
+            cost = np.int64(kv_len[order[first]]) + overhead
+            bound = max(bound, min(big_cost + cost, (level + 1) * cost))
+            level += 1
+            first += step
+            rem += carry
+            if rem >= heads:
+                rem -= heads
+                first += 1
+    counted = heads * batch
+    if probe > bound and not _might_fit(heads, big_cost, counted - heads, small_cost, num_ctas, probe - 1):
         bound = probe
     return bound, counted
 

@@ -65,11 +65,9 @@ S_KV_INDPTR, S_KV_INDICES, S_KV_LEN = _S["kv_indptr"], _S["kv_indices"], _S["kv_
 REFINE_RATIO = 256
 NO_MAKESPAN = 1 << 62
 
-# the core's work rows (``_scratch``): a block-CTA per block tile for each anchor, then
-# ``_emit_blocks``'s six words per block tile
-X_ASSIGNMENT, X_SPARE, X_EMIT = 0, 1, 2
-EMIT_ROWS = 6
-SCRATCH_ROWS = X_EMIT + EMIT_ROWS
+# the core's work rows (``_scratch``): a block-CTA per block tile for each anchor
+X_ASSIGNMENT, X_SPARE = 0, 1
+SCRATCH_ROWS = 2
 
 # ---- njit core ---------------------------------------------------------------------------------------
 
@@ -259,13 +257,12 @@ def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, tot
 
 
 @njit(cache=True, nogil=True)
-def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, work, buf, off):
+def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, buf, off):
     """Write an anchor schedule kept at block level (``lpt_blocks``): block tile u on block-CTA
     ``units[u]`` stands for ``block`` tiles -- kv_heads h .. h + block - 1 of one chunk -- on CTAs
     units[u] * block + i. Tiles grouped by CTA in placement order (a CTA's tiles: its block's units
     in order), slots of split pairs as ``base[request] + kv_head * chunks + chunk_index``, one
-    merge entry per split pair in request order. ``work``: EMIT_ROWS int64 rows of at least
-    num_tiles / block words. Returns (num_tiles, num_merges, num_slots)."""
+    merge entry per split pair in request order. Returns (num_tiles, num_merges, num_slots)."""
     g_request, g_chunk0, g_chunks, g_tokens, g_count, request_chunks = groups
     batch = kv_len.shape[0]
     o_m_indptr, o_m_request, o_m_head = off[S_MERGE_INDPTR], off[S_MERGE_REQUEST], off[S_MERGE_KV_HEAD]
@@ -284,7 +281,8 @@ def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, wo
             buf[o_m_request + num_merges], buf[o_m_head + num_merges] = request, head
             buf[o_m_indptr + num_merges + 1] = num_slots
             num_merges += 1
-    # block tiles grouped by block-CTA (a counting sort keeps placement order)
+    # block-CTA s holds units first[s] .. first[s + 1] - 1 (placement order); its CTA s * block + i
+    # runs kv_head h + i of each of them, so tiles block * first[s] + i * count + k, count = its units
     num_blocks = num_ctas // block
     num_units = num_tiles // block
     first = np.zeros(num_blocks + 1, np.int64)
@@ -292,45 +290,38 @@ def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, wo
         first[units[k] + 1] += 1
     for s in range(num_blocks):
         first[s + 1] += first[s]
-    cursor = first[:num_blocks].copy()
-    # each block tile's words at its place in that order: request, first kv_head, token range, and
-    # slot = slot0 + kv_head * stride (split pairs; else -1 + kv_head * 0)
-    w_request, w_head, w_start, w_end, w_slot0, w_stride = work[0], work[1], work[2], work[3], work[4], work[5]
+    o_indptr = off[S_CTA_TILE_INDPTR]
+    buf[o_indptr] = 0
+    for s in range(num_blocks):
+        count = first[s + 1] - first[s]
+        for i in range(block):
+            buf[o_indptr + s * block + i + 1] = block * first[s] + (i + 1) * count
+    cursor = first[:num_blocks] * block  # the next unit's tile of kv_head h (then + i * count)
+    request_at, head_at, start_at, end_at, slot_at = _tile_offsets(off)
     units_per_chunk = num_kv_heads // block
     u = np.uint64(0)
     for g in range(g_request.shape[0]):
-        request, tokens, index = g_request[g], g_tokens[g], g_chunk0[g]
+        request, tokens, index = np.int32(g_request[g]), g_tokens[g], g_chunk0[g]
         chunks = request_chunks[request]
         split = chunks > 1
         for _ in range(g_chunks[g]):
-            head = np.int64(0)
-            start = index * chunk if split else 0
+            start = np.int32(index * chunk if split else 0)
+            stop = np.int32(start + tokens)
+            slot, stride = (np.int32(slot_base[request] + index), np.int32(chunks)) if split else (np.int32(-1), np.int32(0))
+            head = np.int32(0)
             for _ in range(units_per_chunk):
                 s = units[u]
-                at = cursor[s]
+                t = np.uint64(cursor[s])
+                step = np.uint64(first[s + 1] - first[s])
                 cursor[s] += 1
-                w_request[at], w_head[at], w_start[at], w_end[at] = request, head, start, start + tokens
-                w_slot0[at], w_stride[at] = (slot_base[request] + index, chunks) if split else (-1, 0)
-                head += block
+                last = head + np.int32(block)
+                while head < last:
+                    buf[request_at + t], buf[head_at + t] = request, head
+                    buf[start_at + t], buf[end_at + t], buf[slot_at + t] = start, stop, slot + head * stride
+                    head += np.int32(1)
+                    t += step
                 u += np.uint64(1)
             index += 1
-    # every CTA's tiles in turn: CTA s * block + i runs kv_head h + i of each of block s's units
-    request_at, head_at, start_at, end_at, slot_at = _tile_offsets(off)
-    o_indptr = off[S_CTA_TILE_INDPTR]
-    buf[o_indptr] = 0
-    t = np.uint64(0)
-    for s in range(num_blocks):
-        begin, end = np.uint64(first[s]), np.uint64(first[s + 1])
-        for i in range(block):
-            k = begin
-            while k < end:
-                head = w_head[k] + i
-                buf[request_at + t], buf[head_at + t] = np.int32(w_request[k]), np.int32(head)
-                buf[start_at + t], buf[end_at + t] = np.int32(w_start[k]), np.int32(w_end[k])
-                buf[slot_at + t] = np.int32(w_slot0[k] + head * w_stride[k])
-                t += np.uint64(1)
-                k += np.uint64(1)
-            buf[o_indptr + s * block + i + 1] = np.int64(t)
     return num_tiles, num_merges, num_slots
 
 
@@ -406,7 +397,7 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
             result[R_ERROR], result[R_VALUE] = E_CAPACITY, tiles
             return
         makespan, block = lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, assignment[:tiles])
-        num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, block, scratch[X_EMIT:], buf, off)
+        num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, block, buf, off)
     else:
         # our packing (written into the plan), then each anchor's schedule (longest first on the
         # least-loaded CTA) unless its lower bound shows it cannot beat the packing; an anchor that
@@ -442,7 +433,7 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
             return
         if anchor_chunk >= 0:
             makespan = best
-            num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, block, scratch[X_EMIT:], buf, off)
+            num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, block, buf, off)
     if num_tiles > tile_cap or num_merges > merge_cap or num_slots > params[P_SLOT_CAP]:
         result[R_ERROR], result[R_VALUE] = E_CAPACITY, num_tiles
         return

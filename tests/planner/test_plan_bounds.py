@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from tilegraph.planner.anchors import _might_fit, anchors, chunk_groups, longest_first, makespan_lower_bound
@@ -80,6 +80,21 @@ def test_bound_matches_its_plain_statement(kv_len, num_kv_heads, num_ctas, chunk
     lengths = np.array(kv_len, dtype=np.int64)
     bound, tiles = makespan_lower_bound(lengths, longest_first(lengths), num_kv_heads, num_ctas, chunk)
     assert bound == reference_bound(kv_len, num_kv_heads, num_ctas, chunk)
+
+
+@settings(deadline=None, max_examples=300)
+@given(kv_len=st.one_of(st.lists(st.integers(0, 5000), max_size=300), st.lists(st.integers(0, 200), max_size=12)),
+       num_kv_heads=st.integers(1, 8), num_ctas=st.one_of(st.integers(1, 12), st.integers(1, 300)),
+       probe=st.integers(0, 40000))  # fmt: skip
+@example(kv_len=[178, 182], num_kv_heads=6, num_ctas=5, probe=0)  # 12 tiles >= 210 on 5 CTAs: 3 on one, 630
+def test_unsplit_bound_by_levels_matches_the_request_stream(kv_len, num_kv_heads, num_ctas, probe):
+    """Unsplit requests (chunk 0) are bounded level by level; a chunk longer than every request cuts
+    nothing either but walks the stream request by request: the two bounds agree."""
+    lengths = np.array(kv_len, dtype=np.int64)
+    order = longest_first(lengths)
+    by_levels = makespan_lower_bound(lengths, order, num_kv_heads, num_ctas, 0, probe)
+    by_requests = makespan_lower_bound(lengths, order, num_kv_heads, num_ctas, 1 << 40, probe)
+    assert by_levels == by_requests
 
 
 def fits_by_brute_force(big: int, big_cost: int, small: int, small_cost: int, num_ctas: int, makespan: int) -> bool:
