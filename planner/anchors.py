@@ -51,6 +51,13 @@ def chunk_groups(kv_len, request_order, num_kv_heads, chunk):
     tile j of a group is chunk ``first + j // kv_heads`` of kv_head ``j % kv_heads``. Also the chunk
     count of every request (1: not split)."""
     batch = request_order.shape[0]
+    if chunk <= 0:  # one whole tile per request: no per-request branches, fills and one gather
+        g_tokens = np.empty(batch, np.int64)
+        for n in range(batch):
+            g_tokens[n] = kv_len[request_order[n]]
+        ones = np.ones(batch, np.int64)
+        return (request_order.astype(np.int64), np.zeros(batch, np.int64), ones, g_tokens,
+                np.full(batch, np.int64(num_kv_heads)), ones)  # fmt: skip
     g_request = np.empty(2 * batch, np.int64)
     g_chunk0 = np.empty(2 * batch, np.int64)
     g_chunks = np.empty(2 * batch, np.int64)
@@ -135,8 +142,8 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
         width *= 2
     mask, words = np.uint64(width - 1), np.uint64(width // 64)
     nonempty = np.zeros(words, np.uint64)
-    bucket_head = np.empty(width, np.int64)  # read only where ``nonempty`` says so
-    next_cta = np.empty(num_ctas, np.int64)
+    bucket_head = np.empty(width, np.int32)  # read only where ``nonempty`` says so
+    next_cta = np.empty(num_ctas, np.int32)
     for cta in range(num_ctas):  # all at load 0
         next_cta[cta] = cta + 1 if cta + 1 < num_ctas else -1
     bucket_head[0] = 0
@@ -199,7 +206,7 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
             bit = one << (target & np.uint64(63))
             next_cta[cta] = bucket_head[target] if nonempty[target >> six] & bit else -1
             nonempty[target >> six] |= bit
-            bucket_head[target] = np.int64(cta)
+            bucket_head[target] = np.int32(cta)
             if record:
                 assignment[tile] = np.int64(cta)
             tile += one

@@ -113,31 +113,52 @@ def validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, page
 def validate_block_lengths(seq_lens, row_stride, max_blocks, span, page_size, max_page_refs, buf, off, result):
     """Check per-request KV lengths against a block table [rows, max_blocks] (row r's page ids at
     r * row_stride of a flat view of ``span`` ids) and write kv_len and each request's first page-id
-    index (r * row_stride) into ``buf``. False on an error."""
+    index (r * row_stride) into ``buf``. False on an error.
+
+    The loop has no branch and no 64-bit integer division (a shift for a power-of-two page size,
+    else a float division, exact below 2**52 tokens); a bad request is looked for again after it."""
     batch = seq_lens.shape[0]
     kv_len = buf[off[S_KV_LEN] : off[S_KV_LEN] + batch]
     base = buf[off[S_KV_INDPTR] : off[S_KV_INDPTR] + batch + 1]
+    shift = np.int64(0)
+    while (np.int64(1) << shift) < page_size:
+        shift += 1
+    power_of_two = (np.int64(1) << shift) == page_size
     refs = np.int64(0)
+    bad = False
     for i in range(batch):
+        tokens = np.int64(seq_lens[i])
+        pages = (tokens + page_size - 1) >> shift if power_of_two else np.int64((tokens + page_size - 1) / page_size)
+        first = np.int64(i) * row_stride
+        bad |= (tokens < 0) | (pages > max_blocks) | ((pages > 0) & (first + pages > span))
+        refs += pages
+        kv_len[i] = tokens
+        base[i] = first if pages > 0 else 0
+    if bad:
+        return _block_length_error(seq_lens, row_stride, max_blocks, span, page_size, result)
+    if refs > max_page_refs:
+        result[R_ERROR], result[R_VALUE] = E_PAGE_REFS, refs
+        return False
+    base[batch] = 0
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _block_length_error(seq_lens, row_stride, max_blocks, span, page_size, result):
+    """The first request of a block table whose length is wrong, into ``result``; returns False."""
+    for i in range(seq_lens.shape[0]):
         tokens = np.int64(seq_lens[i])
         if tokens < 0:
             result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_SEQ_LEN, i, tokens
             return False
-        pages = np.int64((tokens + page_size - 1) / page_size)  # exact below 2**52 tokens; no 64-bit idiv
+        pages = (tokens + page_size - 1) // page_size
         if pages > max_blocks:
             result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_BLOCKS, i, pages
             return False
         if pages > 0 and np.int64(i) * row_stride + pages > span:
             result[R_ERROR], result[R_INDEX], result[R_VALUE] = E_BLOCK_SPAN, i, pages
             return False
-        refs += pages
-        kv_len[i] = tokens
-        base[i] = np.int64(i) * row_stride if pages > 0 else 0
-    if refs > max_page_refs:
-        result[R_ERROR], result[R_VALUE] = E_PAGE_REFS, refs
-        return False
-    base[batch] = 0
-    return True
+    return False
 
 
 def raise_plan_error(result: np.ndarray, layout: DecodeLayout, num_pages: int, batch: int) -> None:

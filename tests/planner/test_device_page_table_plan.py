@@ -132,3 +132,39 @@ def test_length_errors_are_typed_and_named():
     pre = PrefillLayout.from_settings(SETTINGS, 2, paged=True)
     with pytest.raises(InputError, match="seq_lens must have len"):
         plan_prefill_block_table(pre, np.array([0, 1], np.int32), np.array([3, 3], np.int32), 4, 4, 8, POOL, causal=True)
+
+
+def expected_block_error(seq_lens, row_stride, max_blocks, span, page_size, max_page_refs):
+    """The error a block table's lengths must raise, stated plainly (None: they are valid)."""
+    pages = [-(-n // page_size) for n in seq_lens]
+    for i, (tokens, count) in enumerate(zip(seq_lens, pages)):
+        if tokens < 0:
+            return InputError, rf"seq_lens\[{i}\]={tokens} must be"
+        if count > max_blocks:
+            return PlanError, f"request {i} needs {count} pages"
+        if count > 0 and i * row_stride + count > span:
+            return InputError, f"block_table row {i} "
+    if sum(pages) > max_page_refs:
+        return PlanError, rf"kv_indptr\[-1\]={sum(pages)} page references exceed"
+    return None
+
+
+@given(seq_lens=st.lists(st.integers(-3, 40), min_size=1, max_size=12), page_size=st.sampled_from([4, 6, 16]),
+       max_blocks=st.integers(1, 8), extra_rows=st.integers(-2, 2), max_page_refs=st.integers(4, 40))  # fmt: skip
+def test_block_lengths_are_checked_as_stated(seq_lens, page_size, max_blocks, extra_rows, max_page_refs):
+    """The branch-free check (a shift for power-of-two page sizes, a float division for others) finds
+    the first bad request, or the page references over the bound, and writes kv_len and row bases."""
+    settings = SETTINGS.model_copy(update={"page_size": page_size, "max_page_refs": max_page_refs})
+    layout = DecodeLayout.from_settings(settings, 3)
+    span = (len(seq_lens) + extra_rows) * max_blocks
+    lengths = np.array(seq_lens, np.int32)
+    expected = expected_block_error(seq_lens, max_blocks, max_blocks, span, page_size, max_page_refs)
+    if expected is not None:
+        error, message = expected
+        with pytest.raises(error, match=message):
+            plan_decode_block_table(layout, lengths, max_blocks, max_blocks, span, POOL)
+        return
+    plan = plan_decode_block_table(layout, lengths, max_blocks, max_blocks, span, POOL)
+    assert plan.section("kv_len")[: len(seq_lens)].tolist() == seq_lens
+    bases = [i * max_blocks if n > 0 else 0 for i, n in enumerate(seq_lens)]
+    assert plan.section("kv_indptr")[: len(seq_lens)].tolist() == bases
