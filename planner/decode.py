@@ -94,6 +94,11 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
     if emit:
         buf[o_indptr] = 0
         buf[o_m_indptr] = 0
+        # whole pairs start at token 0 and have no slot: those words filled ahead (a memset each),
+        # so a whole pair's tiles take three stores, not five
+        most = np.int64(min(tile_cap, order.shape[0] * num_kv_heads + num_ctas))
+        buf[off[S_START] : off[S_START] + most] = 0
+        buf[off[S_SLOT] : off[S_SLOT] + most] = -1
     for cta in range(num_ctas):
         if cur_rem < 0 and lo > hi:
             if emit:
@@ -139,7 +144,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                     return False, num_tiles, num_merges, num_slots, makespan, capacity + 1
                 if emit:
                     first = taken[p] if from_long else taken[p] + left[p] - k
-                    _put_tiles(buf, tile_at, num_tiles, request, first, k, 0, tokens, -1)
+                    _put_whole(buf, tile_at, num_tiles, request, first, k, tokens)
                 if from_long:
                     taken[p] += k
                 left[p] -= k
@@ -196,6 +201,19 @@ def _put_tiles(buf, at, first_tile, request, head, count, start, end, slot):
     while t < stop:
         buf[request_at + t], buf[head_at + t] = request, head
         buf[start_at + t], buf[end_at + t], buf[slot_at + t] = start, end, slot
+        head += np.int32(1)
+        t += np.uint64(1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_whole(buf, at, first_tile, request, head, count, tokens):
+    """``_put_tiles`` of whole pairs (tokens [0, tokens), no slot) into a plan whose start and slot
+    words ``_pack`` filled ahead: request, kv_head and end only."""
+    t, stop = np.uint64(first_tile), np.uint64(first_tile + count)
+    request_at, head_at, _, end_at, _ = at
+    request, head, tokens = np.int32(request), np.int32(head), np.int32(tokens)
+    while t < stop:
+        buf[request_at + t], buf[head_at + t], buf[end_at + t] = request, head, tokens
         head += np.int32(1)
         t += np.uint64(1)
 
