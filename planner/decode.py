@@ -3,12 +3,15 @@
 Cost model (plan.py): a tile of t KV tokens costs ``t + TILE_OVERHEAD_TOKENS``; the makespan is the
 largest CTA load. Non-deterministic layouts keep the best of three schedules:
 
-  * our packing, planned first;
   * the two anchors' (anchors.py: FlashInfer's decode and persistent chunkings, longest request
-    first onto the least-loaded CTA), each kept when its makespan is lower -- so the plan is never
-    worse than either. An anchor is not scheduled at all when its ``makespan_lower_bound``, probed
-    with the packing's makespan, is not below the best makespan so far (it cannot win). The
-    packing writes its tiles into the plan as it goes; an anchor that wins writes over them.
+    first onto the least-loaded CTA), scheduled first, and only those that may beat our packing:
+    its makespan is at most the search's ``hi`` (below), so an anchor is not scheduled at all when
+    its ``makespan_lower_bound``, probed with ``hi``, is not below ``hi`` nor below the other
+    anchor's makespan;
+  * our packing, searched only below the better anchor's makespan, writing its tiles into the
+    plan as it goes. If it finds no such plan the anchor is written -- so the plan is never worse
+    than either, and the packing may go below ``hi`` to beat an anchor where the search's
+    tolerance alone would have stopped at ``hi``.
 
 Our packing: a greedy pass at a CTA capacity ``M`` fills CTA 0, 1, ... in turn with (1) the rest
 of the pair split at the end of the previous CTA (or a piece of it filling this one), (2) whole
@@ -234,6 +237,18 @@ def _suggest(capacity, ctas_done, lost, total, num_ctas):
     return max(capacity + 1, estimate + estimate // (2 * REFINE_RATIO))  # a margin the search tolerates
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _capacity_range(total, batch, num_kv_heads, num_ctas):
+    """(lo, hi) of the packing's capacity search: no capacity below lo fits (the even spread; a pair
+    with tokens costs more than the overhead), hi always does (a CTA leaves at most
+    TILE_OVERHEAD_TOKENS + 2 unused), so the packing's makespan is at most hi."""
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    even = (total + num_ctas - 1) // num_ctas
+    has_tokens = total > num_kv_heads * batch * overhead
+    lo = max(even, overhead + (1 if has_tokens else 0))
+    return lo, max(lo, even + overhead + 2)
+
+
 @njit(cache=True, nogil=True)
 def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, buf, off):
     """Smallest capacity (within 1/REFINE_RATIO) at which ``_pack`` fits, if any is below ``below``;
@@ -243,18 +258,10 @@ def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, tot
     lo is a lower bound, hi always fits (a CTA leaves at most TILE_OVERHEAD_TOKENS + 2 unused).
     After a failed pass try its estimate, after a fitting one bisect; a pass that would end the
     search if it fits records the plan as it goes."""
-    overhead = np.int64(TILE_OVERHEAD_TOKENS)
     batch = order.shape[0]
     left = np.empty(batch, np.int64)
     taken = np.empty(batch, np.int64)
-    even = (total + num_ctas - 1) // num_ctas
-    unsplittable = overhead  # the costliest pair too short to split (0 or 1 token)
-    has_tokens = False
-    for i in range(batch):
-        unsplittable = max(unsplittable, overhead + min(np.int64(kv_len[i]), 1))
-        has_tokens |= kv_len[i] > 0
-    lo = max(even, unsplittable, overhead + 1 if has_tokens else 0)
-    hi = max(lo, even + overhead + 2)
+    lo, hi = _capacity_range(total, batch, num_kv_heads, num_ctas)
     limit = min(hi, below - 1)
     capacity = hi if (hi - lo) * REFINE_RATIO <= hi else lo  # hi is close enough: one pass
     while lo <= limit:
@@ -346,12 +353,41 @@ def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, bu
 @njit(cache=True, nogil=True)
 def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, units):
     """Tiles of ``chunk``-token chunks placed longest request first on the least-loaded CTA (the
-    anchors' schedules). Returns (makespan, groups, block); ``units`` gets the block-level
-    assignment (``lpt_blocks``), which ``_emit_blocks`` writes if the schedule is kept."""
+    anchors' schedules). Returns (makespan, block); ``units`` gets the block-level assignment
+    (``lpt_blocks``), which ``_emit_blocks`` writes if the schedule is kept."""
     groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
     tiles = groups[4].sum()
-    makespan, block = lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, units[:tiles])
-    return makespan, groups, block
+    return lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, units[:tiles])
+
+
+@njit(cache=True, nogil=True)
+def _best_anchor(kv_len, order, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch):
+    """The lower makespan of FlashInfer's two schedules (anchors.py), if one is below ``ceiling``:
+    the more promising (lower bound) first, each skipped when its bound is not below the best so
+    far. Returns (makespan, chunk, scratch row of its block-level assignment, block); makespan
+    ``ceiling`` and chunk -1 when neither is below it."""
+    batch = order.shape[0]
+    longest = np.int64(kv_len[order[0]]) if batch else np.int64(0)
+    chunk_a = decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
+    chunk_b = persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
+    chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
+    chunk_b = 0 if chunk_b >= longest else chunk_b
+    bound_a, tiles_a = _anchor_bound(kv_len, order, num_kv_heads, num_ctas, chunk_a, longest, ceiling)
+    bound_b, tiles_b = bound_a, tiles_a  # the same chunks: the same schedule, bounded once
+    if chunk_b != chunk_a:
+        bound_b, tiles_b = _anchor_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b, longest, ceiling)
+    if bound_b < bound_a:
+        chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
+    best, chunk, row, block = ceiling, np.int64(-1), X_ASSIGNMENT, np.int64(1)
+    if tiles_a <= tile_cap and bound_a < best:
+        makespan_a, block_a = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, scratch[X_ASSIGNMENT])
+        if makespan_a < best:
+            best, chunk, block = makespan_a, chunk_a, block_a
+    if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
+        makespan_b, block_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, scratch[X_SPARE])
+        if makespan_b < best:
+            best, chunk, row, block = makespan_b, chunk_b, X_SPARE, block_b
+    return best, chunk, row, block
 
 
 @njit(cache=True, nogil=True)
@@ -405,8 +441,8 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
     for i in range(batch):
         kv_tokens += kv_len[i]
     order = longest_first(kv_len)
-    assignment = scratch[X_ASSIGNMENT]
-    if params[P_CHUNK] > 0:  # deterministic: fixed chunks, longest tiles first
+    if params[P_CHUNK] > 0:
+        assignment = scratch[X_ASSIGNMENT]  # deterministic: fixed chunks, longest tiles first
         groups = chunk_groups(kv_len, order, num_kv_heads, params[P_CHUNK])
         by_tokens = np.argsort(-groups[3], kind="mergesort")
         groups = (groups[0][by_tokens], groups[1][by_tokens], groups[2][by_tokens], groups[3][by_tokens], groups[4][by_tokens], groups[5])  # fmt: skip
@@ -417,41 +453,24 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         makespan, block = lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, assignment[:tiles])
         num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, block, buf, off)
     else:
-        # our packing (written into the plan), then each anchor's schedule (longest first on the
-        # least-loaded CTA) unless its lower bound shows it cannot beat the packing; an anchor that
-        # does beat it is written over it
+        # the anchors (longest first on the least-loaded CTA) that may beat the packing -- whose
+        # makespan is at most hi -- then the packing only if it beats the better of them (written
+        # into the plan as it goes), else that anchor
         total = num_kv_heads * (kv_tokens + batch * overhead)
+        ceiling = _capacity_range(total, batch, num_kv_heads, num_ctas)[1]
+        anchor, chunk, row, block = _best_anchor(kv_len, order, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch)
         found, num_tiles, num_merges, num_slots, makespan = _search_pack(
-            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, NO_MAKESPAN, buf, off
+            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, anchor if chunk >= 0 else NO_MAKESPAN, buf, off
         )
-        best = makespan if found else NO_MAKESPAN
-        longest = np.int64(kv_len[order[0]]) if batch else np.int64(0)
-        chunk_a = decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
-        chunk_b = persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
-        chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
-        chunk_b = 0 if chunk_b >= longest else chunk_b
-        bound_a, tiles_a = _anchor_bound(kv_len, order, num_kv_heads, num_ctas, chunk_a, longest, best)
-        bound_b, tiles_b = bound_a, tiles_a  # the same chunks: the same schedule, bounded once
-        if chunk_b != chunk_a:
-            bound_b, tiles_b = _anchor_bound(kv_len, order, num_kv_heads, num_ctas, chunk_b, longest, best)
-        if bound_b < bound_a:  # the more promising first: the other may then be skipped
-            chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
-        anchor_chunk = np.int64(-1)
-        if tiles_a <= tile_cap and bound_a < best:
-            makespan_a, groups, block = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, assignment)
-            if makespan_a < best:
-                best, anchor_chunk = makespan_a, chunk_a
-        if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
-            spare = scratch[X_SPARE]
-            makespan_b, groups_b, block_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, spare)
-            if makespan_b < best:
-                best, anchor_chunk, groups, assignment, block = makespan_b, chunk_b, groups_b, spare, block_b
-        if best == NO_MAKESPAN:
-            result[R_ERROR] = E_CAPACITY
-            return
-        if anchor_chunk >= 0:
-            makespan = best
-            num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, anchor_chunk, groups, assignment, block, buf, off)
+        if not found and chunk < 0:  # no packing (beyond the capacities): any anchor will do
+            anchor, chunk, row, block = _best_anchor(kv_len, order, page_size, num_kv_heads, num_ctas, tile_cap, NO_MAKESPAN, scratch)
+        if not found:
+            if chunk < 0:
+                result[R_ERROR] = E_CAPACITY
+                return
+            makespan = anchor
+            groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
+            num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, scratch[row], block, buf, off)
     if num_tiles > tile_cap or num_merges > merge_cap or num_slots > params[P_SLOT_CAP]:
         result[R_ERROR], result[R_VALUE] = E_CAPACITY, num_tiles
         return
