@@ -462,10 +462,8 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         found, num_tiles, num_merges, num_slots, makespan = _search_pack(
             kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, anchor if chunk >= 0 else NO_MAKESPAN, buf, off
         )
-        if not found and chunk < 0:  # no packing (beyond the capacities): any anchor will do
-            anchor, chunk, row, block = _best_anchor(kv_len, order, page_size, num_kv_heads, num_ctas, tile_cap, NO_MAKESPAN, scratch)
         if not found:
-            if chunk < 0:
+            if chunk < 0:  # the layout's capacities hold any packing: a planner bug
                 result[R_ERROR] = E_CAPACITY
                 return
             makespan = anchor
