@@ -52,7 +52,29 @@ def as_index_array(value: Any, name: str) -> np.ndarray:
 @njit(cache=True, nogil=True)
 def validate_page_lengths(kv_indptr, kv_last_page_len, num_indices, page_size, max_page_refs, buf, off, result):
     """Check a CSR page table's lengths (kv_indptr, kv_last_page_len; ``num_indices`` page ids exist)
-    and write kv_len and kv_indptr (each request's first page-id index) into ``buf``. False on an error."""
+    and write kv_len and kv_indptr (each request's first page-id index) into ``buf``. False on an error.
+
+    One loop without a branch; on any error the table is checked again request by request
+    (``_page_length_error``), which reports the first one."""
+    batch = kv_last_page_len.shape[0]
+    kv_len = buf[off[S_KV_LEN] : off[S_KV_LEN] + batch]
+    bad = kv_indptr[0] != 0
+    for i in range(batch):
+        pages = np.int64(kv_indptr[i + 1]) - kv_indptr[i]
+        last = np.int64(kv_last_page_len[i])
+        tokens = (pages - 1) * page_size + last
+        bad |= (pages < 0) | ((pages > 0) & ((last < 1) | (last > page_size) | (tokens > INT32_MAX)))
+        kv_len[i] = tokens if pages > 0 else 0
+    nnz = np.int64(kv_indptr[batch])
+    if bad or nnz > num_indices or nnz > max_page_refs:
+        return _page_length_error(kv_indptr, kv_last_page_len, num_indices, page_size, max_page_refs, buf, off, result)
+    buf[off[S_KV_INDPTR] : off[S_KV_INDPTR] + batch + 1] = kv_indptr
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _page_length_error(kv_indptr, kv_last_page_len, num_indices, page_size, max_page_refs, buf, off, result):
+    """``validate_page_lengths`` request by request, in the order its errors are reported."""
     batch = kv_last_page_len.shape[0]
     if kv_indptr[0] != 0:
         result[R_ERROR], result[R_VALUE] = E_INDPTR_START, kv_indptr[0]

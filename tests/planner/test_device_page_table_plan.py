@@ -134,6 +134,14 @@ def test_length_errors_are_typed_and_named():
         plan_prefill_block_table(pre, np.array([0, 1], np.int32), np.array([3, 3], np.int32), 4, 4, 8, POOL, causal=True)
 
 
+def test_a_kv_len_past_int32_is_a_plan_error():
+    """Token positions are int32: 32769 pages of 65536 tokens (the last holding 7) is 2**31 + 7."""
+    layout = DecodeLayout(num_ctas=4, max_batch_size=2, max_page_refs=40000, page_size=1 << 16, num_kv_heads=1,
+                          group_size=1, head_dim=16, deterministic=False)  # fmt: skip
+    with pytest.raises(PlanError, match=r"request 1 has kv_len 2147483655 > 2147483647"):
+        plan_decode_device(layout, np.array([0, 1, 32770], np.int32), np.array([5, 7], np.int32), 40000, POOL)
+
+
 def expected_block_error(seq_lens, row_stride, max_blocks, span, page_size, max_page_refs):
     """The error a block table's lengths must raise, stated plainly (None: they are valid)."""
     pages = [-(-n // page_size) for n in seq_lens]
