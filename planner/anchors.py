@@ -100,8 +100,9 @@ def lpt_assign(g_tokens, g_chunks, num_kv_heads, num_ctas, assignment):
 
 @njit(cache=True, nogil=True)
 def lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, units):
-    """``lpt_assign`` at block level: returns (makespan, b) and writes each block tile's block-CTA
-    into ``units[: tiles // b]`` (unless ``units`` is empty); ``expand_blocks`` makes it per tile."""
+    """``lpt_assign`` at block level (``g_chunks`` empty: one chunk a group): returns (makespan, b)
+    and writes each block tile's block-CTA into ``units[: tiles // b]`` (unless ``units`` is
+    empty); ``expand_blocks`` makes it per tile."""
     block, other = np.int64(num_ctas), np.int64(num_kv_heads)
     while other:
         block, other = other, block % other
@@ -124,7 +125,8 @@ def expand_blocks(assignment, block):
 
 @njit(cache=True, nogil=True)
 def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
-    """``lpt_assign`` on (block-)CTAs, group g being ``g_chunks[g] * tiles_per_chunk`` tiles. Loads
+    """``lpt_assign`` on (block-)CTAs, group g being ``g_chunks[g] * tiles_per_chunk`` tiles (one
+    chunk each when ``g_chunks`` is empty). Loads
     live in a bucket queue: every load lies within one tile cost of the smallest, so a circular
     array of buckets (one per load value) with a bitmap of non-empty ones finds the least-loaded
     CTA in O(1). Tiles are placed in batches: the least-loaded CTAs in load order, the j-th taking
@@ -157,7 +159,8 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
     # unsigned indices throughout: no negative-index wrap on the hot loads and stores (~15%)
     one, six, full = np.uint64(1), np.uint64(6), np.uint64(0xFFFFFFFFFFFFFFFF)
     g = 0
-    todo = g_chunks[0] * tiles_per_chunk if num_groups > 0 else np.int64(0)
+    whole = g_chunks.shape[0] == 0  # no chunk counts: one chunk a group
+    todo = (1 if whole else g_chunks[0]) * tiles_per_chunk if num_groups > 0 else np.int64(0)
     cost = g_tokens[0] + overhead if num_groups > 0 else overhead
     while g < num_groups:
         # a batch: take the least-loaded CTAs while the next tile may go to them, then place
@@ -190,7 +193,7 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
                         break
                     rising = g_tokens[g] + overhead > cost  # the argument needs costs that do not rise
                     cost = g_tokens[g] + overhead
-                    todo = g_chunks[g] * tiles_per_chunk
+                    todo = (1 if whole else g_chunks[g]) * tiles_per_chunk
                     if rising:
                         break
             bucket_head[found] = cta

@@ -355,6 +355,11 @@ def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, units):
     """Tiles of ``chunk``-token chunks placed longest request first on the least-loaded CTA (the
     anchors' schedules). Returns (makespan, block); ``units`` gets the block-level assignment
     (``lpt_blocks``), which ``_emit_blocks`` writes if the schedule is kept."""
+    if chunk <= 0:  # a tile a request and kv_head: only the lengths, in order
+        tokens = np.empty(order.shape[0], np.int64)
+        for i in range(order.shape[0]):
+            tokens[i] = kv_len[order[i]]
+        return lpt_blocks(tokens, tokens[:0], num_kv_heads, num_ctas, units[: order.shape[0] * num_kv_heads])
     groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
     tiles = groups[4].sum()
     return lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, units[:tiles])
