@@ -401,40 +401,40 @@ def _unsplit_lower_bound(kv_len, order, num_kv_heads, num_ctas, probe):
         return bound, np.int64(0)
     heads = np.int64(num_kv_heads)
     # pigeonhole: after request i, heads * (i + 1) tiles cost >= c(i), so (most + 1) * c(i) with
-    # most = (heads * (i + 1) - 1) // num_ctas; level L's first request is (L * num_ctas + heads) //
-    # heads - 1, stepped as quotient and remainder (no division per level)
-    step, carry = num_ctas // heads, num_ctas % heads
-    level, first, rem = np.int64(0), np.int64(1), np.int64(0)
-    while first <= batch:
-        bound = max(bound, (level + 1) * (np.int64(kv_len[order[first - 1]]) + overhead))
-        level += 1
-        first += step
-        rem += carry
-        if rem >= heads:
-            rem -= heads
-            first += 1
+    # most = (heads * (i + 1) - 1) // num_ctas, whose level L starts at request L * num_ctas // heads
+    bound = max(bound, _level_peaks(kv_len, order, 0, num_ctas, heads, NO_BOUND))
     # big-and-small: the longest request's tiles are the big ones; after request i >= 1, heads * i
     # small tiles cost >= c(i) and share the other num_ctas - heads CTAs: min(c(0) + c(i), (rest + 1)
-    # * c(i)) with rest = (heads * i - 1) // share; level R's first request is (R * share + heads) // heads
+    # * c(i)) with rest = (heads * i - 1) // share, whose level R starts at 1 + R * share // heads
     big_cost = np.int64(kv_len[order[0]]) + overhead
     small_cost = np.int64(kv_len[order[batch - 1]]) + overhead if batch > 1 else NO_BOUND
-    share = num_ctas - heads
-    if share > 0:
-        step, carry = share // heads, share % heads
-        level, first, rem = np.int64(0), np.int64(1), np.int64(0)
-        while first < batch:
-            cost = np.int64(kv_len[order[first]]) + overhead
-            bound = max(bound, min(big_cost + cost, (level + 1) * cost))
-            level += 1
-            first += step
-            rem += carry
-            if rem >= heads:
-                rem -= heads
-                first += 1
+    if num_ctas > heads:
+        bound = max(bound, _level_peaks(kv_len, order, 1, num_ctas - heads, heads, big_cost))
     counted = heads * batch
     if probe > bound and not _might_fit(heads, big_cost, counted - heads, small_cost, num_ctas, probe - 1):
         bound = probe
     return bound, counted
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _level_peaks(kv_len, order, first, width, heads, cap):
+    """max over levels L >= 0 of min(cap + c, (L + 1) * c), c the cost of request
+    ``order[first + L * width // heads]`` while there is one; the quotient is stepped (no division
+    per level)."""
+    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    step, carry = width // heads, width % heads
+    peak = np.int64(0)
+    level, index, rem = np.int64(0), np.int64(first), np.int64(0)
+    while index < order.shape[0]:
+        cost = np.int64(kv_len[order[index]]) + overhead
+        peak = max(peak, min(cap + cost, (level + 1) * cost))
+        level += 1
+        index += step
+        rem += carry
+        if rem >= heads:
+            rem -= heads
+            index += 1
+    return peak
 
 
 #: _might_fit examines CTAs holding up to this many big tiles (beyond it, it does not decide)
