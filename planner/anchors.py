@@ -258,63 +258,66 @@ def longest_first(kv_len):
     """Request indices by kv_len, longest first, ties by index: a stable LSD radix sort of
     ``longest - kv_len`` over the bits that differ between keys (none for equal lengths; 6 for a
     32k request among 512s), in as few passes of at most about log2(batch) bits (4 to RADIX_BITS)
-    as they need."""
+    as they need. Each key travels with its index in one word (key << 32 | index): the passes read
+    and move words, with no gather of the key by index."""
     batch = kv_len.shape[0]
     longest = np.int64(0)
     for i in range(batch):
         longest = max(longest, np.int64(kv_len[i]))
-    keys = np.empty(batch, np.int64)
+    words = np.empty(batch, np.int64)
     spread = np.int64(0)
     common = np.int64(-1)
     for i in range(batch):
-        keys[i] = longest - np.int64(kv_len[i])
-        spread |= keys[i]
-        common &= keys[i]
-    order = np.arange(batch)
-    moved = np.empty(batch, np.int64)
+        key = longest - np.int64(kv_len[i])  # < 2**31: the word's high half
+        words[i] = (key << 32) | i
+        spread |= key
+        common &= key
     varying = spread ^ common if batch > 0 else np.int64(0)  # bits that differ: the others cannot order keys
+    if varying == 0:
+        return np.arange(batch)  # all lengths equal: index order
     widest = np.int64(4)
     while widest < RADIX_BITS and (np.int64(1) << widest) < batch:
         widest += 1
     shift = np.int64(0)
-    while varying != 0 and (varying >> shift) & 1 == 0:
+    while (varying >> shift) & 1 == 0:
         shift += 1
     span = np.int64(0)
     while (varying >> (shift + span)) != 0:
         span += 1
     passes = (span + widest - 1) // widest
-    bits = (span + passes - 1) // passes if passes > 0 else widest
+    bits = (span + passes - 1) // passes
     digits = np.int64(1) << bits
+    mask = digits - 1
     end = shift + span
-    digit = np.empty(batch, np.int64)
+    moved = np.empty(batch, np.int64)
     while shift < end:
+        at_bit = shift + 32
         # counts in two histograms (even and odd positions: equal digits do not chain one counter),
         # then a scatter that keeps the current digit's position in a register while digits repeat
         start = np.zeros(digits + 1, np.int64)
         other = np.zeros(digits + 1, np.int64)
         for i in range(0, batch - 1, 2):
-            d0 = (keys[order[i]] >> shift) & (digits - 1)
-            d1 = (keys[order[i + 1]] >> shift) & (digits - 1)
-            digit[i], digit[i + 1] = d0, d1
-            start[d0 + 1] += 1
-            other[d1 + 1] += 1
+            start[((words[i] >> at_bit) & mask) + 1] += 1
+            other[((words[i + 1] >> at_bit) & mask) + 1] += 1
         if batch % 2:
-            d0 = (keys[order[batch - 1]] >> shift) & (digits - 1)
-            digit[batch - 1] = d0
-            start[d0 + 1] += 1
+            start[((words[batch - 1] >> at_bit) & mask) + 1] += 1
         for d in range(digits):
             start[d + 1] += start[d] + other[d + 1]
         last, at = np.int64(-1), np.int64(0)
         for i in range(batch):
-            d = digit[i]
+            word = words[i]
+            d = (word >> at_bit) & mask
             if d != last:
                 if last >= 0:
                     start[last] = at
                 last, at = d, start[d]
-            moved[at] = order[i]
+            moved[at] = word
             at += 1
-        order, moved = moved, order
+        words, moved = moved, words
         shift += bits
+    order = moved  # the spare array
+    for i in range(batch):
+        order[i] = words[i] & 0xFFFFFFFF
     return order
 
 
