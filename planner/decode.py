@@ -76,11 +76,12 @@ SCRATCH_ROWS = 2
 
 
 @njit(cache=True, nogil=True)
-def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off):
-    """One greedy pass at CTA capacity ``capacity`` over whole (request, kv_head) pairs, ``order``:
-    requests by kv_len ascending (see the module docstring). Returns (fits, num_tiles, num_merges,
-    num_slots, makespan, next capacity to try); only when ``emit`` writes tiles, merges and the CTA
-    index into the plan."""
+def _pack(capacity, emit, order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off):
+    """One greedy pass at CTA capacity ``capacity`` over whole (request, kv_head) pairs: ``order``,
+    requests longest first, ``by_length`` their kv_len in that order (see the module docstring; the
+    pass walks sorted positions p, fewest tokens first: index batch - 1 - p, so the lengths are read
+    in a row, not gathered by request). Returns (fits, num_tiles, num_merges, num_slots, makespan,
+    next capacity to try); only when ``emit`` writes tiles, merges and the CTA index into the plan."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     loss = overhead + 2  # most a CTA leaves unused: the bound behind the lazy split and early exit
     # plain offsets, no array views: the loops stay free of reference counting
@@ -90,6 +91,7 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
     left[:] = num_kv_heads  # per sorted position, kv_heads [taken, taken + left) are free
     taken[:] = 0
     lo, hi = 0, order.shape[0] - 1  # sorted positions: lo = fewest tokens
+    last = np.uint64(order.shape[0] - 1)  # position p is index last - p of order / by_length
     remaining = total  # unsplit cost not yet placed
     num_tiles = num_merges = num_slots = makespan = np.int64(0)
     cur_rem = np.int64(-1)  # tokens left of the pair being split (-1: none)
@@ -135,8 +137,8 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
         for from_long in (True, False):
             while lo <= hi:
                 p = hi if from_long else lo
-                request = order[p]
-                tokens = np.int64(kv_len[request])
+                request = order[last - np.uint64(p)]
+                tokens = by_length[last - np.uint64(p)]
                 cost = tokens + overhead
                 if cost > space:
                     break
@@ -162,8 +164,8 @@ def _pack(capacity, emit, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge
                     lo += 1
         # 4. split the longest pair to fill the gap, unless the CTAs after this one can take the rest
         if cur_rem < 0 and lo <= hi and remaining > (num_ctas - cta - 1) * (capacity - loss):
-            request = order[hi]
-            tokens = np.int64(kv_len[request])
+            request = order[last - np.uint64(hi)]
+            tokens = by_length[last - np.uint64(hi)]
             piece = min(space - overhead, tokens - 1)
             if piece >= 1:
                 if num_tiles + 1 > tile_cap or num_merges + 1 > merge_cap:
@@ -250,7 +252,7 @@ def _capacity_range(total, batch, num_kv_heads, num_ctas):
 
 
 @njit(cache=True, nogil=True)
-def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, buf, off):
+def _search_pack(order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, buf, off):
     """Smallest capacity (within 1/REFINE_RATIO) at which ``_pack`` fits, if any is below ``below``;
     its plan is written (an anchor that beats it overwrites it). Returns (found, num_tiles,
     num_merges, num_slots, makespan).
@@ -268,7 +270,7 @@ def _search_pack(kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, tot
         capacity = min(max(capacity, lo), limit)
         final = capacity == hi or (capacity - lo) * REFINE_RATIO <= capacity
         fits, num_tiles, num_merges, num_slots, makespan, suggested = _pack(
-            capacity, final, kv_len, order, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off
+            capacity, final, order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, left, taken, buf, off
         )
         if fits and final:
             return True, num_tiles, num_merges, num_slots, makespan
@@ -351,28 +353,25 @@ def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, bu
 
 
 @njit(cache=True, nogil=True)
-def _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk, units):
+def _lpt_candidate(kv_len, order, by_length, num_kv_heads, num_ctas, chunk, units):
     """Tiles of ``chunk``-token chunks placed longest request first on the least-loaded CTA (the
-    anchors' schedules). Returns (makespan, block); ``units`` gets the block-level assignment
-    (``lpt_blocks``), which ``_emit_blocks`` writes if the schedule is kept."""
+    anchors' schedules; ``by_length``: kv_len in ``order``). Returns (makespan, block); ``units``
+    gets the block-level assignment (``lpt_blocks``), which ``_emit_blocks`` writes if the schedule is kept."""
     if chunk <= 0:  # a tile a request and kv_head: only the lengths, in order
-        tokens = np.empty(order.shape[0], np.int64)
-        for i in range(order.shape[0]):
-            tokens[i] = kv_len[order[i]]
-        return lpt_blocks(tokens, tokens[:0], num_kv_heads, num_ctas, units[: order.shape[0] * num_kv_heads])
+        return lpt_blocks(by_length, by_length[:0], num_kv_heads, num_ctas, units[: order.shape[0] * num_kv_heads])
     groups = chunk_groups(kv_len, order, num_kv_heads, chunk)
     tiles = groups[4].sum()
     return lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, units[:tiles])
 
 
 @njit(cache=True, nogil=True)
-def _best_anchor(kv_len, order, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch):
+def _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch):
     """The lower makespan of FlashInfer's two schedules (anchors.py), if one is below ``ceiling``:
     the more promising (lower bound) first, each skipped when its bound is not below the best so
     far. Returns (makespan, chunk, scratch row of its block-level assignment, block); makespan
     ``ceiling`` and chunk -1 when neither is below it."""
     batch = order.shape[0]
-    longest = np.int64(kv_len[order[0]]) if batch else np.int64(0)
+    longest = by_length[0] if batch else np.int64(0)
     chunk_a = decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
     chunk_b = persistent_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
     chunk_a = 0 if chunk_a >= longest else chunk_a  # a chunk no request exceeds: no split
@@ -385,11 +384,11 @@ def _best_anchor(kv_len, order, page_size, num_kv_heads, num_ctas, tile_cap, cei
         chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
     best, chunk, row, block = ceiling, np.int64(-1), X_ASSIGNMENT, np.int64(1)
     if tiles_a <= tile_cap and bound_a < best:
-        makespan_a, block_a = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_a, scratch[X_ASSIGNMENT])
+        makespan_a, block_a = _lpt_candidate(kv_len, order, by_length, num_kv_heads, num_ctas, chunk_a, scratch[X_ASSIGNMENT])
         if makespan_a < best:
             best, chunk, block = makespan_a, chunk_a, block_a
     if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
-        makespan_b, block_b = _lpt_candidate(kv_len, order, num_kv_heads, num_ctas, chunk_b, scratch[X_SPARE])
+        makespan_b, block_b = _lpt_candidate(kv_len, order, by_length, num_kv_heads, num_ctas, chunk_b, scratch[X_SPARE])
         if makespan_b < best:
             best, chunk, row, block = makespan_b, chunk_b, X_SPARE, block_b
     return best, chunk, row, block
@@ -463,9 +462,12 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         # into the plan as it goes), else that anchor
         total = num_kv_heads * (kv_tokens + batch * overhead)
         ceiling = _capacity_range(total, batch, num_kv_heads, num_ctas)[1]
-        anchor, chunk, row, block = _best_anchor(kv_len, order, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch)
+        by_length = np.empty(batch, np.int64)  # kv_len in order: what the anchors' LPT and the packing read
+        for i in range(batch):
+            by_length[i] = kv_len[order[i]]
+        anchor, chunk, row, block = _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch)
         found, num_tiles, num_merges, num_slots, makespan = _search_pack(
-            kv_len, order[::-1], num_kv_heads, num_ctas, tile_cap, merge_cap, total, anchor if chunk >= 0 else NO_MAKESPAN, buf, off
+            order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, anchor if chunk >= 0 else NO_MAKESPAN, buf, off
         )
         if not found:
             if chunk < 0:  # the layout's capacities hold any packing: a planner bug

@@ -205,8 +205,9 @@ def packing_makespan(kv_len: list[int], layout: DecodeLayout) -> int:
     lengths = np.array(kv_len, dtype=np.int64)
     params, words = decode._layout_params(layout)
     total = layout.num_kv_heads * (int(lengths.sum()) + len(kv_len) * TILE_OVERHEAD_TOKENS)
+    order = longest_first(lengths)
     found, *_, makespan = decode._search_pack(
-        lengths, longest_first(lengths)[::-1].copy(), layout.num_kv_heads, layout.num_ctas, layout.tile_capacity,
+        order, lengths[order], layout.num_kv_heads, layout.num_ctas, layout.tile_capacity,
         layout.merge_capacity, total, decode.NO_MAKESPAN, np.empty(words, np.int32), params[decode.P_OFFSETS:])  # fmt: skip
     assert found
     return makespan
