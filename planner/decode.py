@@ -46,7 +46,7 @@ from tilegraph.errors import InputError, PlanError
 
 from .validation import E_CAPACITY, INT32_MAX, R_ERROR, R_INDEX, R_KV_TOKENS, R_MAKESPAN, R_MAX_PAGE  # noqa: F401
 from .validation import R_MERGES, R_SLOTS, R_TILES, R_VALUE, R_WORDS, as_index_array, raise_plan_error, validate_page_table  # noqa: F401
-from .validation import validate_block_lengths, validate_page_lengths
+from .validation import index_input, index_length, index_view, validate_block_lengths, validate_page_lengths
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
@@ -407,7 +407,9 @@ def _anchor_bound(kv_len, order, num_kv_heads, num_ctas, chunk, longest, best):
 
 @njit(cache=True, nogil=True)
 def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, params, buf, scratch, result):
-    """Validate, copy, schedule and write the header. ``result`` gets the R_* words."""
+    """Validate, copy, schedule and write the header. ``result`` gets the R_* words. The page table's
+    arrays come as ``index_input`` made them (so do the other cores')."""
+    kv_indptr, kv_indices, kv_last_page_len = index_view(kv_indptr), index_view(kv_indices), index_view(kv_last_page_len)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
@@ -417,6 +419,7 @@ def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, param
 @njit(cache=True, nogil=True)
 def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, serial, params, buf, scratch, result):
     """As _plan_core for page ids that stay on the device: lengths checked, nothing copied."""
+    kv_indptr, kv_last_page_len = index_view(kv_indptr), index_view(kv_last_page_len)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_page_lengths(kv_indptr, kv_last_page_len, num_indices, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
@@ -426,6 +429,7 @@ def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, seria
 @njit(cache=True, nogil=True)
 def _plan_core_blocks(seq_lens, row_stride, max_blocks, span, num_pages, serial, params, buf, scratch, result):
     """As _plan_core for a device block table: per-request lengths checked, nothing copied."""
+    seq_lens = index_view(seq_lens)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_block_lengths(seq_lens, row_stride, max_blocks, span, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
@@ -520,11 +524,12 @@ def plan_decode(
     numpy arrays. A non-empty request has kv_len = (pages - 1) * page_size + last_page_len; a request
     without pages has kv_len 0 (one empty tile per kv_head). ``num_pages``: pages in the KV cache.
     Raises InputError (malformed table) or PlanError (beyond the layout's bounds) before any plan exists."""
-    indptr = as_index_array(kv_indptr, "kv_indptr")
-    indices = as_index_array(kv_indices, "kv_indices")
-    last_page_len = as_index_array(kv_last_page_len, "kv_last_page_len")
-    check_csr_batch(layout, indptr, last_page_len.shape[0], num_pages)
-    return _run_core(layout, _plan_core, (indptr, indices, last_page_len), num_pages, serial, last_page_len.shape[0], None)
+    indptr = index_input(kv_indptr, "kv_indptr")
+    indices = index_input(kv_indices, "kv_indices")
+    last_page_len = index_input(kv_last_page_len, "kv_last_page_len")
+    batch = index_length(last_page_len)
+    check_csr_batch(layout, indptr, batch, num_pages)
+    return _run_core(layout, _plan_core, (indptr, indices, last_page_len), num_pages, serial, batch, None)
 
 
 def plan_decode_device(layout: DecodeLayout, kv_indptr: Any, kv_last_page_len: Any, num_indices: int, num_pages: int,
@@ -534,11 +539,12 @@ def plan_decode_device(layout: DecodeLayout, kv_indptr: Any, kv_last_page_len: A
     checked; the kernels guard each id against ``num_pages`` (kernels/page_table.py; the runtime
     lowers the bound to the pages of the cache it runs on). The plan's ``max_page_index`` is -1:
     the host knows no page id."""
-    indptr = as_index_array(kv_indptr, "kv_indptr")
-    last_page_len = as_index_array(kv_last_page_len, "kv_last_page_len")
-    check_csr_batch(layout, indptr, last_page_len.shape[0], num_pages)
+    indptr = index_input(kv_indptr, "kv_indptr")
+    last_page_len = index_input(kv_last_page_len, "kv_last_page_len")
+    batch = index_length(last_page_len)
+    check_csr_batch(layout, indptr, batch, num_pages)
     args = (indptr, last_page_len, int(num_indices))  # Python ints: numba types them faster than np.int64 (~2 us)
-    return _run_core(layout, _plan_core_device, args, num_pages, serial, last_page_len.shape[0], "device")
+    return _run_core(layout, _plan_core_device, args, num_pages, serial, batch, "device")
 
 
 def plan_decode_block_table(layout: DecodeLayout, seq_lens: Any, row_stride: int, max_blocks: int, span: int,
@@ -546,8 +552,8 @@ def plan_decode_block_table(layout: DecodeLayout, seq_lens: Any, row_stride: int
     """``plan_decode`` for a device block table: request r's page ids are ``row_stride`` apart, at
     flat index r * row_stride of a view of ``span`` ids, at most ``max_blocks`` of them; only
     ``seq_lens`` [B] (host int32 KV tokens per request) is read. Page ids are guarded on the device."""
-    lengths = as_index_array(seq_lens, "seq_lens")
-    batch = lengths.shape[0]
+    lengths = index_input(seq_lens, "seq_lens")
+    batch = index_length(lengths)
     if batch > layout.max_batch_size:
         raise PlanError(f"batch size {batch} exceeds max_batch_size={layout.max_batch_size} (Settings)")
     if num_pages < 0:
@@ -556,10 +562,12 @@ def plan_decode_block_table(layout: DecodeLayout, seq_lens: Any, row_stride: int
     return _run_core(layout, _plan_core_blocks, args, num_pages, serial, batch, "block_table")
 
 
-def check_csr_batch(layout: DecodeLayout, indptr: np.ndarray, batch: int, num_pages: int) -> None:
-    """kv_indptr has B + 1 entries, B fits the layout and num_pages is not negative."""
-    if indptr.shape[0] != batch + 1:
-        raise InputError(f"kv_indptr must have len(kv_last_page_len) + 1 = {batch + 1} entries, got {indptr.shape[0]}")
+def check_csr_batch(layout: DecodeLayout, indptr: np.ndarray | tuple[int, int], batch: int, num_pages: int) -> None:
+    """kv_indptr (an array or an ``index_input`` result) has B + 1 entries, B fits the layout and
+    num_pages is not negative."""
+    entries = index_length(indptr)
+    if entries != batch + 1:
+        raise InputError(f"kv_indptr must have len(kv_last_page_len) + 1 = {batch + 1} entries, got {entries}")
     if batch > layout.max_batch_size:
         raise PlanError(f"batch size {batch} exceeds max_batch_size={layout.max_batch_size} (Settings)")
     if num_pages < 0:

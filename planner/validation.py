@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from numba import njit
+from numba import carray, njit, types
+from numba.core.extending import intrinsic, overload
 
 from tilegraph.errors import InputError, PlanError
 
@@ -47,6 +48,48 @@ def as_index_array(value: Any, name: str) -> np.ndarray:
     if array.ndim != 1:
         raise InputError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
     return array
+
+
+def index_input(value: Any, name: str) -> np.ndarray | tuple[int, int]:
+    """``as_index_array`` for the njit cores, which take either through ``index_view``: a 1-D contiguous
+    int32 CPU torch tensor comes as (data address, length), with no numpy view made (``.numpy()``
+    took ~1.5 us a tensor, half a small batch's Python around the core); anything else as
+    ``as_index_array`` makes it (or its InputError). The caller keeps ``value`` alive for the call."""
+    if (isinstance(value, torch.Tensor) and value.dtype is torch.int32 and value.is_cpu and value.dim() == 1
+            and value.is_contiguous() and not value.is_neg()):  # fmt: skip
+        return value.data_ptr(), value.numel()
+    return as_index_array(value, name)
+
+
+def index_length(view: np.ndarray | tuple[int, int]) -> int:
+    """Entries of an ``index_input`` result."""
+    return view[1] if isinstance(view, tuple) else view.shape[0]
+
+
+def index_view(view):  # noqa: ANN001, ANN201 -- njit only (overloaded below)
+    """In njit code: the int32 array an ``index_input`` result stands for (an array as it is, an
+    (address, length) pair as an array over that memory)."""
+    raise NotImplementedError("index_view is called from njit code only")
+
+
+@intrinsic
+def _int32_pointer(typingctx, address):
+    """An int32 pointer to ``address`` (an integer)."""
+    signature = types.CPointer(types.int32)(types.intp)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@overload(index_view)
+def _index_view(view):
+    if isinstance(view, types.Array):
+        return lambda view: view
+    if isinstance(view, types.UniTuple) and view.count == 2 and isinstance(view.dtype, types.Integer):
+        return lambda view: carray(_int32_pointer(view[0]), (view[1],))
+    return None
 
 
 @njit(cache=True, nogil=True)

@@ -200,6 +200,36 @@ def test_torch_and_numpy_inputs_give_the_same_plan():
     assert "5 requests" in repr(plan) and plan.section("header")[4] == 7
 
 
+def test_torch_views_give_the_numpy_plan():
+    """Contiguous int32 CPU tensors reach the njit core as (address, length), not as numpy views
+    (validation.index_input): a slice at a storage offset must read its own entries, and a strided
+    (non-contiguous) view, taken through numpy, its strided ones -- on all three page-table paths.
+    Fails if the address ignores the offset or a strided view is read as contiguous."""
+    from tilegraph.planner.decode import plan_decode_block_table, plan_decode_device
+
+    kv_len = [0, 17, 5000, 3, 64, 900, 31]
+    layout = make_layout(16, len(kv_len), 500, 16, 2, deterministic=False)
+    plan, table = plan_for(kv_len, layout)
+
+    def offset_view(a: np.ndarray) -> torch.Tensor:  # the entries after 3 poison ones
+        return torch.from_numpy(np.concatenate([np.full(3, -5, np.int32), a]))[3:]
+
+    def strided_view(a: np.ndarray) -> torch.Tensor:  # every other entry of an interleaved tensor
+        both = np.stack([a, np.full_like(a, -5)], axis=1).reshape(-1)
+        return torch.from_numpy(both)[::2]
+
+    for view in (offset_view, strided_view):
+        tensors = [view(a) for a in table]
+        assert tensors[0].is_contiguous() == (view is offset_view)
+        again = plan_decode(layout, *tensors, num_pages=NUM_PAGES, serial=7)
+        assert live_words(again) == live_words(plan) and again.makespan == plan.makespan, view.__name__
+        device = plan_decode_device(layout, tensors[0], tensors[2], len(table[1]), num_pages=NUM_PAGES, serial=7)
+        assert device.makespan == plan.makespan and device.num_tiles == plan.num_tiles, view.__name__
+        seq_lens = view(np.array(kv_len, np.int32))
+        blocks = plan_decode_block_table(layout, seq_lens, 400, 400, 400 * len(kv_len), num_pages=NUM_PAGES, serial=7)
+        assert blocks.makespan == plan.makespan and blocks.num_tiles == plan.num_tiles, view.__name__
+
+
 def packing_makespan(kv_len: list[int], layout: DecodeLayout) -> int:
     """The planner's own packing alone (before it compares the anchors)."""
     lengths = np.array(kv_len, dtype=np.int64)
