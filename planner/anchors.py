@@ -99,16 +99,21 @@ def lpt_assign(g_tokens, g_chunks, num_kv_heads, num_ctas, assignment):
 
 
 @njit(cache=True, nogil=True)
-def lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, units):
+def lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, units, chunk=0, ceiling=NO_BOUND):
     """``lpt_assign`` at block level (``g_chunks`` empty: one chunk a group): returns (makespan, b)
     and writes each block tile's block-CTA into ``units[: tiles // b]`` (unless ``units`` is
-    empty); ``expand_blocks`` makes it per tile."""
+    empty); ``expand_blocks`` makes it per tile.
+
+    ``chunk`` > 0: ``g_tokens`` are request lengths in placement order (``g_chunks`` empty), cut
+    into ``chunk``-token chunks as it goes -- the groups ``chunk_groups`` would make, none built.
+    ``ceiling``: stop once the makespan reaches it (then returned, at least ``ceiling``; ``units``
+    is then incomplete) -- for a caller that only keeps a schedule below it."""
     block, other = np.int64(num_ctas), np.int64(num_kv_heads)
     while other:
         block, other = other, block % other
     block = max(block, np.int64(1))
     record = units[: units.shape[0] // block]
-    return _lpt_blocks(g_tokens, g_chunks, num_kv_heads // block, num_ctas // block, record), block
+    return _lpt_blocks(g_tokens, g_chunks, chunk, ceiling, num_kv_heads // block, num_ctas // block, record), block
 
 
 @njit(cache=True, nogil=True)
@@ -124,9 +129,9 @@ def expand_blocks(assignment, block):
 
 
 @njit(cache=True, nogil=True)
-def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
+def _lpt_blocks(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, num_ctas, assignment):
     """``lpt_assign`` on (block-)CTAs, group g being ``g_chunks[g] * tiles_per_chunk`` tiles (one
-    chunk each when ``g_chunks`` is empty). Loads
+    chunk each when ``g_chunks`` is empty; ``chunk`` and ``ceiling`` as in ``lpt_blocks``). Loads
     live in a bucket queue: every load lies within one tile cost of the smallest, so a circular
     array of buckets (one per load value) with a bitmap of non-empty ones finds the least-loaded
     CTA in O(1). Tiles are placed in batches: the least-loaded CTAs in load order, the j-th taking
@@ -136,9 +141,10 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
     given their tiles after."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     num_groups = g_tokens.shape[0]
+    longer = chunk if chunk > 0 else NO_BOUND  # a group of more tokens is a request cut into chunks
     largest = overhead
     for g in range(num_groups):
-        largest = max(largest, g_tokens[g] + overhead)
+        largest = max(largest, min(g_tokens[g], longer) + overhead)
     width = np.int64(64)
     while width <= largest:
         width *= 2
@@ -160,8 +166,11 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
     one, six, full = np.uint64(1), np.uint64(6), np.uint64(0xFFFFFFFFFFFFFFFF)
     g = 0
     whole = g_chunks.shape[0] == 0  # no chunk counts: one chunk a group
-    todo = (1 if whole else g_chunks[0]) * tiles_per_chunk if num_groups > 0 else np.int64(0)
-    cost = g_tokens[0] + overhead if num_groups > 0 else overhead
+    rest = np.int64(0)  # tokens of the cut request's last, shorter chunk, still to come (0: none)
+    todo = np.int64(0)
+    cost = overhead
+    if num_groups > 0:
+        todo, cost, rest = _group(g_tokens, g_chunks, whole, longer, tiles_per_chunk, 0)
     while g < num_groups:
         # a batch: take the least-loaded CTAs while the next tile may go to them, then place
         batch = 0
@@ -188,12 +197,15 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
                 cta = next_cta[np.uint64(cta)]
                 todo -= 1
                 if todo == 0:
-                    g += 1
-                    if g == num_groups:
-                        break
-                    rising = g_tokens[g] + overhead > cost  # the argument needs costs that do not rise
-                    cost = g_tokens[g] + overhead
-                    todo = (1 if whole else g_chunks[g]) * tiles_per_chunk
+                    previous = cost
+                    if rest > 0:
+                        todo, cost, rest = tiles_per_chunk, rest + overhead, np.int64(0)
+                    else:
+                        g += 1
+                        if g == num_groups:
+                            break
+                        todo, cost, rest = _group(g_tokens, g_chunks, whole, longer, tiles_per_chunk, g)
+                    rising = cost > previous  # the argument needs costs that do not rise
                     if rising:
                         break
             bucket_head[found] = cta
@@ -213,7 +225,21 @@ def _lpt_blocks(g_tokens, g_chunks, tiles_per_chunk, num_ctas, assignment):
             if record:
                 assignment[tile] = np.int64(cta)
             tile += one
+        if makespan >= ceiling:
+            break
     return makespan
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _group(g_tokens, g_chunks, whole, longer, tiles_per_chunk, g):
+    """(tiles, tile cost, tokens of a last chunk to follow) of group g: a request longer than
+    ``longer`` (the chunk) as its full chunks, the rest after them (chunk_groups' order)."""
+    tokens = np.int64(g_tokens[g])
+    chunks = np.int64(1) if whole else np.int64(g_chunks[g])
+    rest = np.int64(0)
+    if tokens > longer:
+        chunks, rest, tokens = tokens // longer, tokens % longer, longer
+    return chunks * tiles_per_chunk, tokens + np.int64(TILE_OVERHEAD_TOKENS), rest
 
 
 @njit(cache=True, nogil=True)
@@ -333,18 +359,29 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
     cb + cs no CTA holding a big tile holds another of them, so the s tiles share the other
     num_ctas - big CTAs, ceil(s / (num_ctas - big)) on one. With a ``probe`` above all three, a
     fourth test (``_might_fit``) may show that no schedule keeps every load below ``probe``: then the
-    bound is ``probe`` (the planner probes with its own makespan, to skip an anchor that cannot win)."""
-    if chunk <= 0:
-        return _unsplit_lower_bound(kv_len, order, num_kv_heads, num_ctas, probe)
+    bound is ``probe`` (the planner probes with its own makespan, to skip an anchor that cannot win).
+
+    The split requests (longer than ``chunk``) lead ``order`` and are stepped one by one; after them
+    tile costs never rise, so each ceil term peaks where its quotient steps up (``_level_peaks``):
+    about B * num_kv_heads / num_ctas steps, not B."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
-    total = full_tiles = np.int64(0)
+    batch = order.shape[0]
+    longer = chunk if chunk > 0 else NO_BOUND  # requests longer than this are split
+    total = num_split = np.int64(0)
     for i in range(kv_len.shape[0]):
         length = np.int64(kv_len[i])
-        split = chunk > 0 and length > chunk
-        total += length + overhead * ((length + chunk - 1) // chunk if split else 1)
-        full_tiles += length // chunk if split else 0
+        total += length
+        num_split += length > longer
+    total += overhead * (batch - num_split)
+    full_tiles = np.int64(0)
+    for n in range(num_split):
+        length = np.int64(kv_len[order[n]])
+        total += overhead * ((length + chunk - 1) // chunk)
+        full_tiles += length // chunk
     full_tiles *= num_kv_heads
     bound = (num_kv_heads * total + num_ctas - 1) // num_ctas
+    if batch == 0:
+        return bound, np.int64(0)
     cheapest = chunk + overhead if chunk > 0 else NO_BOUND  # no other tile costs more than a full chunk
     if full_tiles > 0:
         bound = max(bound, ((full_tiles - 1) // num_ctas + 1) * cheapest)
@@ -354,12 +391,10 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
     # remainder of counted - 1 (resp. counted - big - 1), stepped without a division per request
     most, over = (counted - 1) // num_ctas, (counted - 1) % num_ctas
     rest_share = rest_most = rest_over = np.int64(0)  # set at the first small tile
-    for i in order:
-        length = np.int64(kv_len[i])
-        split = chunk > 0 and length > chunk
-        last = length % chunk if split else length
-        if split and last == 0:
-            continue  # full chunks only
+    for n in range(num_split):  # the split requests' last tiles (none where the chunk divides them)
+        last = np.int64(kv_len[order[n]]) % chunk
+        if last == 0:
+            continue
         counted += num_kv_heads
         over += num_kv_heads
         while over >= num_ctas:
@@ -368,9 +403,6 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
         cost = last + overhead
         cheapest = min(cheapest, cost)
         bound = max(bound, (most + 1) * cheapest)
-        if big == 0:  # no full chunks: the longest request's tiles are the big ones
-            big, big_cost = counted, cost
-            continue
         small_cost = min(small_cost, cost)
         if big < num_ctas:
             if rest_share == 0:
@@ -382,54 +414,44 @@ def makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, probe=0):
                     rest_over -= rest_share
                     rest_most += 1
             bound = max(bound, min(big_cost + small_cost, (rest_most + 1) * small_cost))
+    heads = np.int64(num_kv_heads)
+    if num_split < batch:  # the unsplit requests, one tile a kv_head each
+        bound = max(bound, _level_peaks(kv_len, order, num_split, counted, num_ctas, heads, NO_BOUND, cheapest))
+        first = num_split
+        if big == 0:  # no full chunks: the longest request's tiles are the big ones
+            big, big_cost = heads, np.int64(kv_len[order[0]]) + overhead
+            first = 1
+        if big < num_ctas:
+            small = counted + heads * (first - num_split) - big  # small tiles before request ``first``
+            bound = max(bound, _level_peaks(kv_len, order, first, small, num_ctas - big, heads, big_cost, small_cost))
+        if first < batch:
+            small_cost = min(small_cost, np.int64(kv_len[order[batch - 1]]) + overhead)
+        counted += heads * (batch - num_split)
     if probe > bound and not _might_fit(big, big_cost, counted - big, small_cost, num_ctas, probe - 1):
         bound = probe
     return bound, counted
 
 
-@njit(cache=True, nogil=True)
-def _unsplit_lower_bound(kv_len, order, num_kv_heads, num_ctas, probe):
-    """``makespan_lower_bound`` of unsplit requests, without a step per request: request i in
-    ``order`` brings num_kv_heads tiles of cost c(i), which never rises, so each bound's ceil term
-    is largest at the first request of each of its values (the pigeonhole's ``most`` levels, the
-    big-and-small's ``rest`` levels). About B * num_kv_heads / num_ctas levels, not B requests."""
+@njit(cache=True, nogil=True, inline="always")
+def _level_peaks(kv_len, order, first, counted, width, heads, cap, clamp):
+    """max over the requests order[i], i >= first, of min(cap + c, (q + 1) * c), where c is the
+    request's tile cost (at most ``clamp``) and q = (counted + heads * (i - first + 1) - 1) // width
+    -- ``counted`` tiles before request ``first``, ``heads`` each. Costs never rise (``order``), so
+    within a value of q the first request peaks: one step per value (level L > the first's starts
+    at i = first + (L * width - counted) // heads; the quotient is stepped, not divided)."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     batch = order.shape[0]
-    total = np.int64(0)
-    for i in range(batch):
-        total += kv_len[i]
-    total += batch * overhead
-    bound = (num_kv_heads * total + num_ctas - 1) // num_ctas
-    if batch == 0:
-        return bound, np.int64(0)
-    heads = np.int64(num_kv_heads)
-    # pigeonhole: after request i, heads * (i + 1) tiles cost >= c(i), so (most + 1) * c(i) with
-    # most = (heads * (i + 1) - 1) // num_ctas, whose level L starts at request L * num_ctas // heads
-    bound = max(bound, _level_peaks(kv_len, order, 0, num_ctas, heads, NO_BOUND))
-    # big-and-small: the longest request's tiles are the big ones; after request i >= 1, heads * i
-    # small tiles cost >= c(i) and share the other num_ctas - heads CTAs: min(c(0) + c(i), (rest + 1)
-    # * c(i)) with rest = (heads * i - 1) // share, whose level R starts at 1 + R * share // heads
-    big_cost = np.int64(kv_len[order[0]]) + overhead
-    small_cost = np.int64(kv_len[order[batch - 1]]) + overhead if batch > 1 else NO_BOUND
-    if num_ctas > heads:
-        bound = max(bound, _level_peaks(kv_len, order, 1, num_ctas - heads, heads, big_cost))
-    counted = heads * batch
-    if probe > bound and not _might_fit(heads, big_cost, counted - heads, small_cost, num_ctas, probe - 1):
-        bound = probe
-    return bound, counted
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _level_peaks(kv_len, order, first, width, heads, cap):
-    """max over levels L >= 0 of min(cap + c, (L + 1) * c), c the cost of request
-    ``order[first + L * width // heads]`` while there is one; the quotient is stepped (no division
-    per level)."""
-    overhead = np.int64(TILE_OVERHEAD_TOKENS)
+    if first >= batch:
+        return np.int64(0)
+    level = (counted + heads - 1) // width
+    cost = min(clamp, np.int64(kv_len[order[first]]) + overhead)
+    peak = min(cap + cost, (level + 1) * cost)
+    level += 1
+    start = level * width - counted  # >= 0: level ``level`` starts at request first + start // heads
+    index, rem = first + start // heads, start % heads
     step, carry = width // heads, width % heads
-    peak = np.int64(0)
-    level, index, rem = np.int64(0), np.int64(first), np.int64(0)
-    while index < order.shape[0]:
-        cost = np.int64(kv_len[order[index]]) + overhead
+    while index < batch:
+        cost = min(clamp, np.int64(kv_len[order[index]]) + overhead)
         peak = max(peak, min(cap + cost, (level + 1) * cost))
         level += 1
         index += step

@@ -8,10 +8,10 @@ import heapq
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tilegraph.planner.anchors import anchors, chunk_groups, flashinfer_decode, longest_first, lpt_assign
+from tilegraph.planner.anchors import anchors, chunk_groups, flashinfer_decode, longest_first, lpt_assign, lpt_blocks
 from tilegraph.planner import decode
 from tilegraph.planner.decode import plan_decode
 from tilegraph.planner.layout import DecodeLayout
@@ -312,6 +312,28 @@ def test_lpt_assignment_is_least_loaded_tile_by_tile(kv_len, kv_heads, num_ctas,
             loads[cta] += tokens + TILE_OVERHEAD_TOKENS
             tile += 1
     assert makespan == (int(loads.max()) if tile else 0) == reference_anchor(kv_len, kv_heads, num_ctas, chunk)
+
+
+@settings(deadline=None, max_examples=150)
+@given(kv_len=lengths_strategy, kv_heads=st.integers(1, 8), num_ctas=st.integers(1, 300), chunk=st.sampled_from([1, 64, 700, 1000]),
+       ceiling=st.integers(1, 20000))  # fmt: skip
+@example(kv_len=[2500, 130, 64], kv_heads=2, num_ctas=3, chunk=1000, ceiling=1 << 40)  # a cut request's rest comes right after it
+def test_lpt_cuts_requests_as_it_places_them(kv_len, kv_heads, num_ctas, chunk, ceiling):
+    """The anchors' LPT reads request lengths and cuts them into chunks as it goes (no chunk_groups
+    built): the same block-level assignment and makespan as on chunk_groups' groups. Stopped at a
+    ceiling, the makespan is the full one when below it, else at least the ceiling (the anchor then
+    loses, its assignment unused). Fails if a request's last chunk is placed anywhere but right after
+    its full chunks, or if the ceiling stops a schedule that stays below it."""
+    lengths = np.array(kv_len, dtype=np.int64)
+    order = longest_first(lengths)
+    groups = chunk_groups(lengths, order, kv_heads, chunk)
+    tiles = int(groups[4].sum())
+    expected_units, units = np.full(tiles, -7, dtype=np.int64), np.full(tiles, -7, dtype=np.int64)
+    makespan, block = lpt_blocks(groups[3], groups[2], kv_heads, num_ctas, expected_units)
+    assert lpt_blocks(lengths[order], lengths[:0], kv_heads, num_ctas, units, chunk) == (makespan, block)
+    assert np.array_equal(units, expected_units)
+    stopped, _ = lpt_blocks(lengths[order], lengths[:0], kv_heads, num_ctas, units, chunk, ceiling)
+    assert stopped == makespan if makespan < ceiling else ceiling <= stopped <= makespan
 
 
 @settings(deadline=None, max_examples=200)
