@@ -46,7 +46,7 @@ from tilegraph.errors import InputError, PlanError
 
 from .validation import E_CAPACITY, INT32_MAX, R_ERROR, R_INDEX, R_KV_TOKENS, R_MAKESPAN, R_MAX_PAGE  # noqa: F401
 from .validation import R_MERGES, R_SLOTS, R_TILES, R_VALUE, R_WORDS, as_index_array, raise_plan_error, validate_page_table  # noqa: F401
-from .validation import index_input, index_length, index_view, validate_block_lengths, validate_page_lengths
+from .validation import IndexInput, index_input, index_length, index_view, validate_block_lengths, validate_page_lengths
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
@@ -560,7 +560,7 @@ def plan_decode_block_table(layout: DecodeLayout, seq_lens: Any, row_stride: int
     return _run_core(layout, _plan_core_blocks, args, num_pages, serial, batch, "block_table")
 
 
-def check_csr_batch(layout: DecodeLayout, indptr: np.ndarray | tuple[int, int], batch: int, num_pages: int) -> None:
+def check_csr_batch(layout: DecodeLayout, indptr: IndexInput, batch: int, num_pages: int) -> None:
     """kv_indptr (an array or an ``index_input`` result) has B + 1 entries, B fits the layout and
     num_pages is not negative."""
     entries = index_length(indptr)

@@ -18,7 +18,7 @@ from tilegraph.settings import Settings
 from .decode import check_csr_batch
 from .prefill import PrefillPlan, plan_prefill, plan_prefill_block_table, plan_prefill_device
 from .prefill_layout import ROWS_PER_TILE, PrefillLayout
-from .validation import as_index_array
+from .validation import index_input, index_length
 
 
 def decode_prefill_layout(settings: Settings, num_ctas: int) -> PrefillLayout:
@@ -36,32 +36,33 @@ def one_token_indptr(batch: int) -> np.ndarray:
 def plan_decode_prefill(layout: PrefillLayout, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any, num_pages: int,
                         serial: int, allow_split: bool) -> PrefillPlan:  # fmt: skip
     """planner.decode.plan_decode's contract (host page ids), planned as one-token prefill requests."""
-    indptr, last = _csr_lengths(layout, kv_indptr, kv_last_page_len, num_pages)
-    return plan_prefill(layout, one_token_indptr(last.shape[0]), indptr, kv_indices, last, num_pages=num_pages,
+    batch = _csr_batch(layout, kv_indptr, kv_last_page_len, num_pages)
+    return plan_prefill(layout, one_token_indptr(batch), kv_indptr, kv_indices, kv_last_page_len, num_pages=num_pages,
                         causal=False, serial=serial, allow_split=allow_split)  # fmt: skip
 
 
 def plan_decode_prefill_device(layout: PrefillLayout, kv_indptr: Any, kv_last_page_len: Any, num_indices: int,
                                num_pages: int, serial: int, allow_split: bool) -> PrefillPlan:  # fmt: skip
     """planner.decode.plan_decode_device's contract (page ids stay on the device)."""
-    indptr, last = _csr_lengths(layout, kv_indptr, kv_last_page_len, num_pages)
-    return plan_prefill_device(layout, one_token_indptr(last.shape[0]), indptr, last, num_indices, num_pages=num_pages,
-                               causal=False, serial=serial, allow_split=allow_split)  # fmt: skip
+    batch = _csr_batch(layout, kv_indptr, kv_last_page_len, num_pages)
+    return plan_prefill_device(layout, one_token_indptr(batch), kv_indptr, kv_last_page_len, num_indices,
+                               num_pages=num_pages, causal=False, serial=serial, allow_split=allow_split)  # fmt: skip
 
 
 def plan_decode_prefill_block_table(layout: PrefillLayout, seq_lens: Any, row_stride: int, max_blocks: int, span: int,
                                     num_pages: int, serial: int, allow_split: bool) -> PrefillPlan:  # fmt: skip
     """planner.decode.plan_decode_block_table's contract (a device block table, host seq_lens)."""
-    lengths = as_index_array(seq_lens, "seq_lens")
-    return plan_prefill_block_table(layout, one_token_indptr(lengths.shape[0]), lengths, row_stride, max_blocks, span,
+    batch = index_length(index_input(seq_lens, "seq_lens"))
+    return plan_prefill_block_table(layout, one_token_indptr(batch), seq_lens, row_stride, max_blocks, span,
                                     num_pages=num_pages, causal=False, serial=serial, allow_split=allow_split)  # fmt: skip
 
 
-def _csr_lengths(layout: PrefillLayout, kv_indptr: Any, kv_last_page_len: Any, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
-    indptr = as_index_array(kv_indptr, "kv_indptr")
-    last = as_index_array(kv_last_page_len, "kv_last_page_len")
-    check_csr_batch(layout, indptr, last.shape[0], num_pages)  # decode's messages (B from kv_last_page_len)
-    return indptr, last
+def _csr_batch(layout: PrefillLayout, kv_indptr: Any, kv_last_page_len: Any, num_pages: int) -> int:
+    """B, with decode's messages for a malformed kv_indptr / kv_last_page_len (B from the latter);
+    the prefill planner then takes the caller's arrays as they are."""
+    last = index_input(kv_last_page_len, "kv_last_page_len")
+    check_csr_batch(layout, index_input(kv_indptr, "kv_indptr"), index_length(last), num_pages)
+    return index_length(last)
 
 
 __all__ = ["decode_prefill_layout", "one_token_indptr", "plan_decode_prefill", "plan_decode_prefill_device",

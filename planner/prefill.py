@@ -45,7 +45,7 @@ from .decode import S_KV_LEN, raise_plan_error, validate_page_table
 from .validation import validate_block_lengths, validate_page_lengths
 from .layout import H_NUM_PAGES, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS
 from .plan import TILE_OVERHEAD_TOKENS, balance_of, layout_live_table, ranges_of_table
-from .validation import as_index_array
+from .validation import IndexInput, index_input, index_length, index_view
 from .prefill_layout import H_NUM_TOKENS, PREFILL_SECTIONS, ROWS_PER_TILE, TILE_SECTIONS, PrefillLayout
 
 #: the shortest KV chunk a tile is split into (tokens)
@@ -252,6 +252,10 @@ def _plan_core(qo_indptr, serial, params, buf, result):
 
 @njit(cache=True, nogil=True)
 def _plan_paged(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, params, buf, result):
+    """Validate the query offsets and the page table (copied into the plan), then plan. The index
+    arrays come as ``index_input`` made them (so do the other cores')."""
+    qo_indptr, kv_indptr, kv_indices = index_view(qo_indptr), index_view(kv_indptr), index_view(kv_indices)
+    kv_last_page_len = index_view(kv_last_page_len)
     result[:] = 0
     off = params[P_OFFSETS:]
     if not _validate_qo(qo_indptr, params[P_MAX_TOKENS], buf, off[O_QO_INDPTR], result):
@@ -275,6 +279,7 @@ def _decode_offsets(off):
 @njit(cache=True, nogil=True)
 def _plan_paged_device(qo_indptr, kv_indptr, kv_last_page_len, num_indices, num_pages, serial, params, buf, result):
     """As _plan_paged for page ids that stay on the device: lengths checked, nothing copied."""
+    qo_indptr, kv_indptr, kv_last_page_len = index_view(qo_indptr), index_view(kv_indptr), index_view(kv_last_page_len)
     result[:] = 0
     off = params[P_OFFSETS:]
     if not _validate_qo(qo_indptr, params[P_MAX_TOKENS], buf, off[O_QO_INDPTR], result):
@@ -288,6 +293,7 @@ def _plan_paged_device(qo_indptr, kv_indptr, kv_last_page_len, num_indices, num_
 @njit(cache=True, nogil=True)
 def _plan_paged_blocks(qo_indptr, seq_lens, row_stride, max_blocks, span, num_pages, serial, params, buf, result):
     """As _plan_paged for a device block table: per-request lengths checked, nothing copied."""
+    qo_indptr, seq_lens = index_view(qo_indptr), index_view(seq_lens)
     result[:] = 0
     off = params[P_OFFSETS:]
     if not _validate_qo(qo_indptr, params[P_MAX_TOKENS], buf, off[O_QO_INDPTR], result):
@@ -300,6 +306,7 @@ def _plan_paged_blocks(qo_indptr, seq_lens, row_stride, max_blocks, span, num_pa
 
 @njit(cache=True, nogil=True)
 def _plan_ragged(qo_indptr, kv_indptr, serial, params, buf, result):
+    qo_indptr, kv_indptr = index_view(qo_indptr), index_view(kv_indptr)
     result[:] = 0
     off = params[P_OFFSETS:]
     if not _validate_qo(qo_indptr, params[P_MAX_TOKENS], buf, off[O_QO_INDPTR], result):
@@ -421,8 +428,8 @@ def _raise_prefill(result: np.ndarray, layout: PrefillLayout, num_pages: int, ba
     raise_plan_error(result, layout, num_pages, batch)  # type: ignore[arg-type]  (page-table codes)
 
 
-def _check_batch(layout: PrefillLayout, qo: np.ndarray, batch: int, name: str, length: int) -> None:
-    if qo.shape[0] < 1:
+def _check_batch(layout: PrefillLayout, qo: IndexInput, batch: int, name: str, length: int) -> None:
+    if index_length(qo) < 1:
         raise InputError("qo_indptr must have B + 1 >= 1 entries")
     if length != batch + 1:
         raise InputError(f"{name} must have len(qo_indptr) = {batch + 1} entries, got {length}")
@@ -447,7 +454,7 @@ def plan_prefill(
     kv_last_page_len [B]: int32 CPU torch tensors or numpy arrays (page table as for decode).
     ``allow_split`` False: never split a tile's KV (as deterministic settings do)."""
     qo, indptr, last = _paged_lengths(layout, qo_indptr, kv_indptr, kv_last_page_len, num_pages)
-    indices = as_index_array(kv_indices, "kv_indices")
+    indices = index_input(kv_indices, "kv_indices")
     return _run_paged(layout, _plan_paged, (qo, indptr, indices, last), num_pages, causal, serial, allow_split, "host")
 
 
@@ -467,31 +474,33 @@ def plan_prefill_block_table(layout: PrefillLayout, qo_indptr: Any, seq_lens: An
     ``seq_lens`` [B] host int32 KV tokens per request (query tokens included)."""
     if not layout.paged:
         raise InputError("plan_prefill_block_table needs a paged layout")
-    qo = as_index_array(qo_indptr, "qo_indptr")
-    lengths = as_index_array(seq_lens, "seq_lens")
-    _check_batch(layout, qo, qo.shape[0] - 1, "qo_indptr", qo.shape[0])
-    _check_per_request(lengths, "seq_lens", qo.shape[0] - 1, num_pages)
+    qo = index_input(qo_indptr, "qo_indptr")
+    lengths = index_input(seq_lens, "seq_lens")
+    entries = index_length(qo)
+    _check_batch(layout, qo, entries - 1, "qo_indptr", entries)
+    _check_per_request(lengths, "seq_lens", entries - 1, num_pages)
     args = (qo, lengths, int(row_stride), int(max_blocks), int(span))
     return _run_paged(layout, _plan_paged_blocks, args, num_pages, causal, serial, allow_split, "block_table")
 
 
 def _paged_lengths(layout: PrefillLayout, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any,
-                   num_pages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+                   num_pages: int) -> tuple[IndexInput, IndexInput, IndexInput]:  # fmt: skip
     if not layout.paged:
         raise InputError("plan_prefill needs a paged layout (use plan_prefill_ragged)")
-    qo = as_index_array(qo_indptr, "qo_indptr")
-    indptr = as_index_array(kv_indptr, "kv_indptr")
-    last = as_index_array(kv_last_page_len, "kv_last_page_len")
-    batch = qo.shape[0] - 1
-    _check_batch(layout, qo, batch, "kv_indptr", indptr.shape[0])
+    qo = index_input(qo_indptr, "qo_indptr")
+    indptr = index_input(kv_indptr, "kv_indptr")
+    last = index_input(kv_last_page_len, "kv_last_page_len")
+    batch = index_length(qo) - 1
+    _check_batch(layout, qo, batch, "kv_indptr", index_length(indptr))
     _check_per_request(last, "kv_last_page_len", batch, num_pages)
     return qo, indptr, last
 
 
-def _check_per_request(values: np.ndarray, name: str, batch: int, num_pages: int) -> None:
-    """``values`` has one entry per request and ``num_pages`` is not negative."""
-    if values.shape[0] != batch:
-        raise InputError(f"{name} must have len(qo_indptr) - 1 = {batch} entries, got {values.shape[0]}")
+def _check_per_request(values: IndexInput, name: str, batch: int, num_pages: int) -> None:
+    """``values`` (an ``index_input`` result) has one entry per request and ``num_pages`` is not negative."""
+    entries = index_length(values)
+    if entries != batch:
+        raise InputError(f"{name} must have len(qo_indptr) - 1 = {batch} entries, got {entries}")
     if num_pages < 0:
         raise InputError(f"num_pages must be >= 0, got {num_pages}")
 
@@ -502,7 +511,7 @@ def _run_paged(layout: PrefillLayout, core: Any, args: tuple[Any, ...], num_page
     buffer = np.empty(words, dtype=np.int32)
     result = np.zeros(RESULT_WORDS, dtype=np.int64)
     core(*args, num_pages, serial, params, buffer, result)
-    batch = args[0].shape[0] - 1
+    batch = index_length(args[0]) - 1
     if result[R_ERROR]:
         _raise_prefill(result, layout, num_pages, batch)
     plan = PrefillPlan(layout, buffer, serial, bool(causal), batch, result)
@@ -518,10 +527,10 @@ def plan_prefill_ragged(
     """Validate a ragged prefill batch (kv_indptr [B+1]: KV token offsets) and balance its tiles."""
     if layout.paged:
         raise InputError("plan_prefill_ragged needs a ragged layout (use plan_prefill)")
-    qo = as_index_array(qo_indptr, "qo_indptr")
-    indptr = as_index_array(kv_indptr, "kv_indptr")
-    batch = qo.shape[0] - 1
-    _check_batch(layout, qo, batch, "kv_indptr", indptr.shape[0])
+    qo = index_input(qo_indptr, "qo_indptr")
+    indptr = index_input(kv_indptr, "kv_indptr")
+    batch = index_length(qo) - 1
+    _check_batch(layout, qo, batch, "kv_indptr", index_length(indptr))
     params, words = _layout_params(layout, bool(causal), bool(allow_split))
     buffer = np.empty(words, dtype=np.int32)
     result = np.zeros(RESULT_WORDS, dtype=np.int64)

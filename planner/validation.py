@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -50,7 +50,11 @@ def as_index_array(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def index_input(value: Any, name: str) -> np.ndarray | tuple[int, int]:
+#: what ``index_input`` returns: an int32 array, or a tensor's (data address, length)
+IndexInput = Union[np.ndarray, tuple[int, int]]
+
+
+def index_input(value: Any, name: str) -> IndexInput:
     """``as_index_array`` for the njit cores, which take either through ``index_view``: a 1-D contiguous
     int32 CPU torch tensor comes as (data address, length), with no numpy view made (``.numpy()``
     took ~1.5 us a tensor, half a small batch's Python around the core); anything else as
@@ -61,7 +65,7 @@ def index_input(value: Any, name: str) -> np.ndarray | tuple[int, int]:
     return as_index_array(value, name)
 
 
-def index_length(view: np.ndarray | tuple[int, int]) -> int:
+def index_length(view: IndexInput) -> int:
     """Entries of an ``index_input`` result."""
     return view[1] if isinstance(view, tuple) else view.shape[0]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,7 +14,8 @@ import tilegraph
 from tilegraph import InputError, PlanError
 from tilegraph.planner.decode import plan_decode, plan_decode_block_table, plan_decode_device
 from tilegraph.planner.layout import H_NUM_PAGES, H_PAGE_ERROR, DecodeLayout
-from tilegraph.planner.prefill import plan_prefill, plan_prefill_block_table, plan_prefill_device
+from tilegraph.planner.decode_prefill import plan_decode_prefill, plan_decode_prefill_block_table
+from tilegraph.planner.prefill import plan_prefill, plan_prefill_block_table, plan_prefill_device, plan_prefill_ragged
 from tilegraph.planner.prefill_layout import PrefillLayout
 
 PS, POOL = 4, 4096
@@ -81,6 +83,60 @@ def test_live_ranges_cover_what_the_kernels_read_and_skip_a_device_table():
             assert mask[slice(*offsets[name])].all()
         assert mask[offsets["tile_request"][0] : offsets["tile_request"][0] + plan.num_tiles].all()
         assert mask[offsets["kv_len"][0] : offsets["kv_len"][0] + 3].all()
+
+
+def offset_view(a: np.ndarray) -> torch.Tensor:
+    """A contiguous int32 tensor at a storage offset: the entries after 3 poison ones."""
+    return torch.from_numpy(np.concatenate([np.full(3, -5, np.int32), a]))[3:]
+
+
+def strided_view(a: np.ndarray) -> torch.Tensor:
+    """A non-contiguous int32 tensor: every other entry of an interleaved one."""
+    return torch.from_numpy(np.stack([a, np.full_like(a, -5)], axis=1).reshape(-1))[::2]
+
+
+def same_live_words(got, expected, num_page_ids: int) -> bool:
+    """Two prefill plans agree on every word the kernels read: header, CTA index, tiles, merges, the
+    copied query offsets, KV offsets and lengths, and ``num_page_ids`` copied page ids."""
+    batch = expected.batch_size
+    live = {"header": None, "cta_tile_indptr": None, "qo_indptr": batch + 1, "kv_indptr": batch + 1, "kv_len": batch,
+            "kv_indices": num_page_ids}  # fmt: skip
+    words = [got.section(name)[:count].tolist() == expected.section(name)[:count].tolist() for name, count in live.items()]
+    tiles = [got.tiles()[name].tolist() == values.tolist() for name, values in expected.tiles().items()]
+    return got.num_tiles == expected.num_tiles and got.num_merges == expected.num_merges and all(words + tiles)
+
+
+@pytest.mark.parametrize("view", [offset_view, strided_view])
+def test_prefill_and_decode_prefill_plans_read_torch_views_as_numpy(view):
+    """The prefill planners take contiguous int32 CPU tensors as (address, length) (index_input), as
+    decode's do: on every paged and the ragged path, a tensor at a storage offset and a strided one
+    plan as their numpy arrays. Fails if the address ignores the offset or a strided view is read
+    as contiguous (the poison entries become lengths or page ids)."""
+    rng = np.random.default_rng()
+    kv_lens, qo_lens = [30, 9, 0, 64], [4, 9, 3, 1]
+    layout = PrefillLayout.from_settings(SETTINGS, 3, paged=True)
+    indptr, indices, last = csr(kv_lens, rng)
+    qo = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    seq_lens = np.array(kv_lens, np.int32)
+    plans = [
+        lambda qo, indptr, indices, last, seq_lens: plan_prefill(layout, qo, indptr, indices, last, num_pages=POOL, causal=True),
+        lambda qo, indptr, indices, last, seq_lens: plan_prefill_device(layout, qo, indptr, last, 300, num_pages=POOL, causal=True),
+        lambda qo, indptr, indices, last, seq_lens: plan_prefill_block_table(layout, qo, seq_lens, 20, 20, 80, num_pages=POOL,
+                                                                            causal=True),  # fmt: skip
+        lambda qo, indptr, indices, last, seq_lens: plan_decode_prefill(layout, indptr, indices, last, POOL, 0, True),
+        lambda qo, indptr, indices, last, seq_lens: plan_decode_prefill_block_table(layout, seq_lens, 20, 20, 80, POOL, 0, True),
+    ]
+    arrays = (qo, indptr, indices, last, seq_lens)
+    tensors = [view(a) for a in arrays]
+    assert tensors[0].is_contiguous() == (view is offset_view)
+    for plan in plans:
+        expected, got = plan(*arrays), plan(*tensors)
+        assert same_live_words(got, expected, len(indices) if expected.page_table == "host" else 0)
+    ragged = PrefillLayout.from_settings(SETTINGS, 3, paged=False)
+    kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    expected = plan_prefill_ragged(ragged, qo, kv_indptr, causal=True)
+    got = plan_prefill_ragged(ragged, view(qo), view(kv_indptr), causal=True)
+    assert same_live_words(got, expected, 0)
 
 
 def test_prefill_device_plans_schedule_as_the_host_plan():
