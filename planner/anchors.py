@@ -65,11 +65,7 @@ def chunk_groups(kv_len, request_order, num_kv_heads, chunk):
     request_chunks = np.empty(batch, np.int64)
     n = 0
     for i in request_order:
-        length = np.int64(kv_len[i])
-        full, rest = np.int64(1), np.int64(0)
-        size = length
-        if chunk > 0 and length > chunk:
-            full, rest, size = length // chunk, length % chunk, chunk
+        full, size, rest = _cut(np.int64(kv_len[i]), chunk)  # chunk > 0 here
         g_request[n], g_chunk0[n], g_chunks[n], g_tokens[n] = i, 0, full, size
         n += 1
         if rest > 0:
@@ -238,8 +234,18 @@ def _group(g_tokens, g_chunks, whole, longer, tiles_per_chunk, g):
     chunks = np.int64(1) if whole else np.int64(g_chunks[g])
     rest = np.int64(0)
     if tokens > longer:
-        chunks, rest, tokens = tokens // longer, tokens % longer, longer
+        chunks, tokens, rest = _cut(tokens, longer)
     return chunks * tiles_per_chunk, tokens + np.int64(TILE_OVERHEAD_TOKENS), rest
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cut(length, longer):
+    """(full chunks, tokens each, tokens of a shorter last chunk or 0) of a request of ``length``
+    tokens cut into ``longer``-token chunks when longer than that (else one whole chunk): what
+    ``chunk_groups`` builds and the anchors' LPT cuts as it goes."""
+    if length > longer:
+        return length // longer, longer, length % longer
+    return np.int64(1), length, np.int64(0)
 
 
 @njit(cache=True, nogil=True)

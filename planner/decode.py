@@ -353,16 +353,6 @@ def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, bu
 
 
 @njit(cache=True, nogil=True)
-def _lpt_candidate(by_length, num_kv_heads, num_ctas, chunk, tiles, ceiling, units):
-    """The ``tiles`` tiles of ``chunk``-token chunks (0: none split) placed longest request first on
-    the least-loaded CTA (the anchors' schedules; ``by_length``: kv_len longest first), cut as they
-    are placed, stopped once the makespan reaches ``ceiling``. Returns (makespan, block); ``units``
-    gets the block-level assignment (``lpt_blocks``), which ``_emit_blocks`` writes if the schedule
-    is kept (only a makespan below ``ceiling`` is)."""
-    return lpt_blocks(by_length, by_length[:0], num_kv_heads, num_ctas, units[:tiles], chunk, ceiling)
-
-
-@njit(cache=True, nogil=True)
 def _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch):
     """The lower makespan of FlashInfer's two schedules (anchors.py), if one is below ``ceiling``:
     the more promising (lower bound) first, each skipped when its bound is not below the best so
@@ -382,11 +372,11 @@ def _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, ti
         chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
     best, chunk, row, block = ceiling, np.int64(-1), X_ASSIGNMENT, np.int64(1)
     if tiles_a <= tile_cap and bound_a < best:
-        makespan_a, block_a = _lpt_candidate(by_length, num_kv_heads, num_ctas, chunk_a, tiles_a, best, scratch[X_ASSIGNMENT])
+        makespan_a, block_a = lpt_blocks(by_length, by_length[:0], num_kv_heads, num_ctas, scratch[X_ASSIGNMENT, :tiles_a], chunk_a, best)
         if makespan_a < best:
             best, chunk, block = makespan_a, chunk_a, block_a
     if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
-        makespan_b, block_b = _lpt_candidate(by_length, num_kv_heads, num_ctas, chunk_b, tiles_b, best, scratch[X_SPARE])
+        makespan_b, block_b = lpt_blocks(by_length, by_length[:0], num_kv_heads, num_ctas, scratch[X_SPARE, :tiles_b], chunk_b, best)
         if makespan_b < best:
             best, chunk, row, block = makespan_b, chunk_b, X_SPARE, block_b
     return best, chunk, row, block
