@@ -50,7 +50,8 @@ from .validation import IndexInput, index_input, index_length, index_view, valid
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
-from .anchors import chunk_groups, decode_chunk_tokens, longest_first, lpt_blocks, makespan_lower_bound, persistent_chunk_tokens
+from .anchors import chunk_groups, decode_chunk_tokens, longest_first, makespan_lower_bound, persistent_chunk_tokens
+from .lpt import lpt_blocks
 from .plan import TILE_OVERHEAD_TOKENS, Plan
 
 # layout parameters passed to the njit core (one int64 array per layout)
