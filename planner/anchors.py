@@ -103,11 +103,18 @@ RADIX_BITS = 11  # the request sort's widest digit (a batch of B uses about log2
 
 @njit(cache=True, nogil=True)
 def longest_first(kv_len):
-    """Request indices by kv_len, longest first, ties by index: a stable LSD radix sort of
-    ``longest - kv_len`` over the bits that differ between keys (none for equal lengths; 6 for a
-    32k request among 512s), in as few passes of at most about log2(batch) bits (4 to RADIX_BITS)
-    as they need. Each key travels with its index in one word (key << 32 | index): the passes read
-    and move words, with no gather of the key by index."""
+    """Request indices by kv_len, longest first, ties by index (``longest_first_lengths``' order)."""
+    return longest_first_lengths(kv_len)[0]
+
+
+@njit(cache=True, nogil=True)
+def longest_first_lengths(kv_len):
+    """(order, kv_len in that order as int64): request indices by kv_len, longest first, ties by
+    index -- a stable LSD radix sort of ``longest - kv_len`` over the bits that differ between keys
+    (none for equal lengths; 6 for a 32k request among 512s), in as few passes of at most about
+    log2(batch) bits (4 to RADIX_BITS) as they need. Each key travels with its index in one word
+    (key << 32 | index): the passes read and move words, with no gather of the key by index, and
+    the sorted lengths come back out of the keys."""
     batch = kv_len.shape[0]
     longest = np.int64(0)
     for i in range(batch):
@@ -122,7 +129,7 @@ def longest_first(kv_len):
         common &= key
     varying = spread ^ common if batch > 0 else np.int64(0)  # bits that differ: the others cannot order keys
     if varying == 0:
-        return np.arange(batch)  # all lengths equal: index order
+        return np.arange(batch), np.full(batch, longest)  # all lengths equal: index order
     widest = np.int64(4)
     while widest < RADIX_BITS and (np.int64(1) << widest) < batch:
         widest += 1
@@ -164,9 +171,12 @@ def longest_first(kv_len):
         words, moved = moved, words
         shift += bits
     order = moved  # the spare array
+    lengths = np.empty(batch, np.int64)
     for i in range(batch):
-        order[i] = words[i] & 0xFFFFFFFF
-    return order
+        word = words[i]
+        order[i] = word & 0xFFFFFFFF
+        lengths[i] = longest - (word >> 32)
+    return order, lengths
 
 
 @njit(cache=True, nogil=True)

@@ -50,7 +50,7 @@ from .validation import IndexInput, index_input, index_length, index_view, valid
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
-from .anchors import chunk_groups, decode_chunk_tokens, longest_first, makespan_lower_bound, persistent_chunk_tokens
+from .anchors import chunk_groups, decode_chunk_tokens, longest_first_lengths, makespan_lower_bound, persistent_chunk_tokens
 from .lpt import lpt_blocks
 from .plan import TILE_OVERHEAD_TOKENS, Plan
 
@@ -437,7 +437,7 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
     kv_tokens = np.int64(0)
     for i in range(batch):
         kv_tokens += kv_len[i]
-    order = longest_first(kv_len)
+    order, by_length = longest_first_lengths(kv_len)  # by_length: kv_len in order, what the anchors' LPT and the packing read
     if params[P_CHUNK] > 0:
         assignment = scratch[X_ASSIGNMENT]  # deterministic: fixed chunks, longest tiles first
         groups = chunk_groups(kv_len, order, num_kv_heads, params[P_CHUNK])
@@ -455,9 +455,6 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         # into the plan as it goes), else that anchor
         total = num_kv_heads * (kv_tokens + batch * overhead)
         ceiling = _capacity_range(total, batch, num_kv_heads, num_ctas)[1]
-        by_length = np.empty(batch, np.int64)  # kv_len in order: what the anchors' LPT and the packing read
-        for i in range(batch):
-            by_length[i] = kv_len[order[i]]
         anchor, chunk, row, block = _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch)
         found, num_tiles, num_merges, num_slots, makespan = _search_pack(
             order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, anchor if chunk >= 0 else NO_MAKESPAN, buf, off
