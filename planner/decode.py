@@ -57,6 +57,7 @@ from .plan import TILE_OVERHEAD_TOKENS, Plan
 # layout parameters passed to the njit core (one int64 array per layout)
 P_PAGE_SIZE, P_KV_HEADS, P_NUM_CTAS, P_MAX_PAGE_REFS, P_CHUNK, P_TILE_CAP, P_MERGE_CAP, P_SLOT_CAP = range(8)
 P_OFFSETS = 8  # then one start offset per section, in layout order
+P_WORDS = P_OFFSETS + len(DECODE_SECTIONS)
 # section indices (the njit core reads sections by index), looked up by name in the layout's table
 _S = {name: index for index, name in enumerate(DECODE_SECTIONS)}
 S_HEADER, S_CTA_TILE_INDPTR = _S["header"], _S["cta_tile_indptr"]
@@ -69,9 +70,13 @@ S_KV_INDPTR, S_KV_INDICES, S_KV_LEN = _S["kv_indptr"], _S["kv_indices"], _S["kv_
 REFINE_RATIO = 256
 NO_MAKESPAN = 1 << 62
 
-# the core's work rows (``_scratch``): a block-CTA per block tile for each anchor
+# the core's work rows: a block-CTA per block tile for each anchor
 X_ASSIGNMENT, X_SPARE = 0, 1
 SCRATCH_ROWS = 2
+# the core's per-thread int64 state (``_core_inputs``; one array: numba's dispatch types each argument):
+# the layout's P_WORDS parameter words, the R_WORDS result words, then the SCRATCH_ROWS work rows
+STATE_RESULT = P_WORDS
+STATE_SCRATCH = STATE_RESULT + R_WORDS
 
 # ---- njit core ---------------------------------------------------------------------------------------
 
@@ -394,11 +399,21 @@ def _anchor_bound(kv_len, order, num_kv_heads, num_ctas, chunk, longest, best):
     return makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, best)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _state_parts(state):
+    """(params, result, scratch rows) of a core's state array."""
+    params = state[:P_WORDS]
+    result = state[STATE_RESULT:STATE_SCRATCH]
+    scratch = state[STATE_SCRATCH : STATE_SCRATCH + SCRATCH_ROWS * params[P_TILE_CAP]].reshape((SCRATCH_ROWS, params[P_TILE_CAP]))
+    return params, result, scratch
+
+
 @njit(cache=True, nogil=True)
-def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, params, buf, scratch, result):
-    """Validate, copy, schedule and write the header. ``result`` gets the R_* words. The page table's
-    arrays come as ``index_input`` made them (so do the other cores')."""
+def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, state, buf):
+    """Validate, copy, schedule and write the header; the R_* words go to the state's result words.
+    The page table's arrays come as ``index_input`` made them (so do the other cores')."""
     kv_indptr, kv_indices, kv_last_page_len = index_view(kv_indptr), index_view(kv_indices), index_view(kv_last_page_len)
+    params, result, scratch = _state_parts(state)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
@@ -406,9 +421,10 @@ def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, param
 
 
 @njit(cache=True, nogil=True)
-def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, serial, params, buf, scratch, result):
+def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, serial, state, buf):
     """As _plan_core for page ids that stay on the device: lengths checked, nothing copied."""
     kv_indptr, kv_last_page_len = index_view(kv_indptr), index_view(kv_last_page_len)
+    params, result, scratch = _state_parts(state)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_page_lengths(kv_indptr, kv_last_page_len, num_indices, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
@@ -416,9 +432,10 @@ def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, seria
 
 
 @njit(cache=True, nogil=True)
-def _plan_core_blocks(seq_lens, row_stride, max_blocks, span, num_pages, serial, params, buf, scratch, result):
+def _plan_core_blocks(seq_lens, row_stride, max_blocks, span, num_pages, serial, state, buf):
     """As _plan_core for a device block table: per-request lengths checked, nothing copied."""
     seq_lens = index_view(seq_lens)
+    params, result, scratch = _state_parts(state)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_block_lengths(seq_lens, row_stride, max_blocks, span, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
@@ -567,10 +584,9 @@ _MOST_LAYOUTS = 8
 class CoreInputs(NamedTuple):
     """What the njit core takes for one layout's plans besides the batch, kept per thread."""
 
-    params: np.ndarray  # the layout's parameter words (_layout_params)
+    state: np.ndarray  # int64: the layout's parameter words (_layout_params), the R_* result words, work rows
     plan_words: int
-    scratch: np.ndarray  # SCRATCH_ROWS x tile capacity int64 work rows; contents ignored
-    result: np.ndarray  # the R_* words the core returns
+    result: np.ndarray  # the state's R_* words, as the core leaves them
 
 
 def _core_inputs(layout: DecodeLayout) -> CoreInputs:
@@ -584,16 +600,17 @@ def _core_inputs(layout: DecodeLayout) -> CoreInputs:
         if len(by_layout) >= _MOST_LAYOUTS:
             by_layout.clear()
         params, words = _layout_params(layout)
-        scratch = np.empty((SCRATCH_ROWS, layout.tile_capacity), dtype=np.int64)
-        inputs = by_layout[layout] = CoreInputs(params, words, scratch, np.empty(R_WORDS, dtype=np.int64))
+        state = np.empty(STATE_SCRATCH + SCRATCH_ROWS * layout.tile_capacity, dtype=np.int64)
+        state[:P_WORDS] = params
+        inputs = by_layout[layout] = CoreInputs(state, words, state[STATE_RESULT:STATE_SCRATCH])
     return inputs
 
 
 def _run_core(layout: DecodeLayout, core: Any, args: tuple[Any, ...], num_pages: int, serial: int, batch: int,
               device_table: str | None) -> Plan:  # fmt: skip
-    params, words, scratch, result = _core_inputs(layout)
+    state, words, result = _core_inputs(layout)
     buffer = np.empty(words, dtype=np.int32)
-    core(*args, num_pages, serial, params, buffer, scratch, result)
+    core(*args, num_pages, serial, state, buffer)
     error, _, _, num_tiles, num_merges, num_slots, makespan, max_page, kv_tokens = result.tolist()
     if error:
         raise_plan_error(result, layout, num_pages, batch)
