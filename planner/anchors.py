@@ -107,19 +107,33 @@ def longest_first(kv_len):
     return longest_first_lengths(kv_len)[0]
 
 
+#: ``sort_longest_first``'s digit counts: two histograms of at most 2**RADIX_BITS + 1 entries
+SORT_COUNT_WORDS = 2 * ((1 << RADIX_BITS) + 1)
+
+
 @njit(cache=True, nogil=True)
 def longest_first_lengths(kv_len):
     """(order, kv_len in that order as int64): request indices by kv_len, longest first, ties by
-    index -- a stable LSD radix sort of ``longest - kv_len`` over the bits that differ between keys
-    (none for equal lengths; 6 for a 32k request among 512s), in as few passes of at most about
-    log2(batch) bits (4 to RADIX_BITS) as they need. Each key travels with its index in one word
-    (key << 32 | index): the passes read and move words, with no gather of the key by index, and
-    the sorted lengths come back out of the keys."""
+    index (``sort_longest_first`` into fresh arrays)."""
     batch = kv_len.shape[0]
+    return sort_longest_first(kv_len, np.empty(batch, np.int64), np.empty(batch, np.int64), np.empty(batch, np.int64),
+                              np.empty(SORT_COUNT_WORDS, np.int64))  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def sort_longest_first(kv_len, words, moved, lengths, counts):
+    """``longest_first_lengths`` in the caller's int64 work arrays (``words``, ``moved``, ``lengths``:
+    at least B entries; ``counts``: SORT_COUNT_WORDS): returns views of two of them (the planner's
+    hot path allocates nothing). A stable LSD radix sort of ``longest - kv_len`` over the bits that
+    differ between keys (none for equal lengths; 6 for a 32k request among 512s), in as few passes
+    of at most about log2(batch) bits (4 to RADIX_BITS) as they need. Each key travels with its
+    index in one word (key << 32 | index): the passes read and move words, with no gather of the
+    key by index, and the sorted lengths come back out of the keys."""
+    batch = kv_len.shape[0]
+    words, moved, lengths = words[:batch], moved[:batch], lengths[:batch]
     longest = np.int64(0)
     for i in range(batch):
         longest = max(longest, np.int64(kv_len[i]))
-    words = np.empty(batch, np.int64)
     spread = np.int64(0)
     common = np.int64(-1)
     for i in range(batch):
@@ -128,8 +142,10 @@ def longest_first_lengths(kv_len):
         spread |= key
         common &= key
     varying = spread ^ common if batch > 0 else np.int64(0)  # bits that differ: the others cannot order keys
-    if varying == 0:
-        return np.arange(batch), np.full(batch, longest)  # all lengths equal: index order
+    if varying == 0:  # all lengths equal: index order
+        for i in range(batch):
+            moved[i], lengths[i] = i, longest
+        return moved, lengths
     widest = np.int64(4)
     while widest < RADIX_BITS and (np.int64(1) << widest) < batch:
         widest += 1
@@ -144,13 +160,13 @@ def longest_first_lengths(kv_len):
     digits = np.int64(1) << bits
     mask = digits - 1
     end = shift + span
-    moved = np.empty(batch, np.int64)
     while shift < end:
         at_bit = shift + 32
         # counts in two histograms (even and odd positions: equal digits do not chain one counter),
         # then a scatter that keeps the current digit's position in a register while digits repeat
-        start = np.zeros(digits + 1, np.int64)
-        other = np.zeros(digits + 1, np.int64)
+        start, other = counts[: digits + 1], counts[digits + 1 : 2 * digits + 2]
+        start[:] = 0
+        other[:] = 0
         for i in range(0, batch - 1, 2):
             start[((words[i] >> at_bit) & mask) + 1] += 1
             other[((words[i + 1] >> at_bit) & mask) + 1] += 1
@@ -171,7 +187,6 @@ def longest_first_lengths(kv_len):
         words, moved = moved, words
         shift += bits
     order = moved  # the spare array
-    lengths = np.empty(batch, np.int64)
     for i in range(batch):
         word = words[i]
         order[i] = word & 0xFFFFFFFF

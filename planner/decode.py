@@ -50,13 +50,13 @@ from .validation import IndexInput, index_input, index_length, index_view, valid
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
 from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
-from .anchors import chunk_groups, decode_chunk_tokens, longest_first_lengths, makespan_lower_bound, persistent_chunk_tokens
-from .lpt import lpt_blocks
+from .anchors import SORT_COUNT_WORDS, chunk_groups, decode_chunk_tokens, makespan_lower_bound, persistent_chunk_tokens, sort_longest_first
+from .lpt import TREE_KEY_WORDS, lpt_blocks
 from .plan import TILE_OVERHEAD_TOKENS, Plan
 
 # layout parameters passed to the njit core (one int64 array per layout)
-P_PAGE_SIZE, P_KV_HEADS, P_NUM_CTAS, P_MAX_PAGE_REFS, P_CHUNK, P_TILE_CAP, P_MERGE_CAP, P_SLOT_CAP = range(8)
-P_OFFSETS = 8  # then one start offset per section, in layout order
+P_PAGE_SIZE, P_KV_HEADS, P_NUM_CTAS, P_MAX_PAGE_REFS, P_CHUNK, P_TILE_CAP, P_MERGE_CAP, P_SLOT_CAP, P_BATCH_CAP = range(9)
+P_OFFSETS = 9  # then one start offset per section, in layout order
 P_WORDS = P_OFFSETS + len(DECODE_SECTIONS)
 # section indices (the njit core reads sections by index), looked up by name in the layout's table
 _S = {name: index for index, name in enumerate(DECODE_SECTIONS)}
@@ -70,11 +70,15 @@ S_KV_INDPTR, S_KV_INDICES, S_KV_LEN = _S["kv_indptr"], _S["kv_indices"], _S["kv_
 REFINE_RATIO = 256
 NO_MAKESPAN = 1 << 62
 
-# the core's work rows: a block-CTA per block tile for each anchor
+# the core's work rows of tile capacity: a block-CTA per block tile for each anchor
 X_ASSIGNMENT, X_SPARE = 0, 1
 SCRATCH_ROWS = 2
-# the core's per-thread int64 state (``_core_inputs``; one array: numba's dispatch types each argument):
-# the layout's P_WORDS parameter words, the R_WORDS result words, then the SCRATCH_ROWS work rows
+# its rows of batch capacity: the sort's (two rows of words, the sorted lengths), the packing's (left, taken)
+Y_WORDS, Y_MOVED, Y_LENGTHS, Y_LEFT, Y_TAKEN = range(5)
+BATCH_ROWS = 5
+# the core's per-thread int64 state (``_core_inputs``; one array: numba's dispatch types each argument,
+# and the core allocates nothing): the layout's P_WORDS parameter words, the R_WORDS result words,
+# the SCRATCH_ROWS and BATCH_ROWS work rows, the sort's digit counts and the LPT tree's keys
 STATE_RESULT = P_WORDS
 STATE_SCRATCH = STATE_RESULT + R_WORDS
 
@@ -258,17 +262,16 @@ def _capacity_range(total, batch, num_kv_heads, num_ctas):
 
 
 @njit(cache=True, nogil=True)
-def _search_pack(order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, buf, off):
+def _search_pack(order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, below, buf, off, left, taken):
     """Smallest capacity (within 1/REFINE_RATIO) at which ``_pack`` fits, if any is below ``below``;
     its plan is written (an anchor that beats it overwrites it). Returns (found, num_tiles,
-    num_merges, num_slots, makespan).
+    num_merges, num_slots, makespan). ``left``, ``taken``: int64 work rows of at least B entries.
 
     lo is a lower bound, hi always fits (a CTA leaves at most TILE_OVERHEAD_TOKENS + 2 unused).
     After a failed pass try its estimate, after a fitting one bisect; a pass that would end the
     search if it fits records the plan as it goes."""
     batch = order.shape[0]
-    left = np.empty(batch, np.int64)
-    taken = np.empty(batch, np.int64)
+    left, taken = left[:batch], taken[:batch]
     lo, hi = _capacity_range(total, batch, num_kv_heads, num_ctas)
     limit = min(hi, below - 1)
     capacity = hi if (hi - lo) * REFINE_RATIO <= hi else lo  # hi is close enough: one pass
@@ -359,11 +362,11 @@ def _emit_blocks(kv_len, num_kv_heads, num_ctas, chunk, groups, units, block, bu
 
 
 @njit(cache=True, nogil=True)
-def _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch):
+def _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch, keys):
     """The lower makespan of FlashInfer's two schedules (anchors.py), if one is below ``ceiling``:
     the more promising (lower bound) first, each skipped when its bound is not below the best so
     far. Returns (makespan, chunk, scratch row of its block-level assignment, block); makespan
-    ``ceiling`` and chunk -1 when neither is below it."""
+    ``ceiling`` and chunk -1 when neither is below it. ``keys``: the LPT tree's work space."""
     batch = order.shape[0]
     longest = by_length[0] if batch else np.int64(0)
     chunk_a = decode_chunk_tokens(kv_len, page_size, num_kv_heads, num_ctas)
@@ -378,11 +381,11 @@ def _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, ti
         chunk_a, chunk_b, bound_a, bound_b, tiles_a, tiles_b = chunk_b, chunk_a, bound_b, bound_a, tiles_b, tiles_a
     best, chunk, row, block = ceiling, np.int64(-1), X_ASSIGNMENT, np.int64(1)
     if tiles_a <= tile_cap and bound_a < best:
-        makespan_a, block_a = lpt_blocks(by_length, by_length[:0], num_kv_heads, num_ctas, scratch[X_ASSIGNMENT, :tiles_a], chunk_a, best)
+        makespan_a, block_a = lpt_blocks(by_length, by_length[:0], num_kv_heads, num_ctas, scratch[X_ASSIGNMENT, :tiles_a], chunk_a, best, keys)
         if makespan_a < best:
             best, chunk, block = makespan_a, chunk_a, block_a
     if chunk_b != chunk_a and tiles_b <= tile_cap and bound_b < best:
-        makespan_b, block_b = lpt_blocks(by_length, by_length[:0], num_kv_heads, num_ctas, scratch[X_SPARE, :tiles_b], chunk_b, best)
+        makespan_b, block_b = lpt_blocks(by_length, by_length[:0], num_kv_heads, num_ctas, scratch[X_SPARE, :tiles_b], chunk_b, best, keys)
         if makespan_b < best:
             best, chunk, row, block = makespan_b, chunk_b, X_SPARE, block_b
     return best, chunk, row, block
@@ -399,13 +402,25 @@ def _anchor_bound(kv_len, order, num_kv_heads, num_ctas, chunk, longest, best):
     return makespan_lower_bound(kv_len, order, num_kv_heads, num_ctas, chunk, best)
 
 
+def state_words(tile_capacity: int, batch_capacity: int) -> int:
+    """Length of a core's int64 state array (``_state_parts``)."""
+    return STATE_SCRATCH + SCRATCH_ROWS * tile_capacity + BATCH_ROWS * batch_capacity + SORT_COUNT_WORDS + TREE_KEY_WORDS
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _state_parts(state):
-    """(params, result, scratch rows) of a core's state array."""
+    """(params, result, work) of a core's state array; work: (scratch rows, batch rows, the sort's
+    digit counts, the LPT tree's uint64 keys)."""
     params = state[:P_WORDS]
     result = state[STATE_RESULT:STATE_SCRATCH]
-    scratch = state[STATE_SCRATCH : STATE_SCRATCH + SCRATCH_ROWS * params[P_TILE_CAP]].reshape((SCRATCH_ROWS, params[P_TILE_CAP]))
-    return params, result, scratch
+    tile_cap, batch_cap = params[P_TILE_CAP], params[P_BATCH_CAP]
+    at = STATE_SCRATCH + SCRATCH_ROWS * tile_cap
+    scratch = state[STATE_SCRATCH:at].reshape((SCRATCH_ROWS, tile_cap))
+    rows = state[at : at + BATCH_ROWS * batch_cap].reshape((BATCH_ROWS, batch_cap))
+    at += BATCH_ROWS * batch_cap
+    counts = state[at : at + SORT_COUNT_WORDS]
+    keys = state[at + SORT_COUNT_WORDS : at + SORT_COUNT_WORDS + TREE_KEY_WORDS].view(np.uint64)
+    return params, result, (scratch, rows, counts, keys)
 
 
 @njit(cache=True, nogil=True)
@@ -413,39 +428,40 @@ def _plan_core(kv_indptr, kv_indices, kv_last_page_len, num_pages, serial, state
     """Validate, copy, schedule and write the header; the R_* words go to the state's result words.
     The page table's arrays come as ``index_input`` made them (so do the other cores')."""
     kv_indptr, kv_indices, kv_last_page_len = index_view(kv_indptr), index_view(kv_indices), index_view(kv_last_page_len)
-    params, result, scratch = _state_parts(state)
+    params, result, work = _state_parts(state)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_page_table(kv_indptr, kv_indices, kv_last_page_len, num_pages, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
-        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, scratch, result)
+        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, work, result)
 
 
 @njit(cache=True, nogil=True)
 def _plan_core_device(kv_indptr, kv_last_page_len, num_indices, num_pages, serial, state, buf):
     """As _plan_core for page ids that stay on the device: lengths checked, nothing copied."""
     kv_indptr, kv_last_page_len = index_view(kv_indptr), index_view(kv_last_page_len)
-    params, result, scratch = _state_parts(state)
+    params, result, work = _state_parts(state)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_page_lengths(kv_indptr, kv_last_page_len, num_indices, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
-        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, scratch, result)
+        _schedule(kv_last_page_len.shape[0], num_pages, serial, params, buf, work, result)
 
 
 @njit(cache=True, nogil=True)
 def _plan_core_blocks(seq_lens, row_stride, max_blocks, span, num_pages, serial, state, buf):
     """As _plan_core for a device block table: per-request lengths checked, nothing copied."""
     seq_lens = index_view(seq_lens)
-    params, result, scratch = _state_parts(state)
+    params, result, work = _state_parts(state)
     result[:] = 0
     off = params[P_OFFSETS:]
     if validate_block_lengths(seq_lens, row_stride, max_blocks, span, params[P_PAGE_SIZE], params[P_MAX_PAGE_REFS], buf, off, result):
-        _schedule(seq_lens.shape[0], num_pages, serial, params, buf, scratch, result)
+        _schedule(seq_lens.shape[0], num_pages, serial, params, buf, work, result)
 
 
 @njit(cache=True, nogil=True)
-def _schedule(batch, num_pages, serial, params, buf, scratch, result):
+def _schedule(batch, num_pages, serial, params, buf, work, result):
     """Schedule the batch whose kv_len is in ``buf`` and write the header (the R_* words in ``result``).
-    ``scratch``: SCRATCH_ROWS x tile capacity int64 work rows (contents ignored)."""
+    ``work``: ``_state_parts``' work arrays (contents ignored)."""
+    scratch, rows, counts, keys = work
     off = params[P_OFFSETS:]
     page_size, num_kv_heads, num_ctas = params[P_PAGE_SIZE], params[P_KV_HEADS], params[P_NUM_CTAS]
     tile_cap, merge_cap = params[P_TILE_CAP], params[P_MERGE_CAP]
@@ -454,7 +470,8 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
     kv_tokens = np.int64(0)
     for i in range(batch):
         kv_tokens += kv_len[i]
-    order, by_length = longest_first_lengths(kv_len)  # by_length: kv_len in order, what the anchors' LPT and the packing read
+    # by_length: kv_len in order, what the anchors' LPT and the packing read
+    order, by_length = sort_longest_first(kv_len, rows[Y_WORDS], rows[Y_MOVED], rows[Y_LENGTHS], counts)
     if params[P_CHUNK] > 0:
         assignment = scratch[X_ASSIGNMENT]  # deterministic: fixed chunks, longest tiles first
         groups = chunk_groups(kv_len, order, num_kv_heads, params[P_CHUNK])
@@ -464,7 +481,7 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         if tiles > tile_cap:
             result[R_ERROR], result[R_VALUE] = E_CAPACITY, tiles
             return
-        makespan, block = lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, assignment[:tiles])
+        makespan, block = lpt_blocks(groups[3], groups[2], num_kv_heads, num_ctas, assignment[:tiles], 0, NO_MAKESPAN, keys)
         num_tiles, num_merges, num_slots = _emit_blocks(kv_len, num_kv_heads, num_ctas, params[P_CHUNK], groups, assignment, block, buf, off)
     else:
         # the anchors (longest first on the least-loaded CTA) that may beat the packing -- whose
@@ -472,9 +489,10 @@ def _schedule(batch, num_pages, serial, params, buf, scratch, result):
         # into the plan as it goes), else that anchor
         total = num_kv_heads * (kv_tokens + batch * overhead)
         ceiling = _capacity_range(total, batch, num_kv_heads, num_ctas)[1]
-        anchor, chunk, row, block = _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch)
+        anchor, chunk, row, block = _best_anchor(kv_len, order, by_length, page_size, num_kv_heads, num_ctas, tile_cap, ceiling, scratch, keys)
         found, num_tiles, num_merges, num_slots, makespan = _search_pack(
-            order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, anchor if chunk >= 0 else NO_MAKESPAN, buf, off
+            order, by_length, num_kv_heads, num_ctas, tile_cap, merge_cap, total, anchor if chunk >= 0 else NO_MAKESPAN, buf, off,
+            rows[Y_LEFT], rows[Y_TAKEN],
         )
         if not found:
             if chunk < 0:  # the layout's capacities hold any packing: a planner bug
@@ -504,7 +522,7 @@ def _layout_params(layout: DecodeLayout) -> tuple[np.ndarray, int]:
     offsets = layout.offsets()
     chunk = DETERMINISTIC_CHUNK_TOKENS if layout.deterministic else 0
     head = [layout.page_size, layout.num_kv_heads, layout.num_ctas, layout.max_page_refs, chunk,
-            layout.tile_capacity, layout.merge_capacity, layout.slot_capacity]  # fmt: skip
+            layout.tile_capacity, layout.merge_capacity, layout.slot_capacity, layout.max_batch_size]  # fmt: skip
     params = np.array(head + [offsets[name][0] for name in DECODE_SECTIONS], dtype=np.int64)
     params.flags.writeable = False
     return params, layout.plan_words
@@ -600,7 +618,7 @@ def _core_inputs(layout: DecodeLayout) -> CoreInputs:
         if len(by_layout) >= _MOST_LAYOUTS:
             by_layout.clear()
         params, words = _layout_params(layout)
-        state = np.empty(STATE_SCRATCH + SCRATCH_ROWS * layout.tile_capacity, dtype=np.int64)
+        state = np.empty(state_words(layout.tile_capacity, layout.max_batch_size), dtype=np.int64)
         state[:P_WORDS] = params
         inputs = by_layout[layout] = CoreInputs(state, words, state[STATE_RESULT:STATE_SCRATCH])
     return inputs

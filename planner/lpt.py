@@ -20,6 +20,8 @@ from .plan import TILE_OVERHEAD_TOKENS
 NO_BOUND = 1 << 62
 #: block-CTAs up to which the winner tree finds the least-loaded (log2 levels a tile); beyond, the bucket queue
 TREE_MOST_CTAS = 128
+#: the winner tree's nodes at most: two per leaf, leaves the power of two at or above TREE_MOST_CTAS
+TREE_KEY_WORDS = 4 * TREE_MOST_CTAS
 
 
 @intrinsic
@@ -54,7 +56,7 @@ def lpt_assign(g_tokens, g_chunks, num_kv_heads, num_ctas, assignment):
 
 
 @njit(cache=True, nogil=True)
-def lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, units, chunk=0, ceiling=NO_BOUND):
+def lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, units, chunk=0, ceiling=NO_BOUND, keys=None):
     """``lpt_assign`` at block level (``g_chunks`` empty: one chunk a group): returns (makespan, b)
     and writes each block tile's block-CTA into ``units[: tiles // b]`` (unless ``units`` is
     empty); ``expand_blocks`` makes it per tile.
@@ -62,7 +64,8 @@ def lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, units, chunk=0, ceili
     ``chunk`` > 0: ``g_tokens`` are request lengths in placement order (``g_chunks`` empty), cut
     into ``chunk``-token chunks as it goes -- the groups ``chunk_groups`` would make, none built.
     ``ceiling``: stop once the makespan reaches it (then returned, at least ``ceiling``; ``units``
-    is then incomplete) -- for a caller that only keeps a schedule below it."""
+    is then incomplete) -- for a caller that only keeps a schedule below it. ``keys``: uint64 work
+    space for the winner tree (TREE_KEY_WORDS entries; None: allocated here)."""
     block, other = np.int64(num_ctas), np.int64(num_kv_heads)
     while other:
         block, other = other, block % other
@@ -70,7 +73,8 @@ def lpt_blocks(g_tokens, g_chunks, num_kv_heads, num_ctas, units, chunk=0, ceili
     record = units[: units.shape[0] // block]
     machines, tiles_per_chunk = num_ctas // block, num_kv_heads // block
     if machines <= TREE_MOST_CTAS:
-        return _lpt_tree(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, machines, record), block
+        space = np.empty(TREE_KEY_WORDS, np.uint64) if keys is None else keys
+        return _lpt_tree(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, machines, record, space), block
     return _lpt_buckets(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, machines, record), block
 
 
@@ -189,14 +193,14 @@ def _lpt_buckets(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, num_ctas, 
 
 
 @njit(cache=True, nogil=True)
-def _lpt_tree(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, num_ctas, assignment):
+def _lpt_tree(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, num_ctas, assignment, key):
     """``_lpt_buckets``' schedule (the same loads; equal loads go to the lowest CTA) from a winner
     tree, for few (block-)CTAs: each CTA's key ``load << bits | cta`` is a leaf of a binary tree
     over a power of two of leaves, each node the least key below it. A tile takes the root's CTA,
     whose leaf-to-root path is then replayed: one sibling read and a minimum per level, no branch
     (1.6 against 2.6 us an anchor at B=256 on 33 block-CTAs; beyond about 128 the bucket queue's
     batches win). Keys stay below 2**53: a CTA is least loaded when it takes a tile, so no load
-    exceeds the mean plus one tile, and 2**bits < 2 * num_ctas."""
+    exceeds the mean plus one tile, and 2**bits < 2 * num_ctas. ``key``: at least 2 * leaves words."""
     overhead = np.int64(TILE_OVERHEAD_TOKENS)
     num_groups = g_tokens.shape[0]
     longer = chunk if chunk > 0 else NO_BOUND
@@ -205,7 +209,7 @@ def _lpt_tree(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, num_ctas, ass
         leaves, bits = leaves << np.uint64(1), bits + np.uint64(1)
     one = np.uint64(1)
     low = (one << bits) - one  # a key's CTA bits
-    key = np.empty(2 * leaves, np.uint64)  # node n's children: 2n and 2n + 1; leaves from ``leaves``
+    # key[n]: node n's key; its children are 2n and 2n + 1, the leaves from ``leaves`` on
     for leaf in range(leaves):
         key[leaves + np.uint64(leaf)] = np.uint64(leaf) if leaf < num_ctas else np.uint64(0xFFFFFFFFFFFFFFFF)
     for node in range(leaves - one, 0, -1):

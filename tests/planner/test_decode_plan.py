@@ -238,7 +238,8 @@ def packing_makespan(kv_len: list[int], layout: DecodeLayout) -> int:
     order = longest_first(lengths)
     found, *_, makespan = decode._search_pack(
         order, lengths[order], layout.num_kv_heads, layout.num_ctas, layout.tile_capacity,
-        layout.merge_capacity, total, decode.NO_MAKESPAN, np.empty(words, np.int32), params[decode.P_OFFSETS:])  # fmt: skip
+        layout.merge_capacity, total, decode.NO_MAKESPAN, np.empty(words, np.int32), params[decode.P_OFFSETS:],
+        np.empty(len(kv_len), np.int64), np.empty(len(kv_len), np.int64))  # fmt: skip
     assert found
     return makespan
 
