@@ -10,6 +10,8 @@ One plan is one flat int32 buffer (so it reaches the device in ONE copy). Its se
     tile_kv_head      [tile_capacity]
     tile_token_start  [tile_capacity]     token range [start, end) of the request's KV (end may equal start:
     tile_token_end    [tile_capacity]     a request with kv_len 0 still gets one tile, which writes zeros / -inf)
+                                          (tile_request, tile_kv_head and tile_token_end are followed by
+                                          VECTOR_SLACK_WORDS unused words: the planner's 16-byte stores)
     tile_slot         [tile_capacity]     -1: the tile writes the final output; s >= 0: partial slot s
                                           (which CTA runs a tile follows from the indptr: ``Plan.cta``)
     merge_slot_indptr [merge_capacity+1]  merge m combines partial slots merge_slot_indptr[m] : [m+1], in order
@@ -35,6 +37,9 @@ H_NUM_TILES, H_NUM_MERGES, H_BATCH_SIZE, H_NUM_SLOTS, H_PLAN_SERIAL = 0, 1, 2, 3
 #: header words of the device page-id guard (kernels/page_table.py): the pool bound the kernels check
 #: every page id against, and the error word they set (1 + request) when one is outside it
 H_NUM_PAGES, H_PAGE_ERROR = 6, 7
+
+#: unused words after the decode tile sections the planner writes with 16-byte stores (DecodeLayout.section_slack)
+VECTOR_SLACK_WORDS = 3
 
 #: chunk length (tokens) of ``deterministic=True`` plans: a request is split by its own length only
 DETERMINISTIC_CHUNK_TOKENS = 512
@@ -67,12 +72,18 @@ class SectionedLayout:
     ``head_dim``: 16-byte-aligned section offsets, the plan's word count and the workspace bytes."""
 
     def offsets(self) -> dict[str, tuple[int, int]]:
-        """Section name -> (start, stop) in words; every section starts 16-byte aligned."""
+        """Section name -> (start, stop) in words; every section starts 16-byte aligned, after the
+        slack words (``section_slack()``) that follow the section before it."""
         out, pos = {}, 0
+        slack = self.section_slack()
         for name, size in self.section_sizes().items():
             out[name] = (pos, pos + size)
-            pos = _ceil_div(pos + size, 4) * 4
+            pos = _ceil_div(pos + size + slack.get(name, 0), 4) * 4
         return out
+
+    def section_slack(self) -> dict[str, int]:
+        """Words left unused after a section (none by default)."""
+        return {}
 
     @property
     def plan_words(self) -> int:
@@ -149,6 +160,11 @@ class DecodeLayout(SectionedLayout):
     def merge_capacity(self) -> int:
         """Merge entries: one per split (request, kv_head); each covers >= 2 slots."""
         return min(self.num_kv_heads * self.max_batch_size, self.slot_capacity // 2)
+
+    def section_slack(self) -> dict[str, int]:
+        """The planner writes a whole pair's request, kv_head and end words four tiles a 16-byte
+        store (planner/decode.py), up to VECTOR_SLACK_WORDS past the live tiles: room for them."""
+        return dict.fromkeys(("tile_request", "tile_kv_head", "tile_token_end"), VECTOR_SLACK_WORDS)
 
     def section_sizes(self) -> dict[str, int]:
         t, m, b = self.tile_capacity, self.merge_capacity, self.max_batch_size

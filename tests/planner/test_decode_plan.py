@@ -121,7 +121,7 @@ lengths_strategy = st.one_of(
 @given(
     kv_len=lengths_strategy,
     page_size=st.sampled_from([1, 16, 7]),
-    kv_heads=st.integers(1, 8),
+    kv_heads=st.integers(1, 12),  # beyond VECTOR_MOST_HEADS: the pass that stores a word at a time
     num_ctas=st.integers(1, 300),
     deterministic=st.booleans(),
     batch_slack=st.integers(0, 5),
@@ -189,6 +189,46 @@ def test_full_capacity_never_overflows():
         layout = make_layout(num_ctas, 32, sum(-(-n // 16) for n in kv_len), 16, 8, deterministic)
         plan, table = plan_for(kv_len, layout)
         check_plan(plan, kv_len, table)
+
+
+def test_plans_that_fill_the_tile_sections_are_whole():
+    """Packed plans with at most VECTOR_SLACK_WORDS tiles to spare: the 16-byte stores of their last
+    whole pairs run past the tile capacity into the layout's slack, not into the next section (with
+    no slack these plans lose the first tiles' kv_head, start or slot words)."""
+    rng = np.random.default_rng(11)
+    full = 0
+    for _ in range(400):
+        kv_heads, num_ctas, batch = int(rng.choice([1, 2, 4, 8])), int(rng.integers(2, 40)), int(rng.integers(1, 12))
+        kv_len = rng.integers(1, 400, size=batch).tolist()
+        layout = make_layout(num_ctas, batch, sum(-(-n // 16) for n in kv_len), 16, kv_heads, False)
+        plan, table = plan_for(kv_len, layout)
+        if plan.num_tiles >= layout.tile_capacity - 3:  # a 16-byte store reaches 3 words past its first
+            full += 1
+            check_plan(plan, kv_len, table)
+    assert full >= 30
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3, 8])
+def test_the_vector_and_scalar_passes_write_the_same_plan(kv_heads):
+    """The packing's two compiled passes (16-byte stores of whole pairs, or a store a word) write the
+    same live words for the same batch."""
+    rng = np.random.default_rng(kv_heads)
+    lengths = rng.lognormal(6.5, 1.5, size=300).astype(np.int64)
+    layout = make_layout(96, 300, int(sum(-(-n // 16) for n in lengths)), 16, kv_heads, False)
+    params, words = decode._layout_params(layout)
+    order = longest_first(lengths)
+    total = kv_heads * (int(lengths.sum()) + len(lengths) * TILE_OVERHEAD_TOKENS)
+    capacity = decode._capacity_range(total, len(lengths), kv_heads, layout.num_ctas)[1]
+    written = []
+    for scalar_heads in (None, kv_heads):
+        buf = np.full(words, -99, np.int32)
+        result = decode._pack(capacity, True, order, lengths[order], kv_heads, layout.num_ctas, layout.tile_capacity,
+                              layout.merge_capacity, total, np.empty(300, np.int64), np.empty(300, np.int64), buf,
+                              params[decode.P_OFFSETS:], scalar_heads)  # fmt: skip
+        assert result[0]
+        plan = Plan(layout, buf, 7, len(lengths), *result[1:5], 1.0, -1, "block_table")
+        written.append({name: words for name, words in live_words(plan).items() if not name.startswith("kv_")})
+    assert written[0] == written[1]
 
 
 def test_torch_and_numpy_inputs_give_the_same_plan():
