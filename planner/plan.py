@@ -113,15 +113,22 @@ class Plan:
         self.num_tiles = num_tiles
         self.num_merges = num_merges
         self.num_slots = num_slots
-        self.num_ctas = layout.num_ctas
         self.makespan = makespan  # largest CTA load, in cost units (tokens + overhead per tile)
         self.ideal = ideal  # total unsplit cost / num_ctas
-        self.balance = balance_of(ideal, makespan)
         self.max_page_index = max_page_index  # largest page referenced; -1 when no page is
         # where the kernels read page ids: "host" (copied into the plan), "device" (a caller's CSR
         # kv_indices tensor) or "block_table" (a caller's [B, max_blocks] tensor); the last two are
         # guarded on the device and max_page_index is then -1 (no id was read on the host)
         self.page_table = page_table
+
+    @property
+    def num_ctas(self) -> int:
+        return self.layout.num_ctas
+
+    @property
+    def balance(self) -> float:
+        """``ideal / makespan``, in (0, 1] (plan.py's cost model)."""
+        return balance_of(self.ideal, self.makespan)
 
     def section(self, name: str) -> np.ndarray:
         """A read-only view of one buffer section at full capacity (names: layout.section_sizes())."""

@@ -51,7 +51,7 @@ def test_a_packed_plan_allocates_nothing_in_the_core(allocation_stats, mix, batc
     settings = Settings(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, max_batch_size=batch,
                         max_num_pages=pages, num_ctas=264)  # fmt: skip
     layout = DecodeLayout.from_settings(settings, 264)
-    state, words, _ = decode._core_inputs(layout)
+    state, words, *_ = decode._core_inputs(layout)
     seq_lens = np.array(lengths, np.int32)
     buf = np.empty(words, np.int32)
     args = (seq_lens, 4096, 4096, 4096 * batch, pages, 0, state, buf)
