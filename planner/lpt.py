@@ -220,28 +220,46 @@ def _lpt_tree(g_tokens, g_chunks, chunk, ceiling, tiles_per_chunk, num_ctas, ass
     most = np.uint64(0)  # the largest key placed: the makespan in its high bits
     tile = np.uint64(0)
     for g in range(num_groups):
-        todo, cost, rest = _group(g_tokens, g_chunks, whole, longer, tiles_per_chunk, g)
-        step = np.uint64(cost) << bits
-        while todo > 0:
-            best = root + step
-            cta = best & low
-            most = max(most, best)
-            if record:
-                assignment[tile] = np.int64(cta)
-            tile += one
-            node = leaves + cta
-            for _ in range(bits):
-                key[node] = best
-                best = min(best, key[node ^ one])
-                node >>= one
-            root = best
-            todo -= 1
-            if todo == 0 and rest > 0:  # a cut request's shorter last chunk follows its full ones
-                todo, cost, rest = tiles_per_chunk, rest + overhead, np.int64(0)
-                step = np.uint64(cost) << bits
+        tokens = np.int64(g_tokens[g])
+        if whole and tokens <= longer:  # one chunk (most groups): a fixed count of equal tiles, no cut
+            step = np.uint64(tokens + overhead) << bits
+            for _ in range(tiles_per_chunk):
+                placed, root = _tree_place(key, root, step, leaves, bits)
+                most = max(most, placed)
+                if record:
+                    assignment[tile] = np.int64(placed & low)
+                tile += one
+        else:
+            todo, cost, rest = _group(g_tokens, g_chunks, whole, longer, tiles_per_chunk, g)
+            step = np.uint64(cost) << bits
+            while todo > 0:
+                placed, root = _tree_place(key, root, step, leaves, bits)
+                most = max(most, placed)
+                if record:
+                    assignment[tile] = np.int64(placed & low)
+                tile += one
+                todo -= 1
+                if todo == 0 and rest > 0:  # a cut request's shorter last chunk follows its full ones
+                    todo, cost, rest = tiles_per_chunk, rest + overhead, np.int64(0)
+                    step = np.uint64(cost) << bits
         if np.int64(most >> bits) >= ceiling:
             break
     return np.int64(most >> bits)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tree_place(key, root, step, leaves, bits):
+    """A tile costing ``step >> bits`` on the root's CTA: returns (that CTA's key after it, the new
+    root) -- the CTA's leaf-to-root path replayed, a sibling read and a minimum per level."""
+    one = np.uint64(1)
+    placed = root + step
+    best = placed
+    node = leaves + (placed & ((one << bits) - one))
+    for _ in range(bits):
+        key[node] = best
+        best = min(best, key[node ^ one])
+        node >>= one
+    return placed, best
 
 
 @njit(cache=True, nogil=True, inline="always")
