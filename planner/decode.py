@@ -630,6 +630,7 @@ def check_csr_batch(layout: DecodeLayout, indptr: IndexInput, batch: int, num_pa
 
 
 _per_thread = threading.local()  # {id(layout): CoreInputs}
+_PLAN_DTYPE = np.dtype(np.int32)  # a dtype object: np.empty converts the np.int32 type on every call (~0.1 us)
 _MOST_LAYOUTS = 8
 
 
@@ -640,6 +641,7 @@ class CoreInputs(NamedTuple):
     plan_words: int
     result: np.ndarray  # the state's R_* words, as the core leaves them
     layout: DecodeLayout  # held, so its id is not reused while the entry lives
+    result_words: memoryview  # ``result`` read back as Python ints (memoryview.tolist: ~0.06 us less than numpy's)
 
 
 def _core_inputs(layout: DecodeLayout) -> CoreInputs:
@@ -655,16 +657,17 @@ def _core_inputs(layout: DecodeLayout) -> CoreInputs:
         params, words = _layout_params(layout)
         state = np.empty(state_words(layout.tile_capacity, layout.max_batch_size), dtype=np.int64)
         state[:P_WORDS] = params
-        inputs = by_layout[id(layout)] = CoreInputs(state, words, state[STATE_RESULT:STATE_SCRATCH], layout)
+        result = state[STATE_RESULT:STATE_SCRATCH]
+        inputs = by_layout[id(layout)] = CoreInputs(state, words, result, layout, memoryview(result))
     return inputs
 
 
 def _run_core(layout: DecodeLayout, core: Any, args: tuple[Any, ...], num_pages: int, serial: int, batch: int,
               device_table: str | None) -> Plan:  # fmt: skip
-    state, words, result, _ = _core_inputs(layout)
-    buffer = np.empty(words, dtype=np.int32)
+    state, words, result, _, result_words = _core_inputs(layout)
+    buffer = np.empty(words, _PLAN_DTYPE)
     core(*args, num_pages, serial, state, buffer)
-    error, _, _, num_tiles, num_merges, num_slots, makespan, max_page, kv_tokens = result.tolist()
+    error, _, _, num_tiles, num_merges, num_slots, makespan, max_page, kv_tokens = result_words.tolist()
     if error:
         raise_plan_error(result, layout, num_pages, batch)
     if device_table is not None:
