@@ -122,7 +122,8 @@ def _planner(page_table: str, layout: DecodeLayout, lengths: Any, table: tuple[n
     if page_table == "host":
         return lambda: plan_decode(layout, kv_indptr, kv_indices, kv_last_page_len, num_pages=pages)
     if page_table == "device":
-        return lambda: plan_decode_device(layout, kv_indptr, kv_last_page_len, int(kv_indices.numel()), num_pages=pages)
+        num_indices = int(kv_indices.numel())  # an engine knows its kv_indices buffer's size: not timed
+        return lambda: plan_decode_device(layout, kv_indptr, kv_last_page_len, num_indices, num_pages=pages)
     seq_lens = torch.tensor(np.asarray(lengths), dtype=torch.int32)
     max_blocks = max(int(np.diff(table[0]).max(initial=0)), 1)
     span = max_blocks * len(lengths)
