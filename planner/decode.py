@@ -49,7 +49,7 @@ from .validation import R_MERGES, R_SLOTS, R_TILES, R_VALUE, R_WORDS, as_index_a
 from .validation import IndexInput, index_input, index_length, index_view, validate_block_lengths, validate_page_lengths
 
 from .layout import DECODE_SECTIONS, DETERMINISTIC_CHUNK_TOKENS, H_BATCH_SIZE, H_NUM_MERGES, H_NUM_SLOTS
-from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, VECTOR_SLACK_WORDS, DecodeLayout  # noqa: F401
+from .layout import H_NUM_PAGES, H_NUM_TILES, H_PLAN_SERIAL, HEADER_WORDS, DecodeLayout
 from .anchors import SORT_COUNT_WORDS, chunk_groups, decode_chunk_tokens, makespan_lower_bound, persistent_chunk_tokens, sort_longest_first
 from .lpt import TREE_KEY_WORDS, lpt_blocks
 from .plan import TILE_OVERHEAD_TOKENS, Plan
@@ -246,7 +246,7 @@ def _put_whole(buf, at, first_tile, request, head, count, tokens):
 def _put_whole_vector(buf, at, first_tile, request, head, count, tokens):
     """``_put_whole`` of at most VECTOR_MOST_HEADS tiles as 16-byte stores of four: one or two a
     section, no loop (what the emitting pass waited on was its stores and their loop: 9.5 -> 8.5 us
-    at B=256 log-normal). Words past ``count`` -- at most VECTOR_SLACK_WORDS past the capacity,
+    at B=256 log-normal). Words past ``count`` -- at most layout.VECTOR_SLACK_WORDS past the capacity,
     which the layout leaves unused -- are overwritten by the next tiles or lie past the live ones."""
     t = np.uint64(first_tile)
     request_at, head_at, _, end_at, _ = at
